@@ -195,3 +195,20 @@ def test_task_score_rejects_mismatched_or_empty_input():
         task_score("hotpotqa", ["a"], [["a"], ["b"]])
     with pytest.raises(ValueError):
         task_score("hotpotqa", [], [])
+
+
+# ---------------------------------------------------------------- real data
+
+
+def test_gold_answers_score_100_and_empty_predictions_0_on_real_files():
+    from eval.data import available_tasks, load_task
+
+    tasks = available_tasks()
+    if not tasks:
+        pytest.skip("no longbench-mini files")
+    for name in tasks:
+        samples = load_task(name)
+        answers = [s.answers for s in samples]
+        classes = [s.all_classes for s in samples]
+        assert task_score(name, [a[0] for a in answers], answers, classes) == 100.0, name
+        assert task_score(name, [""] * len(samples), answers, classes) == 0.0, name

@@ -1,0 +1,150 @@
+"""The ``promptcache`` command line.
+
+Each subcommand lives in one ``register_<name>(subparsers)`` function that adds its parser and
+sets ``func=<handler>``; a handler takes ``(args, ctx)`` and returns the exit status. To add a
+subcommand, write such a function and append it to :data:`SUBCOMMANDS`. :class:`Context` carries
+what tests inject instead of real models (today: a token renderer).
+
+Errors of the PML layer are printed as ``FILE:LINE: message`` on stderr with exit status 2.
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+from dataclasses import dataclass
+from typing import Callable, Sequence
+
+from .pml.errors import PMLError
+from .pml.layout import TokenRenderer
+
+EXIT_OK = 0
+EXIT_ERROR = 2
+DEFAULT_TOKENIZER = "smollm2"
+
+
+@dataclass
+class Context:
+    """Things a subcommand would otherwise build itself; tests pass fakes here."""
+
+    renderer: TokenRenderer | None = None
+
+    def get_renderer(self, tokenizer: str | None, toy: bool = False) -> TokenRenderer:
+        """The injected renderer, else a toy one (``toy``), else the chat renderer of a tokenizer."""
+        if self.renderer is not None:
+            return self.renderer
+        if toy:
+            from .pml.toyrenderer import ToyRenderer
+            return ToyRenderer()
+        from .loading import load_tokenizer  # heavy (transformers): import only when needed
+        from .roles import ChatRenderer
+        return ChatRenderer(load_tokenizer(tokenizer or DEFAULT_TOKENIZER))
+
+
+class CommandError(Exception):
+    """A user-facing failure outside PML (unreadable input, missing tokenizer...): exit 2."""
+
+
+# ---------------------------------------------------------------- validate
+
+
+def register_validate(sub: argparse._SubParsersAction) -> None:
+    p = sub.add_parser(
+        "validate", help="check a PML schema (and optionally a prompt) and print its layout",
+        description="Parse a PML schema, lay it out with the model's tokenizer and print the "
+                    "position table (every module, union, parameter and text run with its token "
+                    "range). With --prompt, also parse the prompt and check it against the schema "
+                    "(modules exist, at most one member per union, arguments fit their parameters).",
+        epilog="Errors are printed as FILE:LINE: message and exit with status 2.")
+    p.add_argument("schema", metavar="SCHEMA.xml", help="the schema file")
+    p.add_argument("--prompt", metavar="PROMPT.xml", help="a prompt file to check against the schema")
+    p.add_argument("--tokenizer", metavar="NAME_OR_PATH", default=None,
+                   help=f"tokenizer used for the layout (default: {DEFAULT_TOKENIZER})")
+    p.add_argument("--toy-tokenizer", action="store_true", help=argparse.SUPPRESS)
+    p.set_defaults(func=run_validate)
+
+
+def run_validate(args: argparse.Namespace, ctx: Context) -> int:
+    from .pml.layout import build_layout
+    from .pml.parser import load_prompt, load_schema
+
+    schema = load_schema(args.schema)
+    try:
+        renderer = ctx.get_renderer(args.tokenizer, args.toy_tokenizer)
+    except (OSError, ValueError) as e:
+        raise CommandError(f"cannot load tokenizer {args.tokenizer or DEFAULT_TOKENIZER!r}: {e}") from e
+    layout = build_layout(schema, renderer)
+    print(layout.table())
+    if args.prompt:
+        from .pml.binding import bind
+        prompt = load_prompt(args.prompt)
+        try:
+            bind(prompt, layout, renderer)
+        except PMLError as e:
+            if e.file is None:
+                e.file = args.prompt
+            raise
+        print(f"prompt {args.prompt}: OK, {summarize_prompt(prompt)}")
+    return EXIT_OK
+
+
+def summarize_prompt(prompt) -> str:
+    """One line: which modules a prompt selects, how many arguments, what its suffix holds."""
+    paths: list[str] = []
+    n_args = 0
+
+    def walk(selections, prefix: str) -> None:
+        nonlocal n_args
+        for s in selections:
+            paths.append(prefix + s.name)
+            n_args += len(s.args)
+            walk(s.children, prefix + s.name + "/")
+
+    walk(prompt.selections, "")
+    turns = [t.role or "text" for t in prompt.suffix]
+    selected = ", ".join(paths) if paths else "nothing"
+    return (f"schema {prompt.schema!r}, selects {len(paths)} module(s) ({selected}), "
+            f"{n_args} argument(s), suffix: {' + '.join(turns) if turns else 'empty'}")
+
+
+# ---------------------------------------------------------------- plumbing
+
+SUBCOMMANDS: list[Callable[[argparse._SubParsersAction], None]] = [register_validate]
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="promptcache",
+        description="Prompt Cache tools: PML schemas whose module attention states are computed "
+                    "once and reused across prompts.")
+    sub = parser.add_subparsers(dest="command", metavar="COMMAND")
+    sub.required = True
+    for register in SUBCOMMANDS:
+        register(sub)
+    return parser
+
+
+def format_error(err: PMLError) -> str:
+    """``FILE:LINE: message`` (column added when known; ``<string>`` when there is no file)."""
+    return err.location_prefix() + err.message if (err.file or err.line) else err.message
+
+
+def main(argv: Sequence[str] | None = None, renderer: TokenRenderer | None = None) -> int:
+    """Entry point of the ``promptcache`` console script; returns the exit status."""
+    args = build_parser().parse_args(argv)
+    ctx = Context(renderer=renderer)
+    try:
+        return args.func(args, ctx)
+    except PMLError as e:
+        print(format_error(e), file=sys.stderr)
+        return EXIT_ERROR
+    except CommandError as e:
+        print(f"promptcache {args.command}: {e}", file=sys.stderr)
+        return EXIT_ERROR
+    except ImportError as e:
+        print(f"promptcache {args.command}: a component is not available: {e}", file=sys.stderr)
+        return EXIT_ERROR
+
+
+if __name__ == "__main__":  # pragma: no cover
+    sys.exit(main())

@@ -1,0 +1,376 @@
+"""The Prompt Cache engine: encode module caches once, splice them per request, generate.
+
+Public surface: :class:`PromptCache` (``add_schema``, ``remove_schema``, ``plan``,
+``next_token_logits``, ``generate``, ``memory_report``) and :class:`GenerationResult`.
+The rules for who attends to whom live in :mod:`promptcache.plan`; this module only runs forwards.
+"""
+
+from __future__ import annotations
+
+import os
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Callable
+
+import torch
+from tqdm.auto import tqdm
+
+from .generation import SamplingOptions, StopChecker, TokenChooser, eos_token_ids
+from .kvcache import ModuleKV, SplicedCache
+from .models import adapter_for
+from .models.positions import past_key_positions, set_key_positions
+from .plan import (POLICIES, Plan, Request, build_plan, encode_groups, encoding_contexts,
+                   make_request, stored_segments)
+from .pml.binding import bind
+from .pml.errors import PromptError
+from .pml.layout import Layout, build_layout
+from .pml.model import Prompt, Schema
+from .pml.parser import load_prompt, load_schema, parse_prompt, parse_schema
+from .roles import ChatRenderer
+
+
+@dataclass
+class GenerationResult:
+    """What one ``generate`` call produced, and what it cost.
+
+    ``ttft_s`` runs from the call (the prompt PML text not yet parsed) to the first token's logits,
+    including parsing, cache assembly and host-to-device copies, with CUDA synchronised.
+    """
+
+    text: str
+    token_ids: list[int]
+    ttft_s: float
+    total_s: float
+    prompt_tokens: int
+    cached_tokens: int
+    computed_tokens: int
+    use_cache: bool
+    recomputed_tokens: int = 0
+    first_token_logits: torch.Tensor | None = field(default=None, repr=False)
+
+
+@dataclass
+class EncodeReport:
+    """What ``add_schema`` did: how many tokens were encoded into how many forwards, and how long it took."""
+
+    schema: str
+    policy: str
+    segments: int
+    stored_tokens: int
+    encoded_tokens: int
+    forwards: int
+    encode_s: float
+    bytes: int
+
+
+@dataclass
+class SchemaState:
+    layout: Layout
+    contexts: list[list[int]]
+    kv: dict[int, ModuleKV]
+    positions: dict[int, torch.Tensor]
+    report: EncodeReport
+
+
+def _looks_like_xml(text: str) -> bool:
+    return text.lstrip().startswith("<")
+
+
+class PromptCache:
+    """Modular attention reuse over one transformers causal LM.
+
+    Args:
+        model, tokenizer: any supported transformers model (see ``promptcache.models``) and its tokenizer,
+            loaded from disk or built in memory.
+        encoding: ``"scaffold"`` (default) or ``"independent"``; see :mod:`promptcache.plan`.
+        placement: ``"device"`` keeps module caches in device memory; ``"host"`` keeps them in (pinned,
+            on CUDA) host memory and copies them per request.
+        reserve_tokens: room preallocated after the prompt for generated tokens.
+        progress: show a progress bar while encoding schemas with several forwards.
+    """
+
+    def __init__(self, model, tokenizer, *, encoding: str = "scaffold", placement: str = "device",
+                 device: str | torch.device | None = None, reserve_tokens: int = 256,
+                 progress: bool = True) -> None:
+        if encoding not in POLICIES:
+            raise ValueError(f"encoding must be one of {', '.join(POLICIES)}, not {encoding!r}")
+        if placement not in ("device", "host"):
+            raise ValueError(f"placement must be 'device' or 'host', not {placement!r}")
+        self.model = model
+        self.tokenizer = tokenizer
+        self.adapter = adapter_for(model)
+        self.adapter.prepare(model)
+        self.device = torch.device(device) if device is not None else next(model.parameters()).device
+        if self.device != next(model.parameters()).device:
+            model.to(self.device)
+        self.dtype = next(model.parameters()).dtype
+        self.encoding = encoding
+        self.placement = placement
+        self.reserve_tokens = reserve_tokens
+        self.progress = progress
+        self.renderer = ChatRenderer(tokenizer, self.adapter.fallback_roles())
+        self.num_layers, self.kv_heads, self.head_dim = self.adapter.kv_shape(model)
+        self.schemas: dict[str, SchemaState] = {}
+        self._eos = eos_token_ids(model, tokenizer)
+        self._sliding = bool(getattr(model.config.get_text_config(), "sliding_window", None))
+
+    # ------------------------------------------------------------------ schemas
+
+    def add_schema(self, schema: str | os.PathLike | Schema) -> EncodeReport:
+        """Parse (a file path, PML text or a ``Schema``), lay out and encode every cacheable module.
+
+        Re-adding a schema of the same name replaces it.
+        """
+        if isinstance(schema, Schema):
+            parsed = schema
+        elif isinstance(schema, str) and _looks_like_xml(schema):
+            parsed = parse_schema(schema)
+        else:
+            parsed = load_schema(schema)
+        layout = build_layout(parsed, self.renderer)
+        contexts = encoding_contexts(layout, self.encoding)
+        state = self._encode(layout, contexts)
+        self.schemas[parsed.name] = state
+        return state.report
+
+    def remove_schema(self, name: str) -> None:
+        if name not in self.schemas:
+            raise KeyError(f"no schema named {name!r} (have: {', '.join(self.schemas) or 'none'})")
+        del self.schemas[name]
+
+    def layout(self, name: str) -> Layout:
+        return self._state(name).layout
+
+    def _state(self, name: str, prompt: Prompt | None = None) -> SchemaState:
+        state = self.schemas.get(name)
+        if state is None:
+            have = ", ".join(sorted(self.schemas)) or "none"
+            raise PromptError(f"schema {name!r} has not been added (added schemas: {have}); "
+                              "call add_schema() first",
+                              prompt.file if prompt else None, prompt.loc.line if prompt else None)
+        return state
+
+    @torch.inference_mode()
+    def _encode(self, layout: Layout, contexts: list[list[int]]) -> SchemaState:
+        t0 = time.perf_counter()
+        segs = layout.segments
+        groups = encode_groups(contexts)
+        work: dict[int, ModuleKV] = {}
+        bar = tqdm(groups, desc=f"encoding {layout.schema.name}", unit="fwd",
+                   disable=not self.progress or len(groups) < 4, leave=False)
+        encoded = 0
+        for g in bar:
+            ids = [t for i in g.segments for t in segs[i].tokens]
+            q_pos = torch.tensor([p for i in g.segments for p in segs[i].positions], device=self.device)
+            past_pos = torch.tensor([p for i in g.context for p in segs[i].positions], dtype=torch.long,
+                                    device=self.device)
+            cache = SplicedCache([work[i] for i in g.context], self.num_layers, self.device)
+            set_key_positions(cache, past_pos[None])
+            visible = torch.ones(len(ids), len(past_pos) + len(ids), dtype=torch.bool, device=self.device)
+            visible[:, len(past_pos):] = torch.ones(len(ids), len(ids), dtype=torch.bool,
+                                                    device=self.device).tril()
+            self._forward(ids, q_pos, past_pos, visible, cache, logits=False)
+            layers = [(layer.keys, layer.values) for layer in cache.layers]
+            at = len(past_pos)
+            for i in g.segments:
+                n = len(segs[i].tokens)
+                work[i] = ModuleKV.from_layers(layers, at, at + n)
+                at += n
+            encoded += len(ids)
+        keep = stored_segments(layout)
+        kv = {i: work[i] if self.placement == "device" else
+              work[i].to("cpu", pin=self.device.type == "cuda") for i in keep}
+        positions = {i: torch.tensor(list(segs[i].positions), dtype=torch.long, device=self.device)
+                     for i in keep}
+        if self.device.type == "cuda":
+            torch.cuda.synchronize(self.device)
+        report = EncodeReport(layout.schema.name, self.encoding, len(keep),
+                              sum(len(segs[i].tokens) for i in keep), encoded, len(groups),
+                              time.perf_counter() - t0, sum(m.nbytes for m in kv.values()))
+        return SchemaState(layout, contexts, kv, positions, report)
+
+    # ------------------------------------------------------------------ forwards
+
+    def _index_causal(self, past_pos: torch.Tensor, q_pos: torch.Tensor, visible: torch.Tensor) -> bool:
+        """Can the model's own 2-D-mask causal path stand in for ``visible``? (faster, no 4-D mask)"""
+        if self._sliding:
+            return False
+        n = len(q_pos)
+        contiguous = n == 1 or bool((q_pos[1:] - q_pos[:-1] == 1).all())
+        if not contiguous or (len(past_pos) and int(past_pos.max()) >= int(q_pos[0])):
+            return False
+        return bool(visible[:, : len(past_pos)].all())
+
+    def _forward(self, ids: list[int], q_pos: torch.Tensor, past_pos: torch.Tensor,
+                 visible: torch.Tensor, cache, logits: bool = True):
+        """One forward of ``ids`` at ``q_pos`` over ``cache`` whose keys sit at ``past_pos``."""
+        input_ids = torch.tensor([ids], dtype=torch.long, device=self.device)
+        if self._index_causal(past_pos, q_pos, visible):
+            mask = torch.ones(1, len(past_pos) + len(ids), dtype=torch.long, device=self.device)
+        else:
+            k_pos = torch.cat([past_pos, q_pos])
+            mask = self.adapter.attention_mask(visible, q_pos, k_pos, self.dtype)
+        out = self.model(input_ids=input_ids, position_ids=q_pos[None], attention_mask=mask,
+                         past_key_values=cache, use_cache=True, logits_to_keep=1)
+        set_key_positions(cache, torch.cat([past_pos, q_pos])[None])  # for ALiBi and sliding windows
+        return out.logits[0, -1] if logits else None
+
+    # ------------------------------------------------------------------ requests
+
+    def _parse_prompt(self, prompt: str | os.PathLike | Prompt) -> Prompt:
+        if isinstance(prompt, Prompt):
+            return prompt
+        if isinstance(prompt, str) and _looks_like_xml(prompt):
+            return parse_prompt(prompt)
+        return load_prompt(prompt)
+
+    def _request(self, prompt) -> tuple[SchemaState, Request]:
+        parsed = self._parse_prompt(prompt)
+        state = self._state(parsed.schema, parsed)
+        bound = bind(parsed, state.layout, self.renderer)
+        return state, make_request(bound, state.contexts)
+
+    def plan(self, prompt) -> Plan:
+        """The dense plan of a prompt: tokens, positions, origin and visibility (the oracle's input)."""
+        state, request = self._request(prompt)
+        return build_plan(request, state.layout, state.contexts, self.encoding)
+
+    def _prompt_ids(self, state: SchemaState, request: Request) -> list[int]:
+        """The request's tokens in position order (what the baseline computes)."""
+        segs = state.layout.segments
+        pairs = [(segs[i].start + k, segs[i].tokens[k]) for i, n in request.cached_spans for k in range(n)]
+        pairs += list(zip(request.computed_pos, request.computed_ids))
+        return [t for _, t in sorted(pairs)]
+
+    def _prefill_cached(self, state: SchemaState, request: Request):
+        pieces = [state.kv[i].slice(n) if n < state.kv[i].length else state.kv[i]
+                  for i, n in request.cached_spans]
+        cache = SplicedCache(pieces, self.num_layers, self.device, self.reserve_tokens)
+        past_pos = (torch.cat([state.positions[i][:n] for i, n in request.cached_spans])
+                    if request.cached_spans else torch.zeros(0, dtype=torch.long, device=self.device))
+        q_pos = torch.tensor(request.computed_pos, dtype=torch.long, device=self.device)
+        visible = torch.cat([past_pos[None, :] < q_pos[:, None], q_pos[None, :] <= q_pos[:, None]], dim=1)
+        set_key_positions(cache, past_pos[None])
+        logits = self._forward(request.computed_ids, q_pos, past_pos, visible, cache)
+        return logits, cache, int(q_pos.max()) + 1
+
+    def _prefill_baseline(self, ids: list[int]):
+        from transformers import DynamicCache
+
+        cache = DynamicCache()
+        q_pos = torch.arange(len(ids), device=self.device)
+        visible = torch.ones(len(ids), len(ids), dtype=torch.bool, device=self.device).tril()
+        logits = self._forward(ids, q_pos, q_pos[:0], visible, cache)
+        return logits, cache, len(ids)
+
+    def _sync(self) -> None:
+        if self.device.type == "cuda":
+            torch.cuda.synchronize(self.device)
+
+    @torch.inference_mode()
+    def next_token_logits(self, prompt, use_cache: bool = True) -> torch.Tensor:
+        """Logits of the first generated token (float32 tensor of vocabulary size)."""
+        state, request = self._request(prompt)
+        if use_cache:
+            logits, _, _ = self._prefill_cached(state, request)
+        else:
+            logits, _, _ = self._prefill_baseline(self._prompt_ids(state, request))
+        return logits.float()
+
+    @torch.inference_mode()
+    def oracle_logits(self, prompt) -> torch.Tensor:
+        """Logits from ONE ordinary forward over the plan with its positions and 4-D mask."""
+        return oracle_forward(self.model, self.adapter, self.plan(prompt), self.device, self.dtype)
+
+    @torch.inference_mode()
+    def generate(self, prompt, max_new_tokens: int = 64, use_cache: bool = True, *,
+                 temperature: float = 0.0, top_p: float = 1.0, top_k: int = 0,
+                 repetition_penalty: float = 1.0, stop: list[str] | None = None,
+                 seed: int | None = None, stream: Callable[[str], None] | None = None) -> GenerationResult:
+        """Generate a reply; greedy unless ``temperature > 0``. ``stream`` receives text as it grows."""
+        self._sync()
+        t0 = time.perf_counter()
+        state, request = self._request(prompt)
+        prompt_ids = self._prompt_ids(state, request)
+        if use_cache:
+            logits, cache, next_pos = self._prefill_cached(state, request)
+            cached, computed = request.num_cached, len(request.computed_ids)
+        else:
+            logits, cache, next_pos = self._prefill_baseline(prompt_ids)
+            cached, computed = 0, len(prompt_ids)
+        self._sync()
+        ttft = time.perf_counter() - t0
+        first_logits = logits.float().cpu()
+        options = SamplingOptions(temperature, top_p, top_k, repetition_penalty, list(stop or []), seed)
+        chooser = TokenChooser(options, prompt_ids, self.device)
+        stopper = StopChecker(self._eos, options.stop, self.renderer.decode)
+        generated: list[int] = []
+        text, shown = "", 0
+        for step in range(max_new_tokens):
+            token = chooser(logits)
+            generated.append(token)
+            finished, text = stopper.done(generated)
+            if stream is not None and len(text) > shown:
+                stream(text[shown:])
+                shown = len(text)
+            if finished or step == max_new_tokens - 1:
+                break
+            logits = self._decode_step(token, next_pos, cache)
+            next_pos += 1
+        self._sync()
+        return GenerationResult(text, generated, ttft, time.perf_counter() - t0, len(prompt_ids), cached,
+                                computed, use_cache, 0, first_logits)
+
+    def _decode_step(self, token: int, position: int, cache) -> torch.Tensor:
+        """One generated token at ``position``, attending to everything in ``cache``."""
+        input_ids = torch.tensor([[token]], dtype=torch.long, device=self.device)
+        q_pos = torch.tensor([position], dtype=torch.long, device=self.device)
+        past_len = cache.get_seq_length()
+        past_pos = past_key_positions(cache, past_len, 1, self.device)[0, :past_len]
+        if self._sliding:  # windows are by position, so the model's index-based mask would be wrong
+            visible = torch.ones(1, past_len + 1, dtype=torch.bool, device=self.device)
+            mask = self.adapter.attention_mask(visible, q_pos, torch.cat([past_pos, q_pos]), self.dtype)
+        else:
+            mask = torch.ones(1, past_len + 1, dtype=torch.long, device=self.device)
+        out = self.model(input_ids=input_ids, position_ids=q_pos[None], attention_mask=mask,
+                         past_key_values=cache, use_cache=True, logits_to_keep=1)
+        set_key_positions(cache, torch.cat([past_pos, q_pos])[None])
+        return out.logits[0, -1]
+
+    # ------------------------------------------------------------------ memory
+
+    def bytes_per_token(self) -> int:
+        """2 (K and V) x layers x kv_heads x head_dim x dtype bytes."""
+        return 2 * self.num_layers * self.kv_heads * self.head_dim * torch.finfo(self.dtype).bits // 8
+
+    def memory_report(self) -> dict:
+        """Bytes held per schema and module, totals, and the per-token check."""
+        rows = []
+        for name, state in self.schemas.items():
+            by_module: dict[str, list[int]] = {}
+            for i, kv in state.kv.items():
+                owner = "/".join(state.layout.segments[i].owner) or "(root)"
+                entry = by_module.setdefault(owner, [0, 0])
+                entry[0] += kv.nbytes
+                entry[1] += kv.length
+            for module, (nbytes, tokens) in by_module.items():
+                rows.append({"schema": name, "module": module, "tokens": tokens, "bytes": nbytes})
+        total = sum(r["bytes"] for r in rows)
+        tokens = sum(r["tokens"] for r in rows)
+        return {"placement": self.placement, "modules": rows, "total_bytes": total, "total_tokens": tokens,
+                "bytes_per_token": self.bytes_per_token(),
+                "consistent": total == tokens * self.bytes_per_token()}
+
+
+def oracle_forward(model, adapter, plan: Plan, device: torch.device, dtype: torch.dtype) -> torch.Tensor:
+    """ONE forward over ``plan.token_ids`` at ``plan.position_ids`` with a 4-D mask of ``plan.visible``.
+
+    Returns the logits of the last prompt token (the highest position): what the cached path must match.
+    """
+    ids = plan.token_ids.to(device)
+    pos = plan.position_ids.to(device)
+    mask = adapter.attention_mask(plan.visible.to(device), pos, pos, dtype)
+    out = model(input_ids=ids[None], position_ids=pos[None], attention_mask=mask, use_cache=False)
+    last = int(torch.nonzero(plan.in_prompt).max())
+    return out.logits[0, last].float()

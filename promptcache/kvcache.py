@@ -1,0 +1,123 @@
+"""Module KV storage and the spliced request cache.
+
+A :class:`ModuleKV` holds one segment's keys and values, per layer, as ``[kv_heads, n, head_dim]``
+tensors (on the device, or in pinned host memory). :class:`SplicedCache` is a transformers
+``DynamicCache`` whose layers start as a *list* of such pieces: nothing is copied when a request is
+assembled; the first ``update`` (the prefill of the computed tokens) copies the pieces and the new
+tokens once into a buffer with room for generation, so assembly costs one memcpy — the same copy
+an ordinary ``DynamicCache`` makes when it concatenates new tokens onto a cached prefix.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+from transformers.cache_utils import Cache, DynamicCache, DynamicLayer
+
+
+@dataclass
+class ModuleKV:
+    """One segment's KV: ``keys[layer]``/``values[layer]`` of shape [kv_heads, n, head_dim]."""
+
+    keys: list[torch.Tensor]
+    values: list[torch.Tensor]
+
+    @property
+    def length(self) -> int:
+        return self.keys[0].shape[1] if self.keys else 0
+
+    @property
+    def nbytes(self) -> int:
+        return sum(t.numel() * t.element_size() for t in self.keys + self.values)
+
+    def to(self, device: torch.device | str, pin: bool = False) -> "ModuleKV":
+        def move(t: torch.Tensor) -> torch.Tensor:
+            t = t.to(device)
+            return t.pin_memory() if pin and t.device.type == "cpu" else t
+        return ModuleKV([move(k) for k in self.keys], [move(v) for v in self.values])
+
+    def slice(self, n: int) -> "ModuleKV":
+        """The first ``n`` tokens (views, no copy)."""
+        return ModuleKV([k[:, :n] for k in self.keys], [v[:, :n] for v in self.values])
+
+    @staticmethod
+    def from_layers(layers: list[tuple[torch.Tensor, torch.Tensor]], start: int, end: int) -> "ModuleKV":
+        """Cut tokens ``start:end`` out of per-layer [1, H, N, D] tensors (copies, so they own memory)."""
+        return ModuleKV([k[0, :, start:end].clone() for k, _ in layers],
+                        [v[0, :, start:end].clone() for _, v in layers])
+
+
+class SplicedLayer(DynamicLayer):
+    """A cache layer assembled from pieces; materialised into one buffer on first update."""
+
+    def __init__(self, keys: list[torch.Tensor], values: list[torch.Tensor], device: torch.device,
+                 reserve: int = 0) -> None:
+        super().__init__()
+        self._pieces_k, self._pieces_v = keys, values
+        self._target = torch.device(device)
+        self._reserve = reserve
+        self._len = sum(k.shape[-2] for k in keys)
+        self._buf_k: torch.Tensor | None = None
+        self._buf_v: torch.Tensor | None = None
+
+    def lazy_initialization(self, key_states: torch.Tensor, value_states: torch.Tensor) -> None:
+        self.dtype, self.device = key_states.dtype, key_states.device
+        self.is_initialized = True
+
+    def _materialise(self, extra: int, like: torch.Tensor) -> None:
+        heads, dim = like.shape[1], like.shape[-1]
+        cap = self._len + extra + self._reserve
+        self._buf_k = torch.empty(1, heads, cap, dim, dtype=like.dtype, device=like.device)
+        self._buf_v = torch.empty_like(self._buf_k)
+        at = 0
+        for k, v in zip(self._pieces_k, self._pieces_v):
+            n = k.shape[-2]
+            self._buf_k[0, :, at:at + n].copy_(k, non_blocking=True)
+            self._buf_v[0, :, at:at + n].copy_(v, non_blocking=True)
+            at += n
+        self._pieces_k = self._pieces_v = []
+
+    def update(self, key_states: torch.Tensor, value_states: torch.Tensor, *args, **kwargs):
+        if not self.is_initialized:
+            self.lazy_initialization(key_states, value_states)
+        n = key_states.shape[-2]
+        if self._buf_k is None:
+            self._materialise(n, key_states)
+        elif self._len + n > self._buf_k.shape[-2]:  # grow geometrically
+            grow = max(n, self._buf_k.shape[-2])
+            self._buf_k = torch.cat([self._buf_k[..., : self._len, :], self._buf_k.new_empty(
+                1, self._buf_k.shape[1], grow + n, self._buf_k.shape[-1])], dim=-2)
+            self._buf_v = torch.cat([self._buf_v[..., : self._len, :], self._buf_v.new_empty(
+                1, self._buf_v.shape[1], grow + n, self._buf_v.shape[-1])], dim=-2)
+        self._buf_k[..., self._len:self._len + n, :] = key_states
+        self._buf_v[..., self._len:self._len + n, :] = value_states
+        self._len += n
+        self.keys = self._buf_k[..., : self._len, :]
+        self.values = self._buf_v[..., : self._len, :]
+        return self.keys, self.values
+
+    def get_seq_length(self) -> int:
+        return self._len
+
+    def get_mask_sizes(self, query_length: int) -> tuple[int, int]:
+        return self._len + query_length, 0
+
+    def crop(self, max_length: int) -> None:
+        if max_length < 0:
+            max_length = self._len + max_length
+        if self._buf_k is None:
+            raise NotImplementedError("crop before the first update is not supported")
+        self._len = min(self._len, max_length)
+        self.keys = self._buf_k[..., : self._len, :]
+        self.values = self._buf_v[..., : self._len, :]
+
+
+class SplicedCache(DynamicCache):
+    """A ``DynamicCache`` whose layers are spliced from module pieces (see module docstring)."""
+
+    def __init__(self, pieces: list[ModuleKV], num_layers: int, device: torch.device | str,
+                 reserve: int = 0) -> None:
+        layers = [SplicedLayer([p.keys[i] for p in pieces], [p.values[i] for p in pieces],
+                               torch.device(device), reserve) for i in range(num_layers)]
+        Cache.__init__(self, layers=layers)

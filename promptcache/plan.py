@@ -1,0 +1,237 @@
+"""Encoding contexts and request plans: who attends to whom, as data.
+
+Two questions decide everything the engine does, and both are answered here without a model:
+
+1. *Encoding*: when a segment's KV is computed once by ``add_schema``, which other segments does it
+   attend to? (:func:`encoding_contexts`, per policy.)
+2. *Request*: for a bound prompt, which tokens come from the cache, which are computed, at which
+   positions, and what did each one see? (:func:`make_plan`.)
+
+The :class:`Plan` is the correctness oracle made inspectable: one ordinary forward over
+``plan.token_ids`` at ``plan.position_ids`` with a 4-D mask built from ``plan.visible`` reproduces
+the cached path's logits. Cached tokens may have seen context that the prompt does not contain
+(a union's scaffold member, a parameter's scaffold, the encode-time copy of a ``cache="false"``
+module); such *ghost* tokens are included in the plan with ``in_prompt=False`` (invisible to the
+computed tokens) so that the oracle holds for every prompt. ``plan.complete`` is True when there is
+no ghost, i.e. the prompt's own tokens explain every cached value.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+
+from .pml.binding import BoundPrompt
+from .pml.layout import Layout, ModulePath, Segment
+
+POLICIES = ("scaffold", "independent")
+
+
+def _is_ancestor(a: ModulePath, b: ModulePath) -> bool:
+    return b[: len(a)] == a
+
+
+def _on_scaffold_path(t: Segment, choices: dict[int, int], layout: Layout) -> bool:
+    """Is segment ``t`` present on the path that selects ``choices`` and scaffolds elsewhere?"""
+    for union, member in t.union_choices.items():
+        wanted = choices.get(union, layout.unions[union].scaffold)
+        if wanted != member:
+            return False
+    return True
+
+
+def encoding_contexts(layout: Layout, policy: str) -> list[list[int]]:
+    """For every segment (by index), the indices of the segments it attends to when encoded.
+
+    - ``scaffold``: everything before it on its own path: its enclosing unions set to the members
+      it lies in, every other union to its scaffold member (none without a scaffold), every
+      non-union module present, parameters holding their scaffolds.
+    - ``independent``: only root-level segments and its enclosing modules' segments before it, so
+      any subset of modules can be combined in any order.
+    """
+    if policy not in POLICIES:
+        raise ValueError(f"unknown encoding policy {policy!r}; choose one of {', '.join(POLICIES)}")
+    segs = layout.segments
+    contexts: list[list[int]] = []
+    for s in segs:
+        if policy == "scaffold":
+            ctx = [t.index for t in segs[: s.index] if _on_scaffold_path(t, s.union_choices, layout)]
+        else:
+            ctx = [t.index for t in segs[: s.index] if _is_ancestor(t.owner, s.owner)]
+        contexts.append(ctx)
+    return contexts
+
+
+@dataclass
+class EncodeGroup:
+    """Consecutive segments computed by one forward over a shared context."""
+
+    context: list[int]    # segment indices forming the past (already encoded)
+    segments: list[int]   # segment indices computed in this forward, in order
+
+
+def encode_groups(contexts: list[list[int]]) -> list[EncodeGroup]:
+    """Merge segment ``i+1`` into ``i``'s forward when it sees exactly ``i``'s context plus ``i``."""
+    groups: list[EncodeGroup] = []
+    for i, ctx in enumerate(contexts):
+        if groups:
+            g = groups[-1]
+            if g.segments[-1] == i - 1 and ctx == g.context + g.segments:
+                g.segments.append(i)
+                continue
+        groups.append(EncodeGroup(list(ctx), [i]))
+    return groups
+
+
+def stored_segments(layout: Layout) -> list[int]:
+    """Segments whose KV is kept after encoding: text of cacheable modules (not parameter slots)."""
+    return [s.index for s in layout.segments
+            if s.kind == "text" and layout.modules[s.owner].cache]
+
+
+@dataclass
+class Request:
+    """What a bound prompt needs from the engine: spliced spans, computed tokens, ghost context.
+
+    Cheap to build (no dense matrices), so the engine makes one per call; :func:`build_plan`
+    expands it into the dense, inspectable :class:`Plan`.
+    """
+
+    cached_spans: list[tuple[int, int]]   # (segment index, tokens used from its start), by position
+    computed_ids: list[int]               # computed tokens, sorted by position
+    computed_pos: list[int]
+    ghosts: list[int]                     # segments cached tokens saw that the prompt lacks
+
+    @property
+    def num_cached(self) -> int:
+        return sum(n for _, n in self.cached_spans)
+
+
+def make_request(bound: BoundPrompt, contexts: list[list[int]]) -> Request:
+    """Decide, for a bound prompt, what is spliced from the cache and what is computed."""
+    layout = bound.layout
+    segs = layout.segments
+    cached_segs: list[int] = []
+    computed: list[tuple[int, int]] = []   # (position, token id)
+    suffix_start = 0
+    for s in segs:
+        if s.owner not in bound.selected:
+            continue
+        suffix_start = max(suffix_start, s.end)
+        if s.kind == "parameter":
+            arg = bound.arguments[s.owner][s.parameter]
+            computed += [(s.start + k, t) for k, t in enumerate(arg)]
+        elif layout.modules[s.owner].cache:
+            cached_segs.append(s.index)
+        else:
+            computed += [(p, t) for p, t in zip(s.positions, s.tokens)]
+    computed += [(suffix_start + k, t) for k, t in enumerate(bound.suffix_tokens)]
+
+    spans = [(i, len(segs[i].tokens)) for i in sorted(cached_segs, key=lambda i: segs[i].start)]
+    # The last prompt token must be computed: its logits give the answer's first token.
+    last_computed = max((p for p, _ in computed), default=-1)
+    if spans and segs[spans[-1][0]].end - 1 > last_computed:
+        i, n = spans[-1]
+        computed.append((segs[i].end - 1, segs[i].tokens[-1]))
+        spans[-1] = (i, n - 1)
+        if n == 1:
+            spans.pop()
+    computed.sort()
+
+    real = set(cached_segs)
+    ghosts: set[int] = set()
+    stack = list(cached_segs)
+    while stack:
+        for t in contexts[stack.pop()]:
+            if t not in real and t not in ghosts:
+                ghosts.add(t)
+                stack.append(t)
+    return Request(spans, [t for _, t in computed], [p for p, _ in computed], sorted(ghosts))
+
+
+@dataclass
+class Plan:
+    """Every token of a request (plus ghost context) with its position, origin and visibility.
+
+    Tokens are ordered by position. ``cached[i]``: value comes from a stored module cache (or, for
+    a ghost, was computed at encode time); ``in_prompt[i]``: part of the request (False for ghost
+    context of cached tokens); ``visible[i, j]``: token i attended to token j when its KV was made
+    (computed tokens: every prompt token at an earlier position, and themselves).
+    ``segment[i]``: the layout segment of a cached or ghost token (-1 for computed tokens).
+    """
+
+    token_ids: torch.Tensor
+    position_ids: torch.Tensor
+    cached: torch.Tensor
+    in_prompt: torch.Tensor
+    visible: torch.Tensor
+    segment: torch.Tensor
+    policy: str
+    schema: str
+
+    @property
+    def complete(self) -> bool:
+        return bool(self.in_prompt.all())
+
+    @property
+    def prompt_token_ids(self) -> torch.Tensor:
+        return self.token_ids[self.in_prompt]
+
+    @property
+    def num_prompt_tokens(self) -> int:
+        return int(self.in_prompt.sum())
+
+    @property
+    def num_cached(self) -> int:
+        return int((self.cached & self.in_prompt).sum())
+
+    @property
+    def num_computed(self) -> int:
+        return int((~self.cached).sum())
+
+    def describe(self) -> str:
+        ghosts = int((~self.in_prompt).sum())
+        return (f"plan for {self.schema!r} ({self.policy}): {self.num_prompt_tokens} prompt tokens, "
+                f"{self.num_cached} cached, {self.num_computed} computed, "
+                f"{ghosts} ghost context tokens, complete={self.complete}")
+
+
+def build_plan(request: Request, layout: Layout, contexts: list[list[int]], policy: str) -> Plan:
+    """Expand a :class:`Request` into the dense :class:`Plan` (the oracle's inputs)."""
+    segs = layout.segments
+    used = dict(request.cached_spans)
+    # Rows: (position, order, token, segment, offset, cached, in_prompt)
+    rows: list[tuple[int, int, int, int, int, bool, bool]] = []
+    for i in sorted(set(used) | set(request.ghosts)):
+        s = segs[i]
+        is_real = i in used
+        n = used[i] if is_real else len(s.tokens)
+        for k in range(n):
+            rows.append((s.start + k, 0 if is_real else 1, s.tokens[k], i, k, True, is_real))
+    for p, t in zip(request.computed_pos, request.computed_ids):
+        rows.append((p, 2, t, -1, 0, False, True))
+    rows.sort(key=lambda r: (r[0], r[1], r[3], r[4]))
+
+    pos = torch.tensor([r[0] for r in rows], dtype=torch.long)
+    seg = torch.tensor([r[3] for r in rows], dtype=torch.long)
+    off = torch.tensor([r[4] for r in rows], dtype=torch.long)
+    cached = torch.tensor([r[5] for r in rows], dtype=torch.bool)
+    in_prompt = torch.tensor([r[6] for r in rows], dtype=torch.bool)
+
+    # Cached and ghost rows: their encoding context, plus their own segment up to themselves.
+    ctx_member = torch.zeros(len(segs) + 1, len(segs) + 1, dtype=torch.bool)
+    for i in set(used) | set(request.ghosts):
+        if contexts[i]:
+            ctx_member[i, contexts[i]] = True
+    seg_c = torch.where(seg < 0, len(segs), seg)
+    both = cached[:, None] & cached[None, :]
+    visible = ctx_member[seg_c][:, seg_c] & both
+    visible |= (seg[:, None] == seg[None, :]) & (off[None, :] <= off[:, None]) & both
+    # Computed rows: every prompt token at an earlier position, computed ones up to themselves.
+    comp = ~cached
+    visible |= comp[:, None] & in_prompt[None, :] & cached[None, :] & (pos[None, :] < pos[:, None])
+    visible |= comp[:, None] & comp[None, :] & (pos[None, :] <= pos[:, None])
+
+    token_ids = torch.tensor([r[2] for r in rows], dtype=torch.long)
+    return Plan(token_ids, pos, cached, in_prompt, visible, seg, policy, layout.schema.name)

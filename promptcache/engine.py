@@ -88,11 +88,13 @@ class PromptCache:
             on CUDA) host memory and copies them per request.
         reserve_tokens: room preallocated after the prompt for generated tokens.
         progress: show a progress bar while encoding schemas with several forwards.
+        recompute: default selective-recompute policy (``"none"``, ``"boundary:K"``, ``"deviation:R"``,
+            ``"full"``; see :mod:`promptcache.recompute`); ``generate``/``next_token_logits`` may override it.
     """
 
     def __init__(self, model, tokenizer, *, encoding: str = "scaffold", placement: str = "device",
                  device: str | torch.device | None = None, reserve_tokens: int = 256,
-                 progress: bool = True) -> None:
+                 progress: bool = True, recompute: str = "none") -> None:
         if encoding not in POLICIES:
             raise ValueError(f"encoding must be one of {', '.join(POLICIES)}, not {encoding!r}")
         if placement not in ("device", "host"):
@@ -108,6 +110,7 @@ class PromptCache:
         self.encoding = encoding
         self.placement = placement
         self.reserve_tokens = reserve_tokens
+        self.recompute = recompute
         self.progress = progress
         self.renderer = ChatRenderer(tokenizer, self.adapter.fallback_roles())
         self.num_layers, self.kv_heads, self.head_dim = self.adapter.kv_shape(model)
@@ -243,17 +246,32 @@ class PromptCache:
         pairs += list(zip(request.computed_pos, request.computed_ids))
         return [t for _, t in sorted(pairs)]
 
-    def _prefill_cached(self, state: SchemaState, request: Request):
+    def _prefill_cached(self, state: SchemaState, request: Request, recompute: str | None = None):
+        """Splice the request's module caches, optionally recompute some of them, prefill the rest.
+
+        Returns ``(first-token logits, cache, next position, tokens recomputed)``.
+        """
         pieces = [state.kv[i].slice(n) if n < state.kv[i].length else state.kv[i]
                   for i, n in request.cached_spans]
-        cache = SplicedCache(pieces, self.num_layers, self.device, self.reserve_tokens)
         past_pos = (torch.cat([state.positions[i][:n] for i, n in request.cached_spans])
                     if request.cached_spans else torch.zeros(0, dtype=torch.long, device=self.device))
+        recomputed = 0
+        policy = self.recompute if recompute is None else recompute
+        if policy != "none" and pieces:
+            from .recompute import CachedSpan, apply_recompute
+
+            segs = state.layout.segments
+            spans, at = [], 0
+            for i, n in request.cached_spans:
+                spans.append(CachedSpan(segs[i].owner, at, n, segs[i].tokens[:n]))
+                at += n
+            pieces, recomputed = apply_recompute(self, pieces, past_pos, spans, policy)
+        cache = SplicedCache(pieces, self.num_layers, self.device, self.reserve_tokens)
         q_pos = torch.tensor(request.computed_pos, dtype=torch.long, device=self.device)
         visible = torch.cat([past_pos[None, :] < q_pos[:, None], q_pos[None, :] <= q_pos[:, None]], dim=1)
         set_key_positions(cache, past_pos[None])
         logits = self._forward(request.computed_ids, q_pos, past_pos, visible, cache)
-        return logits, cache, int(q_pos.max()) + 1
+        return logits, cache, int(q_pos.max()) + 1, recomputed
 
     def _prefill_baseline(self, ids: list[int]):
         from transformers import DynamicCache
@@ -269,11 +287,11 @@ class PromptCache:
             torch.cuda.synchronize(self.device)
 
     @torch.inference_mode()
-    def next_token_logits(self, prompt, use_cache: bool = True) -> torch.Tensor:
+    def next_token_logits(self, prompt, use_cache: bool = True, recompute: str | None = None) -> torch.Tensor:
         """Logits of the first generated token (float32 tensor of vocabulary size)."""
         state, request = self._request(prompt)
         if use_cache:
-            logits, _, _ = self._prefill_cached(state, request)
+            logits, _, _, _ = self._prefill_cached(state, request, recompute)
         else:
             logits, _, _ = self._prefill_baseline(self._prompt_ids(state, request))
         return logits.float()
@@ -287,14 +305,16 @@ class PromptCache:
     def generate(self, prompt, max_new_tokens: int = 64, use_cache: bool = True, *,
                  temperature: float = 0.0, top_p: float = 1.0, top_k: int = 0,
                  repetition_penalty: float = 1.0, stop: list[str] | None = None,
-                 seed: int | None = None, stream: Callable[[str], None] | None = None) -> GenerationResult:
+                 seed: int | None = None, stream: Callable[[str], None] | None = None,
+                 recompute: str | None = None) -> GenerationResult:
         """Generate a reply; greedy unless ``temperature > 0``. ``stream`` receives text as it grows."""
         self._sync()
         t0 = time.perf_counter()
         state, request = self._request(prompt)
         prompt_ids = self._prompt_ids(state, request)
+        recomputed = 0
         if use_cache:
-            logits, cache, next_pos = self._prefill_cached(state, request)
+            logits, cache, next_pos, recomputed = self._prefill_cached(state, request, recompute)
             cached, computed = request.num_cached, len(request.computed_ids)
         else:
             logits, cache, next_pos = self._prefill_baseline(prompt_ids)
@@ -320,7 +340,7 @@ class PromptCache:
             next_pos += 1
         self._sync()
         return GenerationResult(text, generated, ttft, time.perf_counter() - t0, len(prompt_ids), cached,
-                                computed, use_cache, 0, first_logits)
+                                computed, use_cache, recomputed, first_logits)
 
     def _decode_step(self, token: int, position: int, cache) -> torch.Tensor:
         """One generated token at ``position``, attending to everything in ``cache``."""

@@ -1,0 +1,337 @@
+"""The store interface, the entry format and the integrity rules every backend shares.
+
+An entry is one prompt module's KV cache: per layer a ``(key, value)`` pair of tensors shaped
+``[kv_heads, seq_len, head_dim]`` plus a JSON-able ``meta`` dict. Backends differ only in where
+the bytes live; what they must promise is the same and is enforced here:
+
+* ``get`` returns bit-exact tensors or ``None`` -- never a truncated, corrupted or foreign entry.
+  A bad entry is reported once (a :class:`StoreWarning` naming the key and the cause) and removed
+  or quarantined, so the caller simply recomputes it.
+* Every stored entry carries a checksum over its meta and every tensor (name, dtype, shape, bytes).
+"""
+
+from __future__ import annotations
+
+import abc
+import hashlib
+import json
+import math
+import os
+import re
+import time
+import warnings
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass, field
+from typing import Any, Iterable, Mapping
+
+import torch
+
+FORMAT_VERSION = 1
+CHECKSUM_ALGO = "sha256"
+_KEY_RE = re.compile(r"^[a-z0-9_][a-z0-9_.\-]{0,127}$")
+_pool: tuple[int, ThreadPoolExecutor] | None = None
+
+
+def _hash_pool() -> ThreadPoolExecutor:
+    """hashlib releases the GIL on large buffers, so per-tensor digests hash in parallel.
+
+    One pool per process: a pool inherited through ``fork`` has no threads and would hang.
+    """
+    global _pool
+    if _pool is None or _pool[0] != os.getpid():
+        _pool = (os.getpid(), ThreadPoolExecutor(max_workers=min(4, os.cpu_count() or 1),
+                                                 thread_name_prefix="pc-store-hash"))
+    return _pool[1]
+
+
+class StoreWarning(UserWarning):
+    """A store problem that the caller survives: a bad entry (miss) or an unreachable backend."""
+
+
+class StoreError(Exception):
+    """Misuse of the store API (malformed key, entry or URL); never raised for I/O trouble."""
+
+
+def dtype_name(dtype: torch.dtype | str) -> str:
+    """``torch.bfloat16`` / ``"torch.bfloat16"`` / ``"bfloat16"`` -> ``"bfloat16"``."""
+    return str(dtype).removeprefix("torch.")
+
+
+def canonical_json(obj: Any) -> str:
+    """One exact text per value: sorted keys, no whitespace, no NaN, only JSON types.
+
+    Tensors/arrays become lists, tuples become lists, dtypes their names. Anything else (sets,
+    arbitrary objects) is rejected instead of being stringified: a key or checksum built from
+    ``repr`` of an object could silently change meaning between versions.
+    """
+    return json.dumps(_to_jsonable(obj), sort_keys=True, separators=(",", ":"),
+                      ensure_ascii=False, allow_nan=False)
+
+
+def _to_jsonable(obj: Any) -> Any:
+    if obj is None or isinstance(obj, (bool, int, str)):
+        return obj
+    if isinstance(obj, float):
+        if not math.isfinite(obj):
+            raise StoreError(f"non-finite float {obj!r} cannot be part of a key or entry meta")
+        return obj
+    if isinstance(obj, Mapping):
+        out = {}
+        for k, v in obj.items():
+            if not isinstance(k, str):
+                raise StoreError(f"meta/key dict keys must be strings, got {k!r}")
+            out[k] = _to_jsonable(v)
+        return out
+    if isinstance(obj, (list, tuple)):
+        return [_to_jsonable(v) for v in obj]
+    if isinstance(obj, torch.Tensor):
+        return _to_jsonable(obj.detach().cpu().tolist())
+    if isinstance(obj, torch.dtype):
+        return dtype_name(obj)
+    if hasattr(obj, "tolist") and hasattr(obj, "dtype"):  # numpy arrays and scalars
+        return _to_jsonable(obj.tolist())
+    raise StoreError(f"{type(obj).__name__} is not JSON-able; convert it explicitly: {obj!r:.80}")
+
+
+def check_key(key: str) -> str:
+    """Keys become file names and Redis key parts, so they are restricted to a safe alphabet."""
+    if not isinstance(key, str) or not _KEY_RE.match(key):
+        raise StoreError(f"invalid store key {key!r}: use make_key() (1-128 chars of [a-z0-9_.-]; "
+                         "lowercase, so keys are safe file names on case-insensitive disks too)")
+    return key
+
+
+def tensor_bytes(t: torch.Tensor) -> memoryview:
+    """Zero-copy byte view of a contiguous CPU tensor (works for bfloat16, which numpy lacks)."""
+    if t.numel() == 0:
+        return memoryview(b"")
+    return memoryview(t.reshape(-1).view(torch.uint8).numpy()).cast("B")
+
+
+@dataclass
+class CacheEntry:
+    """One module's KV cache: ``tensors[layer] = (key, value)``, each ``[kv_heads, seq, head_dim]``."""
+
+    tensors: list[tuple[torch.Tensor, torch.Tensor]]
+    meta: dict = field(default_factory=dict)
+
+    @property
+    def nbytes(self) -> int:
+        return sum(k.numel() * k.element_size() + v.numel() * v.element_size()
+                   for k, v in self.tensors)
+
+    @property
+    def n_layers(self) -> int:
+        return len(self.tensors)
+
+    @property
+    def seq_len(self) -> int:
+        return int(self.tensors[0][0].shape[-2]) if self.tensors and self.tensors[0][0].dim() >= 2 else 0
+
+    @property
+    def dtype(self) -> str | None:
+        return dtype_name(self.tensors[0][0].dtype) if self.tensors else None
+
+    def named_tensors(self) -> dict[str, torch.Tensor]:
+        """Flat ``{"L0.k": ..., "L0.v": ...}`` view, the on-disk/on-wire naming."""
+        out: dict[str, torch.Tensor] = {}
+        for i, (k, v) in enumerate(self.tensors):
+            out[f"L{i}.k"] = k
+            out[f"L{i}.v"] = v
+        return out
+
+    @classmethod
+    def from_named(cls, named: Mapping[str, torch.Tensor], n_layers: int, meta: dict) -> "CacheEntry":
+        """Inverse of :meth:`named_tensors`; a missing or extra tensor raises ``KeyError``/``ValueError``."""
+        if len(named) != 2 * n_layers:
+            raise ValueError(f"expected {2 * n_layers} tensors, found {len(named)}")
+        return cls([(named[f"L{i}.k"], named[f"L{i}.v"]) for i in range(n_layers)], meta)
+
+
+@dataclass
+class EntryInfo:
+    """What ``list()`` reports about one entry without loading its tensors."""
+
+    key: str
+    nbytes: int
+    n_layers: int
+    seq_len: int
+    dtype: str | None
+    created: float
+    last_access: float
+    meta: dict = field(default_factory=dict)
+
+
+@dataclass
+class BadEntry:
+    """An entry ``verify()`` found unusable, and why."""
+
+    key: str
+    reason: str
+
+
+def normalize_entry(entry: CacheEntry) -> CacheEntry:
+    """The exact form that is stored: detached, CPU, contiguous, own storage; meta canonical.
+
+    Own storage matters because layers sliced out of one big cache tensor share memory, which
+    safetensors refuses and which would make a stored copy alias the caller's buffer.
+    """
+    if not isinstance(entry, CacheEntry):
+        raise StoreError(f"expected CacheEntry, got {type(entry).__name__}")
+    if not isinstance(entry.meta, dict):
+        raise StoreError("CacheEntry.meta must be a dict")
+    tensors = []
+    for i, pair in enumerate(entry.tensors):
+        if len(pair) != 2 or not all(isinstance(t, torch.Tensor) for t in pair):
+            raise StoreError(f"layer {i}: expected a (key, value) pair of tensors")
+        tensors.append(tuple(_own(t) for t in pair))
+    meta = json.loads(canonical_json(entry.meta))
+    return CacheEntry(tensors, meta)
+
+
+def _own(t: torch.Tensor) -> torch.Tensor:
+    t = t.detach()
+    if t.device.type != "cpu":
+        return t.to("cpu").contiguous()
+    t = t.contiguous()
+    if t.storage_offset() != 0 or t.untyped_storage().nbytes() != t.numel() * t.element_size():
+        t = t.clone()
+    return t
+
+
+def entry_checksum(named: Mapping[str, torch.Tensor], meta: dict, algo: str = CHECKSUM_ALGO) -> str:
+    """``algo:hex`` over the meta and every tensor's name, dtype, shape and bytes.
+
+    Per-tensor digests are computed in parallel and then combined in name order, so the result
+    does not depend on how a backend lays the tensors out.
+    """
+    names = sorted(named)
+
+    def one(name: str) -> bytes:
+        t = named[name]
+        h = hashlib.new(algo)
+        h.update(f"{name}|{dtype_name(t.dtype)}|{list(t.shape)}|".encode())
+        h.update(tensor_bytes(t.contiguous()))
+        return h.digest()
+
+    digests = list(_hash_pool().map(one, names))
+    top = hashlib.new(algo)
+    top.update(f"promptcache-entry-v{FORMAT_VERSION}|".encode())
+    top.update(canonical_json(meta).encode())
+    for d in digests:
+        top.update(d)
+    return f"{algo}:{top.hexdigest()}"
+
+
+def check_checksum(named: Mapping[str, torch.Tensor], meta: dict, recorded: str) -> str | None:
+    """Return a reason string when the recorded checksum does not match, else ``None``."""
+    algo, _, _ = str(recorded).partition(":")
+    if algo not in hashlib.algorithms_available:
+        return f"unknown checksum algorithm {algo!r}"
+    if entry_checksum(named, meta, algo) != recorded:
+        return "checksum mismatch (corrupted data)"
+    return None
+
+
+def check_expect(entry: CacheEntry, expect: Mapping[str, Any] | None) -> str | None:
+    """Reason why ``entry`` is not what the caller expects (e.g. other model or dtype), or ``None``.
+
+    ``expect["dtype"]`` is compared with the tensors' actual dtype as well as ``meta["dtype"]``.
+    """
+    if not expect:
+        return None
+    for k, want in expect.items():
+        if k == "dtype":
+            want_s = dtype_name(want)
+            if entry.dtype is not None and entry.dtype != want_s:
+                return f"dtype mismatch (tensors are {entry.dtype}, expected {want_s})"
+            if "dtype" in entry.meta and dtype_name(entry.meta["dtype"]) != want_s:
+                return f"dtype mismatch (meta says {entry.meta['dtype']}, expected {want_s})"
+            continue
+        have = entry.meta.get(k, _MISSING)
+        if have is _MISSING:
+            return f"meta field {k!r} missing (expected {want!r:.60})"
+        if canonical_json(have) != canonical_json(want):
+            return f"meta field {k!r} mismatch ({have!r:.60} != expected {want!r:.60})"
+    return None
+
+
+_MISSING = object()
+
+
+class CacheStore(abc.ABC):
+    """The interface the engine uses. All methods are safe to call concurrently from processes.
+
+    I/O trouble never raises out of ``get``/``put``/``contains``/``delete``: a broken backend
+    behaves like an empty one that drops writes, and says so once via :class:`StoreWarning`.
+    """
+
+    url: str = "?"
+
+    def __init__(self) -> None:
+        self.counters = {"hits": 0, "misses": 0, "puts": 0, "bad": 0, "errors": 0}
+
+    @abc.abstractmethod
+    def get(self, key: str, expect: Mapping[str, Any] | None = None) -> CacheEntry | None:
+        """The verified entry, or ``None`` (missing, bad, foreign per ``expect``, or unreachable)."""
+
+    @abc.abstractmethod
+    def put(self, key: str, entry: CacheEntry) -> bool:
+        """Store atomically (readers see the old entry or the new one); ``False`` if skipped."""
+
+    @abc.abstractmethod
+    def contains(self, key: str) -> bool:
+        """Whether a published entry exists (not verified: ``get`` may still find it bad)."""
+
+    @abc.abstractmethod
+    def delete(self, key: str) -> bool:
+        """Remove an entry; ``True`` if something was removed."""
+
+    @abc.abstractmethod
+    def list(self) -> list[EntryInfo]:
+        """All published entries (no tensor loading)."""
+
+    @abc.abstractmethod
+    def stats(self) -> dict:
+        """Entry count, bytes, this instance's hit/miss/put counters and backend details."""
+
+    @abc.abstractmethod
+    def verify(self, remove: bool = False) -> list[BadEntry]:
+        """Load and check every entry; with ``remove`` also delete/quarantine the bad ones."""
+
+    def sweep(self, max_age_s: float = 3600.0) -> int:
+        """Drop leftovers of crashed writers older than ``max_age_s``; returns how many."""
+        return 0
+
+    def ping(self) -> bool:
+        """Whether the backend is reachable right now."""
+        return True
+
+    def close(self) -> None:
+        """Release connections/handles."""
+
+    def __enter__(self) -> "CacheStore":
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
+
+    # -- helpers for backends -------------------------------------------------------------
+
+    def _base_stats(self, infos: Iterable[EntryInfo]) -> dict:
+        infos = list(infos)
+        return {"backend": type(self).__name__, "url": self.url, "entries": len(infos),
+                "bytes": sum(i.nbytes for i in infos), **self.counters}
+
+    def _report_bad(self, key: str, reason: str, action: str = "removed") -> None:
+        self.counters["bad"] += 1
+        warnings.warn(f"promptcache store {self.url}: entry {key} is bad ({reason}); "
+                      f"{action}, it will be recomputed", StoreWarning, stacklevel=3)
+
+    def _count(self, entry: CacheEntry | None) -> CacheEntry | None:
+        self.counters["hits" if entry is not None else "misses"] += 1
+        return entry
+
+
+def now() -> float:
+    return time.time()

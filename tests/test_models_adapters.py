@@ -267,3 +267,31 @@ def test_recorded_positions_must_cover_the_cache():
     set_key_positions(cache, torch.arange(3)[None])  # fewer positions than keys
     with pytest.raises(ValueError, match="key positions"):
         model(random_ids(1), past_key_values=cache, use_cache=True)
+
+
+def test_gemma3_multimodal_wrapper_takes_the_same_masks():
+    """``Gemma3ForConditionalGeneration`` (model_type "gemma3") forwards the mask mapping too."""
+    from transformers import Gemma3Config, Gemma3ForConditionalGeneration
+
+    text = tiny_model("gemma3").config.to_dict()
+    vision = dict(hidden_size=32, intermediate_size=64, num_hidden_layers=1, num_attention_heads=2,
+                  image_size=28, patch_size=14)
+    config = Gemma3Config(text_config=text, vision_config=vision, mm_tokens_per_image=4,
+                          image_token_id=127, boi_token_index=125, eoi_token_index=126)
+    torch.manual_seed(0)
+    model = Gemma3ForConditionalGeneration(config).eval()
+    ad = adapter_for(model)
+    ad.prepare(model)
+    assert ad.family == "gemma3" and ad.sliding_window() == SLIDING_WINDOW and ad.kv_shape() == (2, 2, 16)
+    n = 3 * SLIDING_WINDOW
+    ids = random_ids(n) % 120  # keep clear of the image tokens
+    torch.testing.assert_close(oracle_logits(model, ad, ids, torch.arange(n)[None], causal_visible(n)),
+                               model(ids).logits[0], atol=1e-5, rtol=0)
+    pos_a, pos_b, pos_s = gapped_layout()
+    ids = random_ids(25, seed=3) % 120
+    visible = extend_visible(block_visible([10, 10]), 5)
+    oracle = oracle_logits(model, ad, ids, torch.cat([pos_a, pos_b, pos_s], 1), visible)
+    cache = splice_cache([encode_kv(model, ad, ids[:, :10], pos_a), encode_kv(model, ad, ids[:, 10:20], pos_b)],
+                         [pos_a, pos_b])
+    cached = cached_logits(model, ad, cache, ids[:, 20:], pos_s, visible[20:])
+    assert (oracle[20:] - cached).abs().max().item() <= 1e-4

@@ -52,7 +52,7 @@ from .whitespace import is_blank, normalize_text, separator, split_blank
 from .xmlsafe import parse_xml
 
 __all__ = ["parse_schema", "load_schema", "parse_prompt", "load_prompt", "RESERVED_NAMES",
-           "MAX_PARAMETER_LENGTH", "MAX_DEPTH"]
+           "MAX_PARAMETER_LENGTH", "MAX_DEPTH", "MAX_INCLUDE_BYTES"]
 
 XML_SPACE = "{http://www.w3.org/XML/1998/namespace}space"
 #: Element names of PML itself; a module cannot take them because prompts select by element name.
@@ -61,6 +61,8 @@ RESERVED_NAMES = frozenset({"system", "user", "assistant", "module", "union", "p
 #: Upper bound of ``<parameter length=...>``: far beyond any real slot, but keeps a typo (or a
 #: hostile schema) from asking the layout for billions of padding positions.
 MAX_PARAMETER_LENGTH = 131072
+#: Largest ``src=`` file read (a module of 16 MiB of text is far beyond any context window).
+MAX_INCLUDE_BYTES = 16 * 1024 * 1024
 #: Deepest element nesting accepted; keeps the recursive readers and the layout far from Python's
 #: recursion limit whatever the input.
 MAX_DEPTH = 64
@@ -309,6 +311,11 @@ class _SchemaReader(_Reader):
         if not path.is_absolute():
             path = self.base_dir / path
         try:
+            if not path.is_file():
+                raise self.fail(f"src={rel!r}: {path} is not a readable regular file", el.sourceline)
+            if path.stat().st_size > MAX_INCLUDE_BYTES:
+                raise self.fail(f"src={rel!r}: {path} is larger than {MAX_INCLUDE_BYTES} bytes",
+                                el.sourceline)
             with open(path, encoding="utf-8-sig") as f:
                 return f.read()
         except UnicodeDecodeError as e:

@@ -1,3 +1,30 @@
-"""promptcache: modular attention reuse (Prompt Cache) for transformers models."""
+"""promptcache: modular attention reuse (Prompt Cache) for transformers models.
+
+    from promptcache import PromptCache, load_model
+    model, tokenizer = load_model("smollm2")
+    pc = PromptCache(model, tokenizer)
+    pc.add_schema("examples/persona.xml")
+    res = pc.generate(open("examples/persona.prompt.xml").read(), max_new_tokens=64)
+
+Names are imported lazily, so ``promptcache.pml`` and the CLI's ``validate`` do not load torch.
+"""
+
+from __future__ import annotations
+
+import importlib
 
 __version__ = "0.1.0"
+
+_EXPORTS = {
+    "PromptCache": "engine", "GenerationResult": "engine", "EncodeReport": "engine",
+    "oracle_forward": "engine", "Plan": "plan", "load_model": "loading", "load_tokenizer": "loading",
+    "ModelLoadError": "loading", "PMLError": "pml.errors", "PMLSyntaxError": "pml.errors",
+    "PromptError": "pml.errors", "SchemaError": "pml.errors",
+}
+__all__ = sorted(_EXPORTS)
+
+
+def __getattr__(name: str):
+    if name in _EXPORTS:
+        return getattr(importlib.import_module(f".{_EXPORTS[name]}", __name__), name)
+    raise AttributeError(f"module 'promptcache' has no attribute {name!r}")

@@ -6,7 +6,8 @@ evicted), and the tree's edge lengths give the tokens stored once all prompts ar
 
 CLI (wired as ``promptcache analyze``)::
 
-    promptcache analyze FILE.jsonl [--tokenizer NAME] [--field KEY] [--no-generation-prompt] [--json]
+    promptcache analyze FILE.jsonl [--tokenizer NAME] [--field KEY] [--json]
+                                   [--no-generation-prompt]
 
 FILE.jsonl holds one prompt per line, either
   * an object with a ``"prompt"`` string: ``{"prompt": "You are a helpful..."}``;
@@ -85,7 +86,8 @@ class AnalysisReport:
             ("total tokens", f"{self.total_tokens:,}"),
             ("unique tokens (radix tree)", f"{self.unique_tokens:,}"),
             ("dedup ratio (total / unique)", f"{self.dedup_ratio:.2f}x"),
-            ("tokens saved by prefix caching", f"{self.saved_tokens:,} ({self.saved_fraction:.1%})"),
+            ("tokens saved by prefix caching",
+             f"{self.saved_tokens:,} ({self.saved_fraction:.1%})"),
             ("tokens still computed", f"{self.computed_tokens:,}"),
             ("radix tree nodes", f"{self.tree_nodes:,}"),
         ]
@@ -191,7 +193,8 @@ def analyze_main(argv: Sequence[str] | None = None, *,
                     "(tokenizer only, no model run).")
     ap.add_argument("file", help='JSONL: one {"prompt": str} or {"messages": [...]} per line')
     ap.add_argument("--tokenizer", default=DEFAULT_TOKENIZER,
-                    help=f"model name or path whose tokenizer to use (default: {DEFAULT_TOKENIZER})")
+                    help="model name or path whose tokenizer to use "
+                         f"(default: {DEFAULT_TOKENIZER})")
     ap.add_argument("--field", default=None,
                     help="read each prompt from this key instead of 'prompt'/'messages'")
     ap.add_argument("--no-generation-prompt", action="store_true",
@@ -202,7 +205,8 @@ def analyze_main(argv: Sequence[str] | None = None, *,
     try:
         prompts = read_prompts(args.file, args.field)
     except OSError as err:
-        print(f"promptcache analyze: cannot read {args.file}: {err.strerror or err}", file=sys.stderr)
+        print(f"promptcache analyze: cannot read {args.file}: {err.strerror or err}",
+              file=sys.stderr)
         return 2
     except PromptFileError as err:
         print(f"promptcache analyze: {err}", file=sys.stderr)

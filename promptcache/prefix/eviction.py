@@ -95,7 +95,8 @@ class TTLPolicy(EvictionPolicy):
 POLICIES = ("lru", "lfu", "ttl")
 
 
-def make_policy(spec: str | EvictionPolicy | None = None, ttl: float | None = None) -> EvictionPolicy:
+def make_policy(spec: str | EvictionPolicy | None = None,
+                ttl: float | None = None) -> EvictionPolicy:
     """A policy from a name (``"lru"`` default, ``"lfu"``, ``"ttl"`` needing ``ttl``) or as is."""
     if isinstance(spec, EvictionPolicy):
         if ttl is not None:

@@ -21,6 +21,8 @@ read path; the edge gets cut anyway when the caller inserts the diverging sequen
 Eviction (see :mod:`.eviction`): unlocked leaves only, in policy order, whenever the bytes held
 exceed ``max_bytes`` after an insert or unlock, or on explicit :meth:`RadixTree.evict`.
 ``lock(node)`` pins a node and all its ancestors for a running request.
+
+Not thread-safe: one tree per engine loop, or a lock around every call.
 """
 
 from __future__ import annotations
@@ -154,6 +156,17 @@ _new_tuple = tuple.__new__
 def sequence_split(value: Any, at: int) -> tuple[Any, Any]:
     """Split callback for values sliced along tokens on their first axis (lists, tensors)."""
     return value[:at], value[at:]
+
+
+def layered_kv_split(value: Sequence[tuple[Any, Any]], at: int) -> tuple[list, list]:
+    """Split callback for per-layer ``(k, v)`` pairs with tokens on axis -2.
+
+    That is the transformers layout ``[batch, heads, tokens, head_dim]``; slices are views, so
+    cutting an edge copies nothing.
+    """
+    left = [(k[..., :at, :], v[..., :at, :]) for k, v in value]
+    right = [(k[..., at:, :], v[..., at:, :]) for k, v in value]
+    return left, right
 
 
 def _proportional(nbytes: int, at: int, total: int) -> tuple[int, int]:
@@ -317,6 +330,8 @@ class RadixTree:
                 raise ValueError(f"start must be >= 0, got {start}")
             else:
                 value, nbytes = self._trim_front(value, nbytes, i - start, n - start)
+            if nbytes < 0:
+                raise ValueError(f"nbytes must be >= 0, got {nbytes}")
             leaf = RadixNode(key[i:], value, nbytes, node, now)
             node.children[key[i]] = leaf
             self._bytes += nbytes
@@ -334,7 +349,8 @@ class RadixTree:
             self._shrink_to(self.max_bytes)
         if self._ttl is not None:
             self._purge_expired(now)
-        return _new_tuple(InsertResult, (node if node is not self._root else None, i, added, nbytes))
+        end = node if node is not self._root else None
+        return _new_tuple(InsertResult, (end, i, added, nbytes))
 
     # ---------------------------------------------------------------- locking
 
@@ -505,9 +521,6 @@ class RadixTree:
 
     @property
     def node_count(self) -> int:
-        return self._nodes
-
-    def __len__(self) -> int:
         return self._nodes
 
     def sequences(self) -> list[tuple[int, ...]]:

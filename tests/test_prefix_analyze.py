@@ -145,6 +145,15 @@ def test_cli_reports_bad_input_with_file_and_line(tmp_path, capsys):
         read_prompts(write_jsonl(tmp_path / "y.jsonl", [[1, 2]]))
 
 
+def test_cli_tokenizer_load_failure_is_exit_1(tmp_path, capsys):
+    def loader(name):
+        raise RuntimeError("no such model")
+
+    f = write_jsonl(tmp_path / "e.jsonl", [{"prompt": "a"}])
+    assert analyze_main([f, "--tokenizer", "nope"], load_tokenizer=loader) == 1
+    assert "cannot load tokenizer 'nope': no such model" in capsys.readouterr().err
+
+
 def test_cli_defaults_to_the_project_tokenizer_loaded_lazily(tmp_path, monkeypatch):
     calls = []
     fake = types.ModuleType("promptcache.loading")

@@ -181,7 +181,9 @@ def _default_loader(name: str) -> Tokenizer:
 def analyze_main(argv: Sequence[str] | None = None, *,
                  load_tokenizer: Callable[[str], Tokenizer] | None = None,
                  out: TextIO | None = None) -> int:
-    """``promptcache analyze`` entry point; returns the exit status (0 ok, 2 bad input).
+    """``promptcache analyze`` entry point; returns the exit status.
+
+    0: report printed; 1: the tokenizer could not be loaded; 2: unreadable or malformed input.
 
     ``load_tokenizer`` maps ``--tokenizer NAME`` to a tokenizer (default: the project's loader);
     tests inject a fake one.
@@ -211,7 +213,12 @@ def analyze_main(argv: Sequence[str] | None = None, *,
     except PromptFileError as err:
         print(f"promptcache analyze: {err}", file=sys.stderr)
         return 2
-    tokenizer = (load_tokenizer or _default_loader)(args.tokenizer)
+    try:
+        tokenizer = (load_tokenizer or _default_loader)(args.tokenizer)
+    except (OSError, ValueError, RuntimeError) as err:  # ModelLoadError is a RuntimeError
+        print(f"promptcache analyze: cannot load tokenizer {args.tokenizer!r}: {err}",
+              file=sys.stderr)
+        return 1
     report = analyze(prompts, tokenizer, add_generation_prompt=not args.no_generation_prompt)
     if args.json:
         print(json.dumps(report.as_dict(), indent=2), file=out)

@@ -71,8 +71,10 @@ def run_validate(args: argparse.Namespace, ctx: Context) -> int:
     schema = load_schema(args.schema)
     try:
         renderer = ctx.get_renderer(args.tokenizer, args.toy_tokenizer)
-    except (OSError, ValueError) as e:
-        raise CommandError(f"cannot load tokenizer {args.tokenizer or DEFAULT_TOKENIZER!r}: {e}") from e
+    except (OSError, ValueError, RuntimeError) as e:  # loading.ModelLoadError is a RuntimeError
+        name = args.tokenizer or DEFAULT_TOKENIZER
+        message = str(e) if name in str(e) else f"cannot load tokenizer {name!r}: {e}"
+        raise CommandError(message) from e
     layout = build_layout(schema, renderer)
     print(layout.table())
     if args.prompt:

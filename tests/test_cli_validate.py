@@ -125,3 +125,15 @@ def test_python_dash_m_entry_point():
                           cwd=ROOT, capture_output=True, text=True, timeout=120)
     assert proc.returncode == 0, proc.stderr
     assert "OK" in proc.stdout.splitlines()[-1]
+
+
+def test_tokenizer_that_cannot_load_is_a_clean_error(monkeypatch, capsys):
+    import promptcache.loading as loading
+
+    def fail(name_or_path="smollm2"):
+        raise loading.ModelLoadError(f"cannot load tokenizer {name_or_path!r}: not found")
+
+    monkeypatch.setattr(loading, "load_tokenizer", fail)
+    rc = main(["validate", str(EXAMPLES / "persona.xml"), "--tokenizer", "nowhere"])
+    err = capsys.readouterr().err
+    assert rc == EXIT_ERROR and err.strip() == "promptcache validate: cannot load tokenizer 'nowhere': not found"

@@ -198,6 +198,14 @@ def test_open_role_last_in_schema():
     assert user.open and user.children[-1].name == "doc"
 
 
+def test_open_role_under_preserve_drops_trailing_whitespace():
+    s = parse_schema('<schema name="qa" xml:space="preserve"><m-x/></schema>'.replace(
+        "<m-x/>", '<module name="m"> <user open="true">x</user>\n</module>\n'))
+    m = s.root.children[0]
+    assert [type(c).__name__ for c in m.children] == ["Text", "RoleBlock"]
+    assert len(s.root.children) == 1  # the whitespace after the module is dropped too
+
+
 def test_open_role_nested_in_last_module_is_fine():
     s = schema("""<schema name="qa"><module name="m"><user open="true">x</user>  </module>\n</schema>""")
     assert s.root.children[0].children[0].open

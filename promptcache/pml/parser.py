@@ -205,6 +205,7 @@ class _SchemaReader(_Reader):
         super().__init__(file, source)
         self.base_dir = base_dir
         self.union_depth = 0
+        self.opened = False  # an open role was read: only (ignored) whitespace may follow
 
     def read(self, root: etree._Element) -> Schema:
         if self.tag(root) != "schema":
@@ -234,6 +235,8 @@ class _SchemaReader(_Reader):
         for item in self.items(el):
             if isinstance(item, _Run):
                 if preserve:
+                    if self.opened:
+                        continue  # nothing, not even whitespace, may follow an open turn
                     nodes.append(Text(item.text, self.loc(item.line)))
                     prev = "text"
                     continue
@@ -402,6 +405,7 @@ class _SchemaReader(_Reader):
         if is_open:
             self.check_last(el)
         children = self.content(el, scope, params, tag, self.preserve(el, preserve), depth + 1)
+        self.opened = self.opened or is_open
         return RoleBlock(tag, children, is_open, self.loc(el.sourceline))
 
     def check_last(self, el: etree._Element) -> None:

@@ -4,13 +4,14 @@ stateful property test against a brute-force model of what is cached."""
 from __future__ import annotations
 
 import pytest
-from hypothesis import HealthCheck, settings
+from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 from hypothesis.stateful import (Bundle, RuleBasedStateMachine, consumes, initialize, invariant,
                                  rule)
 
 from promptcache.prefix import (LFUPolicy, PrefixCacheError, RadixTree, TTLPolicy,
                                 layered_kv_split, make_policy, sequence_split)
+from promptcache.prefix.radix import _common_len
 
 BPT = 3  # bytes per token in these tests: sizes stay exact under proportional splits
 
@@ -191,6 +192,30 @@ def test_layered_kv_values_split_along_the_token_axis():
 def test_negative_sizes_are_rejected():
     with pytest.raises(ValueError, match="nbytes"):
         tree_of().insert([1], [1], -1)
+
+
+@settings(max_examples=300, deadline=None)
+@given(edge=st.lists(st.integers(0, 2), min_size=1, max_size=300),
+       rest=st.lists(st.integers(0, 2), max_size=300), offset=st.integers(0, 5))
+def test_common_len_matches_a_per_token_scan(edge, rest, offset):
+    key = tuple([9] * offset + edge[:1] + rest)
+    edge = tuple(edge)
+    limit = min(len(edge), len(key) - offset)
+    want = lcp(edge, key[offset:])
+    if want == limit and limit == len(edge):
+        return  # whole edge matches: the tree never asks
+    assert _common_len(edge, key, offset, limit) == want
+
+
+def test_long_edges_diverging_deep_inside():
+    t = tree_of()
+    doc = list(range(1000, 3000))
+    put(t, doc)
+    other = doc[:1777] + [5, 6]
+    assert t.match_prefix(other).length == 1777
+    r = put(t, other)
+    assert r.prefix_len == 1777 and r.node.parent.key == tuple(doc[:1777])
+    assert t.match_prefix(doc[:1500] + [0]).length == 1500
 
 
 # --------------------------------------------------------------------------- locking

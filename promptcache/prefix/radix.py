@@ -169,6 +169,23 @@ def layered_kv_split(value: Sequence[tuple[Any, Any]], at: int) -> tuple[list, l
     return left, right
 
 
+def _common_len(edge: tuple, key: tuple, i: int, limit: int) -> int:
+    """Length of the common prefix of ``edge`` and ``key[i:]``, at most ``limit``.
+
+    Known: the first token matches and the whole window does not. Binary search over slice
+    compares keeps a divergence deep inside a long edge (a 2k-token document) to O(log n)
+    interpreted steps; each compare only looks at the not-yet-checked part.
+    """
+    lo, hi = 1, limit  # edge[:lo] matches; the answer lies in [lo, hi]
+    while lo < hi:
+        mid = (lo + hi + 1) >> 1
+        if edge[lo:mid] == key[i + lo:i + mid]:
+            lo = mid
+        else:
+            hi = mid - 1
+    return lo
+
+
 def _proportional(nbytes: int, at: int, total: int) -> tuple[int, int]:
     left = nbytes * at // total
     return left, nbytes - left
@@ -250,10 +267,7 @@ class RadixTree:
                 used = m
                 node = child
                 continue
-            j = 1
-            limit = min(m, n - i)
-            while j < limit and edge[j] == key[i + j]:
-                j += 1
+            j = _common_len(edge, key, i, min(m, n - i))
             i += j
             if split:
                 child = self._split(child, j)
@@ -309,10 +323,7 @@ class RadixTree:
                 i += m
                 node = child
                 continue
-            j = 1
-            limit = min(m, n - i)
-            while j < limit and edge[j] == key[i + j]:
-                j += 1
+            j = _common_len(edge, key, i, min(m, n - i))
             i += j
             # Ending inside the edge needs no cut: the edge already covers the whole sequence.
             node = child if i == n else self._split(child, j)

@@ -1,0 +1,322 @@
+"""Selective recompute: buy back some of the accuracy that independent module caches give up.
+
+Modules encoded apart never attend to each other. Per request, the engine can recompute the KV of
+some cached tokens with the request's full context (every prompt token at an earlier layout
+position), keep the spliced KV of the others, and only then run the uncached tokens.
+
+Policies (strings, see :func:`parse_policy`):
+
+* ``none``: splice only.
+* ``boundary:K``: the first ``K`` cached tokens of every selected module except the first. Spans
+  are grouped by owner module path (a module's several spans are one module, a nested module is a
+  module of its own) and a module's first ``K`` tokens are counted across its spans in position
+  order. Root-level text (owner ``()``: BOS, system turn, role markers, separators) counts as the
+  first module and is never recomputed; if the prompt's cached tokens start with a module instead
+  of root text, that module is the first one and is skipped.
+* ``deviation:R`` (``0 < R <= 1``): CacheBlend's selection (Yao et al., 2024). A *check pass* runs
+  the first ``c + 1`` layers (``c = CHECK_LAYER``, 1 as in CacheBlend/LMCache, clamped to the last
+  layer) for ALL cached tokens with the full context and stops; each token's deviation is the mean
+  squared difference between its fresh and its spliced VALUES at layer ``c``; the top
+  ``ceil(R * N)`` tokens (ties: lower position first) are recomputed through every layer in one
+  forward. As in CacheBlend, the fresh KV of layers ``0..c`` is kept for every cached token (it was
+  paid for by the check pass); above ``c`` the unselected tokens keep their spliced KV. CacheBlend's
+  gradual narrowing over several check layers is reduced to this single check layer (what LMCache's
+  implementation does too).
+* ``full``: every cached token; equals one causal forward over the prompt at its layout positions.
+
+The recompute forward: queries are the chosen cached tokens plus the uncached prompt tokens that
+lie before the last chosen one (parameter arguments, ``cache="false"`` modules: without them a
+recomputed token could not see context it should), in position order; the past is the spliced KV
+with the chosen tokens removed. A query sees past tokens at strictly earlier positions and queries
+at earlier-or-equal positions. The chosen tokens' new KV is written into NEW tensors (stored module
+caches are never modified); the interleaved uncached tokens' KV is dropped, since the engine
+computes them again on top of the returned pieces (they then see exactly what they saw here).
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+from typing import TYPE_CHECKING, Sequence
+
+import torch
+from torch import nn
+from transformers import DynamicCache
+
+from .kvcache import ModuleKV, SplicedCache
+from .models.positions import set_key_positions
+from .pml.layout import ModulePath
+
+if TYPE_CHECKING:
+    from .engine import PromptCache
+
+CHECK_LAYER = 1  # CacheBlend's layer for the KV-deviation check (LMCache: ``layer_id == 1``)
+KINDS = ("none", "boundary", "deviation", "full")
+
+
+@dataclass(frozen=True)
+class CachedSpan:
+    """One spliced span: its owner module, where it sits in the cached sequence, and its tokens."""
+
+    owner: ModulePath
+    offset: int
+    length: int
+    token_ids: Sequence[int]
+
+
+@dataclass(frozen=True)
+class RecomputePolicy:
+    """A parsed policy string."""
+
+    kind: str
+    k: int = 0            # boundary:K
+    ratio: float = 0.0    # deviation:R
+
+    def __str__(self) -> str:
+        if self.kind == "boundary":
+            return f"boundary:{self.k}"
+        if self.kind == "deviation":
+            return f"deviation:{self.ratio:g}"
+        return self.kind
+
+
+@dataclass
+class Selection:
+    """Which cached tokens a policy recomputes (indices into the cached sequence, ascending).
+
+    ``scores``: per-token KV deviation (``deviation`` only). ``fresh``: the check pass's full-context
+    ``(keys, values)`` per layer ``0..c`` for every cached token, each [kv_heads, N, head_dim].
+    """
+
+    indices: torch.Tensor
+    positions: torch.Tensor
+    scores: torch.Tensor | None = None
+    fresh: list[tuple[torch.Tensor, torch.Tensor]] | None = None
+
+    def __len__(self) -> int:
+        return int(self.indices.numel())
+
+
+def parse_policy(spec: str | RecomputePolicy) -> RecomputePolicy:
+    """Parse ``none``, ``boundary:K`` (integer K >= 0), ``deviation:R`` (0 < R <= 1) or ``full``."""
+    if isinstance(spec, RecomputePolicy):
+        return spec
+    usage = "use 'none', 'boundary:K' (K >= 0 tokens), 'deviation:R' (0 < R <= 1) or 'full'"
+    if not isinstance(spec, str):
+        raise ValueError(f"recompute policy must be a string, got {type(spec).__name__}; {usage}")
+    kind, sep, arg = spec.strip().partition(":")
+    kind = kind.strip().lower()
+    if kind in ("none", "full"):
+        if sep:
+            raise ValueError(f"recompute policy {spec!r}: {kind!r} takes no argument; {usage}")
+        return RecomputePolicy(kind)
+    if kind == "boundary":
+        try:
+            k = int(arg)
+        except ValueError:
+            raise ValueError(f"recompute policy {spec!r}: K must be an integer; {usage}") from None
+        if k < 0:
+            raise ValueError(f"recompute policy {spec!r}: K must be >= 0, got {k}; {usage}")
+        return RecomputePolicy("boundary", k=k)
+    if kind == "deviation":
+        try:
+            ratio = float(arg)
+        except ValueError:
+            raise ValueError(f"recompute policy {spec!r}: R must be a number; {usage}") from None
+        if not 0.0 < ratio <= 1.0:  # also rejects nan
+            raise ValueError(f"recompute policy {spec!r}: R must be in (0, 1], got {arg}; {usage}")
+        return RecomputePolicy("deviation", ratio=ratio)
+    raise ValueError(f"unknown recompute policy {spec!r}; {usage}")
+
+
+# ------------------------------------------------------------------ selection
+
+def boundary_indices(spans: Sequence[CachedSpan], k: int) -> list[int]:
+    """The first ``k`` tokens of every module but the first (rules in the module docstring)."""
+    by_owner: dict[ModulePath, list[int]] = {}
+    for span in spans:  # spans are in position order, so each owner's list is too
+        by_owner.setdefault(span.owner, []).extend(range(span.offset, span.offset + span.length))
+    owners = list(by_owner)
+    chosen: list[int] = []
+    for owner in owners:
+        if owner == () or owner == owners[0]:
+            continue
+        chosen += by_owner[owner][:k]
+    return sorted(chosen)
+
+
+def top_k_by_score(scores: torch.Tensor, k: int) -> torch.Tensor:
+    """Indices of the ``k`` highest scores, ascending; ties go to the lower index (position)."""
+    order = torch.sort(scores.float().cpu(), descending=True, stable=True).indices
+    return order[:k].sort().values
+
+
+def decoder_layers(model: nn.Module) -> nn.ModuleList:
+    """The model's list of decoder blocks (``layers``/``h``/``blocks`` of its base model)."""
+    base = model.base_model
+    for name in ("layers", "h", "blocks"):
+        layers = getattr(base, name, None)
+        if isinstance(layers, nn.ModuleList):
+            return layers
+    raise TypeError(f"cannot find the decoder layers of {type(model).__name__} "
+                    "(looked for layers/h/blocks on its base model)")
+
+
+class _StopForward(Exception):
+    """Raised by a pre-hook to end a forward after the layers it needed."""
+
+
+def _interleaved(past_pos: torch.Tensor, computed: tuple[Sequence[int], Sequence[int]] | None,
+                 before: int) -> tuple[list[int], list[int]]:
+    """Uncached prompt tokens (ids, positions) at positions below ``before``."""
+    if computed is None:
+        return [], []
+    ids, pos = computed
+    keep = [(p, t) for t, p in zip(ids, pos) if p < before]
+    return [t for _, t in keep], [p for p, _ in keep]
+
+
+def _merge(cached_ids: list[int], cached_pos: list[int], other_ids: list[int], other_pos: list[int]):
+    """Merge two token lists by position; returns ids, positions and where the cached ones went."""
+    rows = sorted([(p, 0, i, t) for i, (t, p) in enumerate(zip(cached_ids, cached_pos))]
+                  + [(p, 1, i, t) for i, (t, p) in enumerate(zip(other_ids, other_pos))])
+    where = [0] * len(cached_ids)
+    for at, (_, src, i, _) in enumerate(rows):
+        if src == 0:
+            where[i] = at
+    return [r[3] for r in rows], [r[0] for r in rows], where
+
+
+def check_pass(pc: "PromptCache", spans: Sequence[CachedSpan], past_pos: torch.Tensor,
+               computed: tuple[Sequence[int], Sequence[int]] | None,
+               last_layer: int) -> list[tuple[torch.Tensor, torch.Tensor]]:
+    """Full-context KV of layers ``0..last_layer`` for every cached token (forward stops there).
+
+    Runs the cached tokens (and the uncached ones interleaved with them) causally by position
+    over an empty cache; costs about ``(last_layer + 1) / num_layers`` of a prefill.
+    """
+    ids = [t for s in spans for t in s.token_ids]
+    pos = past_pos.tolist()
+    other_ids, other_pos = _interleaved(past_pos, computed, max(pos) + 1)
+    q_ids, q_list, where = _merge(ids, pos, other_ids, other_pos)
+    q_pos = torch.tensor(q_list, dtype=torch.long, device=pc.device)
+    visible = q_pos[None, :] <= q_pos[:, None]
+    cache = DynamicCache()
+    layers = decoder_layers(pc.model)
+    hook = None
+    if last_layer + 1 < len(layers):
+        def stop(module, args, kwargs):  # noqa: ARG001
+            raise _StopForward
+        hook = layers[last_layer + 1].register_forward_pre_hook(stop, with_kwargs=True)
+    try:
+        pc._forward(q_ids, q_pos, q_pos[:0], visible, cache, logits=False)
+    except _StopForward:
+        pass
+    finally:
+        if hook is not None:
+            hook.remove()
+    idx = torch.tensor(where, dtype=torch.long, device=pc.device)
+    return [(cache.layers[i].keys[0].index_select(1, idx), cache.layers[i].values[0].index_select(1, idx))
+            for i in range(last_layer + 1)]
+
+
+def choose(pc: "PromptCache", pieces: Sequence[ModuleKV], past_pos: torch.Tensor,
+           spans: Sequence[CachedSpan], policy: str | RecomputePolicy,
+           computed: tuple[Sequence[int], Sequence[int]] | None = None) -> Selection:
+    """The cached tokens ``policy`` recomputes, for the engine's hook inputs (deterministic)."""
+    pol = parse_policy(policy)
+    n = int(past_pos.numel())
+    scores, fresh = None, None
+    if pol.kind == "none" or n == 0:
+        idx: list[int] | torch.Tensor = []
+    elif pol.kind == "full":
+        idx = list(range(n))
+    elif pol.kind == "boundary":
+        idx = boundary_indices(spans, pol.k)
+    else:
+        c = min(CHECK_LAYER, pc.num_layers - 1)
+        fresh = check_pass(pc, spans, past_pos, computed, c)
+        old_v = torch.cat([p.values[c].to(pc.device) for p in pieces], dim=1)
+        scores = ((fresh[c][1].float() - old_v.float()) ** 2).mean(dim=(0, 2))
+        k = min(n, max(1, math.ceil(round(pol.ratio * n, 9))))
+        idx = top_k_by_score(scores, k)
+    idx = torch.as_tensor(idx, dtype=torch.long).reshape(-1)
+    return Selection(idx, past_pos.cpu()[idx], scores, fresh)
+
+
+# ------------------------------------------------------------------ recompute
+
+def recompute(pc: "PromptCache", pieces: Sequence[ModuleKV], past_pos: torch.Tensor,
+              spans: Sequence[CachedSpan], selection: Selection,
+              computed: tuple[Sequence[int], Sequence[int]] | None = None) -> list[ModuleKV]:
+    """New per-span pieces where the selected tokens' KV is recomputed with the full context."""
+    if len(selection) == 0 and selection.fresh is None:
+        return list(pieces)
+    dev = pc.device
+    keys = [torch.cat([p.keys[i].to(dev) for p in pieces], dim=1) for i in range(pc.num_layers)]
+    values = [torch.cat([p.values[i].to(dev) for p in pieces], dim=1) for i in range(pc.num_layers)]
+    for i, (k, v) in enumerate(selection.fresh or []):
+        keys[i], values[i] = k, v
+    sel = selection.indices.to(dev)
+    if len(sel):
+        n = int(past_pos.numel())
+        rest_mask = torch.ones(n, dtype=torch.bool, device=dev)
+        rest_mask[sel] = False
+        rest = rest_mask.nonzero().flatten()
+        rest_pos = past_pos.to(dev)[rest]
+        past = ModuleKV([k.index_select(1, rest) for k in keys], [v.index_select(1, rest) for v in values])
+        flat_ids = [t for s in spans for t in s.token_ids]
+        sel_list = selection.indices.tolist()
+        sel_pos = past_pos.cpu()[selection.indices].tolist()
+        other_ids, other_pos = _interleaved(past_pos, computed, max(sel_pos))
+        q_ids, q_list, where = _merge([flat_ids[i] for i in sel_list], sel_pos, other_ids, other_pos)
+        q_pos = torch.tensor(q_list, dtype=torch.long, device=dev)
+        visible = torch.cat([rest_pos[None, :] < q_pos[:, None], q_pos[None, :] <= q_pos[:, None]], dim=1)
+        cache = SplicedCache([past], pc.num_layers, dev)
+        set_key_positions(cache, rest_pos[None])
+        pc._forward(q_ids, q_pos, rest_pos, visible, cache, logits=False)
+        at = torch.tensor(where, dtype=torch.long, device=dev) + len(rest)
+        for i, layer in enumerate(cache.layers):
+            keys[i][:, sel] = layer.keys[0].index_select(1, at)
+            values[i][:, sel] = layer.values[0].index_select(1, at)
+    return [ModuleKV([k[:, s.offset:s.offset + s.length] for k in keys],
+                     [v[:, s.offset:s.offset + s.length] for v in values]) for s in spans]
+
+
+def apply_recompute(pc: "PromptCache", pieces: list[ModuleKV], past_pos: torch.Tensor,
+                    spans: list[CachedSpan], policy: str | RecomputePolicy,
+                    computed: tuple[Sequence[int], Sequence[int]] | None = None
+                    ) -> tuple[list[ModuleKV], int]:
+    """The engine's hook: returns new pieces (stored caches untouched) and the recomputed count.
+
+    ``computed``: the request's uncached tokens ``(ids, positions)``; recomputed tokens attend to
+    those before them. The count is the number of cached tokens recomputed through every layer
+    (``deviation`` also refreshes layers ``0..CHECK_LAYER`` of all cached tokens; not counted).
+    """
+    pol = parse_policy(policy)
+    if pol.kind == "none" or not pieces:
+        return list(pieces), 0
+    if len(spans) != len(pieces) or sum(s.length for s in spans) != int(past_pos.numel()):
+        raise ValueError(f"recompute: {len(pieces)} pieces, {len(spans)} spans and {past_pos.numel()} "
+                         "positions do not describe the same cached tokens")
+    selection = choose(pc, pieces, past_pos, spans, pol, computed)
+    return recompute(pc, pieces, past_pos, spans, selection, computed), len(selection)
+
+
+@torch.inference_mode()
+def select_tokens(pc: "PromptCache", prompt, policy: str | RecomputePolicy) -> Selection:
+    """What ``policy`` would recompute for ``prompt`` (for inspection and tests).
+
+    Builds the hook's inputs exactly as ``PromptCache._prefill_cached`` does.
+    """
+    state, request = pc._request(prompt)
+    segs = state.layout.segments
+    pieces = [state.kv[i].slice(n) if n < state.kv[i].length else state.kv[i] for i, n in request.cached_spans]
+    if not pieces:
+        return choose(pc, [], torch.zeros(0, dtype=torch.long), [], policy)
+    past_pos = torch.cat([state.positions[i][:n] for i, n in request.cached_spans])
+    spans, at = [], 0
+    for i, n in request.cached_spans:
+        spans.append(CachedSpan(segs[i].owner, at, n, segs[i].tokens[:n]))
+        at += n
+    return choose(pc, pieces, past_pos, spans, policy, (request.computed_ids, request.computed_pos))

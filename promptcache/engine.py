@@ -110,6 +110,9 @@ class PromptCache:
         self.encoding = encoding
         self.placement = placement
         self.reserve_tokens = reserve_tokens
+        from .recompute import parse_policy
+
+        parse_policy(recompute)  # a bad policy string fails here, not at the first request
         self.recompute = recompute
         self.progress = progress
         self.renderer = ChatRenderer(tokenizer, self.adapter.fallback_roles())
@@ -257,7 +260,7 @@ class PromptCache:
                     if request.cached_spans else torch.zeros(0, dtype=torch.long, device=self.device))
         recomputed = 0
         policy = self.recompute if recompute is None else recompute
-        if policy != "none" and pieces:
+        if policy != "none":
             from .recompute import CachedSpan, apply_recompute
 
             segs = state.layout.segments
@@ -265,7 +268,9 @@ class PromptCache:
             for i, n in request.cached_spans:
                 spans.append(CachedSpan(segs[i].owner, at, n, segs[i].tokens[:n]))
                 at += n
-            pieces, recomputed = apply_recompute(self, pieces, past_pos, spans, policy)
+            # The uncached tokens go along: a recomputed token must see those before it.
+            pieces, recomputed = apply_recompute(self, pieces, past_pos, spans, policy,
+                                                 (request.computed_ids, request.computed_pos))
         cache = SplicedCache(pieces, self.num_layers, self.device, self.reserve_tokens)
         q_pos = torch.tensor(request.computed_pos, dtype=torch.long, device=self.device)
         visible = torch.cat([past_pos[None, :] < q_pos[:, None], q_pos[None, :] <= q_pos[:, None]], dim=1)

@@ -34,9 +34,9 @@ import filelock
 from safetensors import safe_open
 from safetensors.torch import save_file
 
-from .base import (FORMAT_VERSION, BadEntry, CacheEntry, CacheStore, EntryInfo, StoreWarning,
-                   canonical_json, check_checksum, check_expect, check_key, entry_checksum,
-                   normalize_entry, now)
+from .base import (FORMAT_VERSION, BadEntry, CacheEntry, CacheStore, EntryInfo, StoreError,
+                   StoreWarning, canonical_json, check_checksum, check_expect, check_key,
+                   entry_checksum, normalize_entry, now)
 from .sqlite_index import SqliteIndex
 
 _SUFFIX = ".safetensors"
@@ -45,7 +45,11 @@ LOCK_TIMEOUT_S = 120.0
 
 
 class _Bad(Exception):
-    """An entry file that must not be returned; the message is the cause."""
+    """An entry file that must not be returned; the message is the cause, ``st`` the file."""
+
+    def __init__(self, reason: str, st: os.stat_result) -> None:
+        super().__init__(reason)
+        self.st = st
 
 
 class LocalStore(CacheStore):
@@ -89,12 +93,11 @@ class LocalStore(CacheStore):
         check_key(key)
         path = self._path(key)
         try:
-            st = os.stat(path)
-            entry = self._load(path, key)
+            entry, st = self._load(path, key)
         except FileNotFoundError:
             return self._count(None)
         except _Bad as bad:
-            self._quarantine(key, st, str(bad))
+            self._quarantine(key, bad.st, str(bad))
             return self._count(None)
         except OSError as exc:  # permissions, I/O error: a miss, not a crash
             self.counters["errors"] += 1
@@ -177,15 +180,18 @@ class LocalStore(CacheStore):
         bad = []
         for key, path in sorted(self._entry_files().items()):
             try:
-                st = os.stat(path)
                 check_key(key)
                 self._load(path, key)
             except FileNotFoundError:
                 continue
-            except Exception as exc:  # _Bad, a bad file name, an unreadable file
+            except _Bad as exc:
                 bad.append(BadEntry(key, str(exc)))
                 if remove:
-                    self._quarantine(key, st, str(exc), report=False)
+                    self._quarantine(key, exc.st, str(exc), report=False)
+            except (StoreError, OSError) as exc:  # a stray file name, an unreadable file
+                bad.append(BadEntry(key, str(exc)))
+                if remove:
+                    self._quarantine(key, os.stat(path), str(exc), report=False)
         return bad
 
     def sweep(self, max_age_s: float = 3600.0) -> int:
@@ -209,28 +215,42 @@ class LocalStore(CacheStore):
 
     # -- internals -------------------------------------------------------------------------
 
-    def _load(self, path: Path, key: str) -> CacheEntry:
-        """Read and fully verify one entry file; raises ``_Bad`` with the cause."""
+    def _load(self, path: Path, key: str) -> tuple[CacheEntry, os.stat_result]:
+        """Read and fully verify one entry file; raises ``_Bad`` (carrying the file's stat).
+
+        safe_open opens its path more than once (header, then data), so with a writer
+        replacing the file in between it could pair one version's header with another's
+        tensors. Opening the file once and handing safe_open that descriptor's /proc (or
+        /dev/fd) alias makes every read hit the same inode: a consistent snapshot.
+        """
+        fd = os.open(path, os.O_RDONLY)  # FileNotFoundError: a plain miss
         try:
-            with safe_open(str(path), framework="pt", device="cpu", backend=self.load) as f:
-                header = f.metadata() or {}
-                named = {name: f.get_tensor(name) for name in f.keys()}
-        except FileNotFoundError:
-            raise
-        except Exception as exc:  # SafetensorError for truncated/garbled files, OSError
-            raise _Bad(f"unreadable file: {exc}") from None
+            st = os.fstat(fd)
+            try:
+                with safe_open(_fd_alias(fd) or str(path), framework="pt", device="cpu",
+                               backend=self.load) as f:
+                    header = f.metadata() or {}
+                    named = {name: f.get_tensor(name) for name in f.keys()}
+            except Exception as exc:  # SafetensorError for truncated/garbled files, OSError
+                raise _Bad(f"unreadable file: {exc}", st) from None
+        finally:
+            os.close(fd)
+        return self._check(header, named, key, st), st
+
+    @staticmethod
+    def _check(header: dict, named: dict, key: str, st: os.stat_result) -> CacheEntry:
         try:
             if header.get(_H + "format") != str(FORMAT_VERSION):
-                raise _Bad(f"unknown format {header.get(_H + 'format')!r}")
+                raise _Bad(f"unknown format {header.get(_H + 'format')!r}", st)
             if header.get(_H + "key") != key:
-                raise _Bad(f"stored under key {header.get(_H + 'key')!r}")
+                raise _Bad(f"stored under key {header.get(_H + 'key')!r}", st)
             meta = json.loads(header[_H + "meta"])
             reason = check_checksum(named, meta, header[_H + "checksum"])
             if reason is not None:
-                raise _Bad(reason)
+                raise _Bad(reason, st)
             return CacheEntry.from_named(named, int(header[_H + "layers"]), meta)
         except (KeyError, ValueError) as exc:
-            raise _Bad(f"malformed header or tensor set: {exc!r}") from None
+            raise _Bad(f"malformed header or tensor set: {exc!r}", st) from None
 
     def _quarantine(self, key: str, st: os.stat_result, reason: str, report: bool = True) -> None:
         """Move the bad file aside, unless a writer replaced it since we looked (then it's new)."""
@@ -285,6 +305,14 @@ def _info_from_header(key: str, path: Path) -> EntryInfo | None:
                          json.loads(h[_H + "meta"]))
     except Exception:  # verify() reports unreadable files; listing stays best effort
         return None
+
+
+def _fd_alias(fd: int) -> str | None:
+    """A path that opens exactly the file behind ``fd`` (Linux /proc, BSD/macOS /dev/fd)."""
+    for base in ("/proc/self/fd", "/dev/fd"):
+        if os.path.isdir(base):
+            return f"{base}/{fd}"
+    return None  # elsewhere a racing replace can only cause a false "bad" (checksum), never wrong data
 
 
 def _fsync_path(path: Path) -> None:

@@ -73,12 +73,12 @@ def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
     from promptcache import ModelLoadError, PMLError, PromptCache, load_model
 
-    prompt = args.prompt
-    if not prompt.lstrip().startswith("<"):
-        if not Path(prompt).is_file():
+    prompt: str | Path = args.prompt
+    if not args.prompt.lstrip().startswith("<"):
+        prompt = Path(args.prompt)  # passed as a path so that errors name the file
+        if not prompt.is_file():
             print(f"error: prompt file {prompt} does not exist", file=sys.stderr)
             return 2
-        prompt = Path(prompt).read_text(encoding="utf-8")
     try:
         t0 = time.perf_counter()
         model, tokenizer = load_model(args.model, device=args.device, dtype=args.dtype)

@@ -316,16 +316,19 @@ class PromptCache:
         self._sync()
         t0 = time.perf_counter()
         state, request = self._request(prompt)
-        prompt_ids = self._prompt_ids(state, request)
         recomputed = 0
         if use_cache:
             logits, cache, next_pos, recomputed = self._prefill_cached(state, request, recompute)
+            self._sync()
+            ttft = time.perf_counter() - t0
+            prompt_ids = self._prompt_ids(state, request)  # for the repetition penalty; after TTFT
             cached, computed = request.num_cached, len(request.computed_ids)
         else:
+            prompt_ids = self._prompt_ids(state, request)
             logits, cache, next_pos = self._prefill_baseline(prompt_ids)
+            self._sync()
+            ttft = time.perf_counter() - t0
             cached, computed = 0, len(prompt_ids)
-        self._sync()
-        ttft = time.perf_counter() - t0
         first_logits = logits.float().cpu()
         options = SamplingOptions(temperature, top_p, top_k, repetition_penalty, list(stop or []), seed)
         chooser = TokenChooser(options, prompt_ids, self.device)

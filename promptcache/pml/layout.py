@@ -233,14 +233,20 @@ class _Builder:
         entry = LayoutEntry(owner, "union", pos, 0, True, label="union")
         self.entries.append(entry)
         longest = 0
+        first_role, any_role = self.first_role, False
         for i, m in enumerate(u.members):
+            self.first_role = first_role  # members are alternatives: each may open the first turn
             end = self.module(m, owner + (m.name,), pos, {**choices, index: i}, index)
+            any_role |= not self.first_role
             longest = max(longest, end - pos)
+        self.first_role = first_role and not any_role
         info.length = entry.length = longest
         return pos + longest
 
 
 def _preview(text: str, width: int = 24) -> str:
+    if not text.strip():
+        return repr(text)  # a separator: show which one
     flat = " ".join(text.split())
     return repr(flat if len(flat) <= width else flat[: width - 3] + "...")
 

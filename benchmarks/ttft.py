@@ -1,0 +1,241 @@
+#!/usr/bin/env python
+"""Time to first token against prompt length, five ways side by side in ONE run.
+
+(a) baseline: full prefill of the prompt's tokens;
+(b) transformers prefix reuse: a DynamicCache of the document, computed once and deep-copied per
+    request (what a user does without this toolkit), then the question's forward;
+(c) promptcache, scaffold encoding; (d) promptcache, independent encoding;
+(e) floor: the question's forward alone on an already-assembled cache (nothing else timed).
+
+Each case is a cached document module of N tokens plus a ~30-token question in the same user turn,
+and a persona-style case (six unions, ~1.1k tokens, a one-line question). Medians of --repeats runs;
+prints a table of medians and ratios, writes CSV and a PNG plot.
+
+    python benchmarks/ttft.py                                   # default model, CPU, float32
+    python benchmarks/ttft.py --lengths 512,1024 --repeats 3
+    python benchmarks/ttft.py --random-weights llama-7b --device cuda   # latency only, random weights
+"""
+
+from __future__ import annotations
+
+import argparse
+import copy
+import csv
+import json
+import statistics
+import sys
+import time
+from pathlib import Path
+
+import torch
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT))
+
+from promptcache import PromptCache, load_model  # noqa: E402
+from promptcache.pml.escape import escape_text  # noqa: E402
+
+QUESTION = "Question: summarise the main point of the document above in one short sentence, please."
+RANDOM_CONFIGS = {
+    "llama-7b": dict(hidden_size=4096, intermediate_size=11008, num_hidden_layers=32, num_attention_heads=32,
+                     num_key_value_heads=32, max_position_embeddings=16384),
+    "llama-1b": dict(hidden_size=2048, intermediate_size=8192, num_hidden_layers=16, num_attention_heads=32,
+                     num_key_value_heads=8, max_position_embeddings=16384),
+}
+
+
+def parse_args(argv=None) -> argparse.Namespace:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--model", default="smollm2")
+    p.add_argument("--random-weights", default=None,
+                   help=f"a preset ({', '.join(RANDOM_CONFIGS)}) or a JSON file of LlamaConfig fields: random "
+                        "weights of that shape with the --model tokenizer (latency does not depend on weights)")
+    p.add_argument("--device", default=None)
+    p.add_argument("--dtype", default=None, choices=["float32", "bfloat16", "float16"])
+    p.add_argument("--lengths", default="512,1024,2048,4096,8192", help="document lengths in tokens")
+    p.add_argument("--repeats", type=int, default=3, help="runs per measurement (median reported)")
+    p.add_argument("--no-persona", action="store_true", help="skip the persona case")
+    p.add_argument("--out", default=str(ROOT / "results" / "ttft"), help="output prefix for .csv/.png/.json")
+    return p.parse_args(argv)
+
+
+def build_model(args):
+    model, tokenizer = load_model(args.model, device=args.device, dtype=args.dtype)
+    if args.random_weights:
+        from transformers import LlamaConfig, LlamaForCausalLM
+
+        fields = (RANDOM_CONFIGS[args.random_weights] if args.random_weights in RANDOM_CONFIGS
+                  else json.loads(Path(args.random_weights).read_text()))
+        config = LlamaConfig(vocab_size=len(tokenizer), **fields)
+        dtype, device = model.dtype, model.device
+        del model
+        with torch.device(device):
+            model = LlamaForCausalLM(config).to(dtype).eval()
+    return model, tokenizer
+
+
+def document_text(tokenizer, n_tokens: int) -> str:
+    """Real prose (LongBench contexts when available), cut to ``n_tokens`` tokens."""
+    source = ROOT.parent / "shared" / "longbench-mini" / "gov_report.jsonl"
+    text = ""
+    if source.is_file():
+        for line in source.read_text(encoding="utf-8").splitlines():
+            text += json.loads(line)["context"] + "\n"
+    else:  # pragma: no cover - outside this workplace
+        text = (ROOT / "examples" / "document_qa.txt").read_text()
+    while len(tokenizer(text, add_special_tokens=False)["input_ids"]) < n_tokens:
+        text += "\n" + text
+    ids = tokenizer(text, add_special_tokens=False)["input_ids"][:n_tokens]
+    return tokenizer.decode(ids)
+
+
+def doc_case(tokenizer, n_tokens: int) -> tuple[str, str]:
+    name = f"doc{n_tokens}"
+    schema = (f'<schema name="{name}"><user open="true">Read the document.\n<module name="doc" xml:space="preserve">'
+              f"{escape_text(document_text(tokenizer, n_tokens))}</module></user></schema>")
+    prompt = f'<prompt schema="{name}"><doc/>\n{escape_text(QUESTION)}</prompt>'
+    return schema, prompt
+
+
+def median_ms(fn, repeats: int) -> float:
+    times = []
+    for _ in range(repeats):
+        times.append(fn() * 1000)
+    return statistics.median(times)
+
+
+def sync(device) -> None:
+    if torch.device(device).type == "cuda":
+        torch.cuda.synchronize()
+
+
+@torch.inference_mode()
+def measure(pcs: dict[str, PromptCache], schema: str, prompt: str, repeats: int) -> dict:
+    scaffold, independent = pcs["scaffold"], pcs["independent"]
+    enc = {k: pc.add_schema(schema) for k, pc in pcs.items()}
+    model, device = scaffold.model, scaffold.device
+    name = enc["scaffold"].schema
+    scaffold.generate(prompt, max_new_tokens=1)  # warm-up
+    res = scaffold.generate(prompt, max_new_tokens=1)
+    row = {"case": name, "prompt_tokens": res.prompt_tokens, "cached_tokens": res.cached_tokens,
+           "computed_tokens": res.computed_tokens,
+           "encode_ms_scaffold": enc["scaffold"].encode_s * 1000,
+           "encode_ms_independent": enc["independent"].encode_s * 1000}
+
+    row["a_baseline_ms"] = median_ms(lambda: scaffold.generate(prompt, 1, use_cache=False).ttft_s, repeats)
+    row["c_scaffold_ms"] = median_ms(lambda: scaffold.generate(prompt, 1).ttft_s, repeats)
+    row["d_independent_ms"] = median_ms(lambda: independent.generate(prompt, 1).ttft_s, repeats)
+
+    # (b) and (e) on the same tokens: prefix = everything before the computed suffix.
+    state, request = scaffold._request(prompt)
+    ids = scaffold._prompt_ids(state, request)
+    n_suffix = len(request.computed_ids)
+    prefix, suffix = ids[:-n_suffix], ids[-n_suffix:]
+    from transformers import DynamicCache
+
+    prefix_cache = DynamicCache()
+    model(input_ids=torch.tensor([prefix], device=device), past_key_values=prefix_cache, use_cache=True,
+          logits_to_keep=1)
+    suffix_ids = torch.tensor([suffix], device=device)
+    suffix_pos = torch.arange(len(prefix), len(ids), device=device)[None]
+    mask = torch.ones(1, len(ids), dtype=torch.long, device=device)
+
+    def prefix_reuse() -> float:
+        sync(device)
+        t0 = time.perf_counter()
+        cache = copy.deepcopy(prefix_cache)
+        model(input_ids=suffix_ids, position_ids=suffix_pos, attention_mask=mask, past_key_values=cache,
+              use_cache=True, logits_to_keep=1)
+        sync(device)
+        return time.perf_counter() - t0
+
+    layers = [(layer.keys, layer.values) for layer in prefix_cache.layers]
+
+    def floor() -> float:
+        cache = DynamicCache(ddp_cache_data=[(k.clone(), v.clone()) for k, v in layers])
+        sync(device)
+        t0 = time.perf_counter()
+        model(input_ids=suffix_ids, position_ids=suffix_pos, attention_mask=mask, past_key_values=cache,
+              use_cache=True, logits_to_keep=1)
+        sync(device)
+        return time.perf_counter() - t0
+
+    row["b_prefix_reuse_ms"] = median_ms(prefix_reuse, repeats)
+    row["e_floor_ms"] = median_ms(floor, repeats)
+    row["speedup_a_over_c"] = row["a_baseline_ms"] / row["c_scaffold_ms"]
+    row["c_over_floor"] = row["c_scaffold_ms"] / row["e_floor_ms"]
+    row["b_over_c"] = row["b_prefix_reuse_ms"] / row["c_scaffold_ms"]
+    for pc in pcs.values():
+        pc.remove_schema(name)
+    return row
+
+
+def print_table(rows: list[dict]) -> None:
+    cols = [("case", "case", "{}"), ("prompt", "prompt_tokens", "{}"), ("computed", "computed_tokens", "{}"),
+            ("(a) base ms", "a_baseline_ms", "{:.1f}"), ("(b) prefix ms", "b_prefix_reuse_ms", "{:.1f}"),
+            ("(c) scaffold ms", "c_scaffold_ms", "{:.1f}"), ("(d) indep ms", "d_independent_ms", "{:.1f}"),
+            ("(e) floor ms", "e_floor_ms", "{:.1f}"), ("a/c", "speedup_a_over_c", "{:.1f}x"),
+            ("c/e", "c_over_floor", "{:.2f}"), ("b/c", "b_over_c", "{:.2f}")]
+    cells = [[h for h, _, _ in cols]] + [[f.format(r[k]) for _, k, f in cols] for r in rows]
+    widths = [max(len(row[i]) for row in cells) for i in range(len(cols))]
+    for j, row in enumerate(cells):
+        print("  ".join(c.rjust(w) for c, w in zip(row, widths)))
+        if j == 0:
+            print("  ".join("-" * w for w in widths))
+
+
+def plot(rows: list[dict], path: Path) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    docs = [r for r in rows if r["case"].startswith("doc")]
+    x = [r["prompt_tokens"] for r in docs]
+    fig, ax = plt.subplots(figsize=(7, 4.5))
+    for key, label in [("a_baseline_ms", "(a) baseline prefill"), ("b_prefix_reuse_ms", "(b) DynamicCache copy"),
+                       ("c_scaffold_ms", "(c) promptcache scaffold"), ("d_independent_ms", "(d) promptcache independent"),
+                       ("e_floor_ms", "(e) floor: suffix forward")]:
+        ax.plot(x, [r[key] for r in docs], marker="o", label=label)
+    ax.set_xscale("log", base=2)
+    ax.set_yscale("log")
+    ax.set_xlabel("prompt tokens")
+    ax.set_ylabel("TTFT (ms, median)")
+    ax.set_title("Time to first token")
+    ax.grid(True, which="both", alpha=0.3)
+    ax.legend()
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+
+
+def main(argv=None) -> int:
+    args = parse_args(argv)
+    model, tokenizer = build_model(args)
+    pcs = {enc: PromptCache(model, tokenizer, encoding=enc, progress=False) for enc in ("scaffold", "independent")}
+    print(f"model {args.model}{' (random weights: ' + args.random_weights + ')' if args.random_weights else ''} "
+          f"on {model.device}, {model.dtype}, torch threads {torch.get_num_threads()}", flush=True)
+    cases = [doc_case(tokenizer, int(n)) for n in args.lengths.split(",") if n]
+    if not args.no_persona:
+        cases.append(((ROOT / "examples" / "persona.xml").read_text(),
+                      (ROOT / "examples" / "persona.prompt.xml").read_text()))
+    rows = []
+    for schema, prompt in cases:
+        rows.append(measure(pcs, schema, prompt, args.repeats))
+        r = rows[-1]
+        print(f"  {r['case']}: a={r['a_baseline_ms']:.1f} c={r['c_scaffold_ms']:.1f} "
+              f"e={r['e_floor_ms']:.1f} ms", flush=True)
+    print()
+    print_table(rows)
+    out = Path(args.out)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    with open(out.with_suffix(".csv"), "w", newline="") as f:
+        writer = csv.DictWriter(f, fieldnames=list(rows[0]))
+        writer.writeheader()
+        writer.writerows(rows)
+    plot(rows, out.with_suffix(".png"))
+    print(f"\nwrote {out.with_suffix('.csv')} and {out.with_suffix('.png')}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

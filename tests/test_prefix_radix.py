@@ -328,6 +328,18 @@ def test_lfu_evicts_the_least_matched_leaf_ties_by_recency():
     assert evicted[-1] == 3
 
 
+def test_lfu_with_equal_counts_falls_back_to_recency():
+    evicted = []
+    t = tree_of(policy="lfu", on_evict=lambda n: evicted.append(n.key[0]))
+    for first in (7, 8, 9):
+        put(t, [first, 0])
+    t.match_prefix([7, 0])
+    t.match_prefix([8, 0])
+    t.evict(1)
+    t.evict(1)
+    assert evicted == [9, 7]  # 9: no hit; then 7 and 8 have one each, 7 older
+
+
 def test_lfu_split_node_inherits_hit_count():
     t = tree_of(policy=LFUPolicy())
     put(t, [1, 2, 3])
@@ -406,6 +418,20 @@ def test_evict_returns_bytes_freed_and_stops_when_enough():
     assert t.evict(5) == 4 * BPT and t.node_count == 4  # one whole 12-byte leaf covers 5
     assert t.evict(4 * BPT + 1) == 2 * 4 * BPT and t.node_count == 2
     assert t.evict(0) == 0 and t.node_count == 2
+
+
+def test_stale_queue_entries_are_compacted_and_eviction_still_complete():
+    evicted = []
+    t = tree_of(max_bytes=10**9, on_evict=lambda n: evicted.append(n.key[0]))
+    t.evict(1)  # an empty tree: builds the (empty) queue, which is maintained from now on
+    leaves = [put(t, [first, 1]).node for first in range(10)]
+    for _ in range(1000):  # every unlock re-queues the leaf: duplicates pile up
+        with t.locked(leaves[3]):
+            pass
+    assert len(t._queue) <= 2 * t.node_count + 256 + 1
+    t.match_prefix([0, 1])
+    assert t.evict(10**12) == 10 * 2 * BPT and t.node_count == 0
+    assert evicted == [1, 2, 3, 4, 5, 6, 7, 8, 9, 0]
 
 
 # ---------------------------------------------------------------------------- stats

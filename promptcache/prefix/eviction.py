@@ -124,29 +124,31 @@ def evictable(node: EvictableNode) -> bool:
 class LeafQueue:
     """Lazy min-heap of evictable leaves under one policy (see the module docstring)."""
 
-    __slots__ = ("_heap", "_priority", "_seq")
+    __slots__ = ("heap", "_priority", "_seq")
 
     def __init__(self, policy: EvictionPolicy) -> None:
-        self._heap: list[tuple[Any, int, Any]] = []
+        # (priority when pushed, tie-breaking sequence number, node); read-only outside: the
+        # top key is a lower bound of every queued node's current priority.
+        self.heap: list[tuple[Any, int, Any]] = []
         self._priority = policy.priority
         self._seq = count()
 
     def __len__(self) -> int:
         """Heap entries, stale ones included (used to decide when to compact)."""
-        return len(self._heap)
+        return len(self.heap)
 
     def push(self, node: EvictableNode) -> None:
-        heapq.heappush(self._heap, (self._priority(node), next(self._seq), node))
+        heapq.heappush(self.heap, (self._priority(node), next(self._seq), node))
 
     def rebuild(self, leaves: Iterable[EvictableNode]) -> None:
         """Replace all entries by fresh ones for ``leaves`` (drops accumulated stale entries)."""
         prio, seq = self._priority, self._seq
-        self._heap = [(prio(n), next(seq), n) for n in leaves if evictable(n)]
-        heapq.heapify(self._heap)
+        self.heap[:] = [(prio(n), next(seq), n) for n in leaves if evictable(n)]
+        heapq.heapify(self.heap)
 
     def peek(self) -> EvictableNode | None:
         """The evictable leaf with the smallest current priority, left in the queue."""
-        heap, prio = self._heap, self._priority
+        heap, prio = self.heap, self._priority
         while heap:
             key, _, node = heap[0]
             if node.parent is None or node.children or node.lock_ref:
@@ -163,5 +165,5 @@ class LeafQueue:
         """Remove and return the next victim, or None when no leaf is evictable."""
         node = self.peek()
         if node is not None:
-            heapq.heappop(self._heap)
+            heapq.heappop(self.heap)
         return node

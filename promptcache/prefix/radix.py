@@ -245,7 +245,7 @@ class RadixTree:
         else:
             now = self._clock()
             if self._ttl is not None:
-                self._purge_expired(now)
+                self._expire(now)
         node = self._root
         nodes: list[RadixNode] = []
         values: list[Any] = []
@@ -359,7 +359,7 @@ class RadixTree:
         if self.max_bytes is not None and self._bytes > self.max_bytes:
             self._shrink_to(self.max_bytes)
         if self._ttl is not None:
-            self._purge_expired(now)
+            self._expire(now)
         end = node if node is not self._root else None
         return _new_tuple(InsertResult, (end, i, added, nbytes))
 
@@ -412,7 +412,7 @@ class RadixTree:
         """
         before = self._bytes
         if self._ttl is not None:
-            self._purge_expired(self._clock())
+            self._expire(self._clock())
         freed = before - self._bytes
         if nbytes > freed:
             self._shrink_to(self._bytes - (nbytes - freed))
@@ -439,8 +439,14 @@ class RadixTree:
                 return
             self._remove(node)
 
+    def _expire(self, now: float) -> None:
+        """Evict expired leaves; O(1) when the oldest queued key shows none can have expired."""
+        heap = self._live_queue().heap
+        if heap and now - heap[0][0] >= self._ttl:
+            self._purge_expired(now)
+
     def _purge_expired(self, now: float) -> None:
-        queue, policy = self._live_queue(), self.policy
+        queue, policy = self._queue, self.policy
         while True:
             node = queue.peek()
             if node is None or not policy.expired(node, now):

@@ -36,7 +36,8 @@ class EvictionPolicy:
 
     ``priority(node)`` must only grow over a node's life (see the module docstring).
     ``uses_clock``: stamps are wall-clock seconds from the tree's clock instead of an operation
-    counter (needed when age in seconds matters, i.e. TTL).
+    counter (needed when age in seconds matters, i.e. TTL). A policy that sets ``ttl`` must
+    order by ``stamp`` alone: the tree reads the oldest queued key to skip expiry checks.
     """
 
     name: str = "base"

@@ -126,7 +126,12 @@ class InsertResult(NamedTuple):
 
 @dataclass(frozen=True)
 class TreeStats:
-    """Counters since creation (or :meth:`RadixTree.reset_stats`) and the current footprint."""
+    """Counters since creation (or :meth:`RadixTree.reset_stats`) and the current footprint.
+
+    A lookup is a hit when it reuses at least one token; ``tokens_computed`` counts the tokens
+    lookups did not find (what the engine must prefill). ``evictions`` counts removed nodes,
+    TTL ``expirations`` included.
+    """
 
     lookups: int
     hits: int

@@ -447,3 +447,27 @@ def test_readers_racing_an_overwriting_writer(kind, tmp_path, request):
     finally:
         _kill(proc)
     assert len(seen) >= 2  # the race really happened
+
+
+def test_redis_writer_stalled_past_pending_ttl_publishes_nothing(redis_url):
+    store = open_store(_prefixed(redis_url, chunk_bytes=1024, pending_ttl=0.05))
+    real_pipeline = store._r.pipeline
+
+    def slow_publish(*a, **k):  # the pending chunks expire while the writer is stalled
+        time.sleep(0.3)
+        return real_pipeline(*a, **k)
+    store._r.pipeline = slow_publish
+    ws = _recorded_store_warnings(lambda: store.put("k", make_entry(seq=50)))
+    assert store._r.exists(store._m("k")) == 0  # the incomplete entry was taken back
+    assert len(ws) == 1 and "expired" in str(ws[0].message)
+    assert _recorded_store_warnings(lambda: store.get("k")) == []  # a plain miss
+    assert store.sweep(max_age_s=0) == 0  # nothing left behind (the chunks expired)
+
+
+def test_redis_ttl_expiry_is_a_quiet_miss(redis_url):
+    store = open_store(_prefixed(redis_url, ttl=1, chunk_bytes=1024))
+    store.put("k", make_entry())
+    assert same_bits(store.get("k"), make_entry())
+    time.sleep(1.3)
+    assert _recorded_store_warnings(lambda: store.get("k")) == []
+    assert store.get("k") is None and store.list() == []

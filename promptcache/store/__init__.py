@@ -5,7 +5,7 @@
 * ``memory://`` (or ``memory://NAME``, one shared instance per name in this process)
 * a directory path or ``file:///abs/dir`` -- safetensors files + SQLite index, multi-process safe
   (``file:///dir?fsync=0`` skips fsync, ``?load=pread`` copies instead of mmap)
-* ``redis://host:port/db?prefix=...&ttl=SECONDS&chunk_mb=64`` -- shared by several machines
+* ``redis://host:port/db?prefix=...&ttl=SECONDS&chunk_mb=4`` -- shared by several machines
 
 Entries are keyed by :func:`make_key` over everything that determines the cached values, and
 every ``get`` verifies a checksum, so a store can only ever return the right tensors or ``None``.

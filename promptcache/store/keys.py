@@ -4,13 +4,16 @@ A key must change whenever anything that determines the cached values changes (m
 config, dtype, encoding policy, the module's token and position ids, its encoding context), so a
 store shared between processes and machines can never hand out a cache computed differently.
 
-Fingerprint trade-off: hashing every byte of a 7B model (~14 GB) costs several seconds, so per
-tensor we hash its name, shape, dtype, a strided sample of <= ``SAMPLE`` elements' bytes, and the
-*integer sum of its raw bit patterns* (int64, wrapping). The bit sum reads every element once
-(memory-bandwidth bound, no copies); integer addition is order independent, so the result is the
-same on any thread count or device, unlike a float sum. Any single changed element changes the
-bit sum; changes that escape both the sum and the sample (e.g. two unsampled elements swapped, or
-deliberately compensating edits) do not happen by accident. ``full=True`` hashes every byte.
+Fingerprint trade-off: hashing every byte of a 7B model (~14 GB) with sha256 costs several
+seconds and, for a GPU model, a copy to the host. So per tensor we hash its name, shape, dtype,
+a strided sample of <= ``SAMPLE`` elements' bytes, and the wrapping int64 sum of its raw bytes
+read as 8-byte words. The sum reads every byte once at memory speed, on the tensor's own device;
+integer addition is order independent, so the result is the same on any thread count or device,
+unlike a float sum. Any single changed element changes the sum; changes that escape both the sum
+and the sample (two unsampled words swapped, deliberately compensating edits) do not happen by
+accident. ``full=True`` hashes every byte with sha256 instead. Measured on a 135M-parameter
+float32 model (SmolLM2-135M shape, 540 MB, 2 busy CPU cores): default 65 ms (~8 GB/s, so ~2 s
+for a 14 GB model), ``full=True`` 0.7 s, a cached call (validity check only) 1.6 ms.
 """
 
 from __future__ import annotations
@@ -19,6 +22,7 @@ import hashlib
 import json
 from typing import Any, Mapping
 
+import numpy as np
 import torch
 
 from .base import canonical_json, dtype_name, tensor_bytes
@@ -70,23 +74,37 @@ def _tensor_digest(name: str, t: torch.Tensor, full: bool) -> bytes:
     if t.device.type == "meta" or t.numel() == 0:
         h.update(b"no-data")
         return h.digest()
-    t = t.detach()
-    flat = t.reshape(-1)
+    flat = t.detach().reshape(-1)
     if full:
         h.update(tensor_bytes(flat.cpu().contiguous()))
         return h.digest()
     step = max(1, flat.numel() // SAMPLE)
-    sample = flat[::step][:SAMPLE].cpu().contiguous()
-    h.update(tensor_bytes(sample))
-    if t.dtype == torch.bool:
-        flat = flat.to(torch.uint8)
-    iv = _INT_VIEW.get(flat.element_size())
-    if iv is not None and not flat.is_complex():
-        bitsum = int(flat.view(iv).sum(dtype=torch.int64).item())
-    else:  # complex or odd sizes: hash everything rather than guess
-        bitsum = hashlib.sha256(tensor_bytes(flat.cpu().contiguous())).hexdigest()
-    h.update(f"|sum={bitsum}".encode())
+    h.update(tensor_bytes(flat[::step][:SAMPLE].cpu().contiguous()))
+    h.update(f"|sum={_bit_sum(flat.contiguous())}".encode())
     return h.digest()
+
+
+def _bit_sum(flat: torch.Tensor) -> str:
+    """Wrapping int64 sum of the tensor's bytes read as 8-byte words, plus the odd tail bytes.
+
+    Integer addition is associative, so the result does not depend on threads or device; any
+    single changed element changes its word and hence the sum. On CPU numpy sums the words in
+    one thread at memory speed (~3 ms per 100 MB): torch's parallel reductions cost milliseconds
+    of thread hand-off per tensor on a busy machine. GPU tensors are summed where they are.
+    """
+    nbytes = flat.numel() * flat.element_size()
+    n8 = nbytes // 8 * 8
+    if flat.device.type == "cpu":
+        raw = tensor_bytes(flat)
+        words = np.frombuffer(raw[:n8], dtype=np.int64)
+        total = int(np.add.reduce(words, dtype=np.int64)) if n8 else 0
+        return f"w{total}:{bytes(raw[n8:]).hex()}"
+    b = flat.view(torch.uint8)
+    try:
+        total = int(b[:n8].view(torch.int64).sum().item()) if n8 else 0
+    except RuntimeError:  # storage offset not 8-byte aligned: sum on the host instead
+        return _bit_sum(flat.cpu())
+    return f"w{total}:{bytes(b[n8:].cpu().numpy()).hex()}"
 
 
 def _validity_token(model: torch.nn.Module) -> tuple:

@@ -12,7 +12,7 @@ from dataclasses import dataclass
 from typing import Any, Mapping
 
 from .base import (BadEntry, CacheEntry, CacheStore, EntryInfo, check_checksum, check_expect,
-                   check_key, entry_checksum, normalize_entry, now)
+                   check_key, copy_tensor, entry_checksum, normalize_entry, now)
 
 
 @dataclass
@@ -46,7 +46,7 @@ class MemoryStore(CacheStore):
                 self._report_bad(key, reason)
                 return self._count(None)
             slot.last_access = now()
-            out = CacheEntry([(k.clone(), v.clone()) for k, v in slot.entry.tensors],
+            out = CacheEntry([(copy_tensor(k), copy_tensor(v)) for k, v in slot.entry.tensors],
                               copy.deepcopy(slot.entry.meta))
         return self._count(out)
 
@@ -54,7 +54,8 @@ class MemoryStore(CacheStore):
         check_key(key)
         stored = normalize_entry(entry)
         # normalize_entry may return the caller's own tensors when already compact: copy.
-        stored = CacheEntry([(k.clone(), v.clone()) for k, v in stored.tensors], stored.meta)
+        stored = CacheEntry([(copy_tensor(k), copy_tensor(v)) for k, v in stored.tensors],
+                            stored.meta)
         checksum = entry_checksum(stored.named_tensors(), stored.meta)
         t = now()
         with self._lock:

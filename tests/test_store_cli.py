@@ -106,7 +106,7 @@ def test_rm(url, capsys):
     assert open_store(url).list() == []
 
 
-def test_errors_exit_2(capsys, monkeypatch):
+def test_errors_exit_2(tmp_path, capsys, monkeypatch):
     monkeypatch.delenv("PROMPTCACHE_STORE", raising=False)
     rc, _, err = run(capsys, "ls")
     assert rc == 2 and "no store given" in err
@@ -114,6 +114,8 @@ def test_errors_exit_2(capsys, monkeypatch):
     assert rc == 2 and "unreachable" in err
     rc, _, err = run(capsys, "stats", "--store", "nope://x")
     assert rc == 2 and "unknown store scheme" in err
+    rc, _, err = run(capsys, "ls", "--store", str(tmp_path / "typo"))
+    assert rc == 2 and "no promptcache store" in err and not (tmp_path / "typo").exists()
     with pytest.raises(SystemExit) as exc:
         main(["store", "gc", "--store", "memory://", "--max-bytes", "lots"])
     assert exc.value.code == 2

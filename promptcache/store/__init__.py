@@ -33,8 +33,13 @@ _named_lock = threading.Lock()
 _FALSE = ("0", "false", "no", "off")
 
 
-def open_store(url_or_path: str, **kwargs) -> CacheStore:
-    """Open the store named by a URL or a directory path (created if missing)."""
+def open_store(url_or_path: str, *, create: bool = True, **kwargs) -> CacheStore:
+    """Open the store named by a URL or a directory path.
+
+    ``create=False`` refuses a directory that is not already a store (the CLI uses it, so a
+    mistyped path is an error rather than a new empty store). Other keyword arguments go to
+    the backend's constructor.
+    """
     if isinstance(url_or_path, CacheStore):
         return url_or_path
     target = str(url_or_path)
@@ -57,8 +62,8 @@ def open_store(url_or_path: str, **kwargs) -> CacheStore:
             kwargs.setdefault("fsync", opts["fsync"].lower() not in _FALSE)
         if "load" in opts:
             kwargs.setdefault("load", opts["load"])
-        return LocalStore(unquote(parts.path), **kwargs)
+        return LocalStore(unquote(parts.path), create=create, **kwargs)
     if scheme:
         raise StoreError(f"unknown store scheme {scheme!r} in {target!r} "
                          "(use memory://, file://, redis:// or a directory path)")
-    return LocalStore(target, **kwargs)
+    return LocalStore(target, create=create, **kwargs)

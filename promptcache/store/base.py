@@ -252,6 +252,16 @@ def check_checksum(named: Mapping[str, torch.Tensor], meta: dict, recorded: str)
     return None
 
 
+def check_summary(entry: CacheEntry, recorded: Mapping[str, Any]) -> str | None:
+    """Reason why a backend's recorded summary (what ``list()`` shows) disagrees with the data."""
+    actual = {"n_layers": entry.n_layers, "seq_len": entry.seq_len, "dtype": entry.dtype or "",
+              "nbytes": entry.nbytes}
+    for k, v in actual.items():
+        if str(recorded.get(k)) != str(v):
+            return f"recorded {k}={recorded.get(k)!r:.40} but the data has {v!r}"
+    return None
+
+
 def check_expect(entry: CacheEntry, expect: Mapping[str, Any] | None) -> str | None:
     """Reason why ``entry`` is not what the caller expects (e.g. other model or dtype), or ``None``.
 

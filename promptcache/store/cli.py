@@ -73,7 +73,7 @@ def _wrap(fn: Callable[[CacheStore, argparse.Namespace], int]) -> Callable[[argp
             print(f"error: no store given (use --store URL or set ${ENV_STORE})", file=sys.stderr)
             return FAIL
         try:
-            with open_store(args.store) as store:
+            with open_store(args.store, create=False) as store:
                 if not store.ping():
                     print(f"error: store {store.url} is unreachable", file=sys.stderr)
                     return FAIL

@@ -36,11 +36,15 @@ from safetensors.torch import save_file
 
 from .base import (FORMAT_VERSION, BadEntry, CacheEntry, CacheStore, EntryInfo, StoreError,
                    StoreWarning, canonical_json, check_checksum, check_expect, check_key,
-                   entry_checksum, normalize_entry, now)
+                   check_summary, entry_checksum, normalize_entry, now)
 from .sqlite_index import SqliteIndex
 
 _SUFFIX = ".safetensors"
 _H = "promptcache."  # prefix of our header metadata fields
+_HEADER_FIELDS = {_H + f for f in ("format", "key", "layers", "seq_len", "dtype", "nbytes", "created",
+                                   "meta", "checksum")}
+# What list() shows is checked against the tensors too, so a flipped digit there is caught.
+_SUMMARY_FIELDS = {"n_layers": "layers", "seq_len": "seq_len", "dtype": "dtype", "nbytes": "nbytes"}
 LOCK_TIMEOUT_S = 120.0
 
 
@@ -55,17 +59,20 @@ class _Bad(Exception):
 class LocalStore(CacheStore):
     """Entries as files under ``root``; see the module docstring for the guarantees."""
 
-    def __init__(self, root: str | os.PathLike, *, fsync: bool = True, load: str = "mmap") -> None:
+    def __init__(self, root: str | os.PathLike, *, fsync: bool = True, load: str = "mmap",
+                 create: bool = True) -> None:
         super().__init__()
         if load not in ("mmap", "pread"):
-            raise ValueError(f"load must be 'mmap' or 'pread', not {load!r}")
+            raise StoreError(f"load must be 'mmap' or 'pread', not {load!r}")
         self.root = Path(root).expanduser().resolve()
         self.url = f"file://{self.root}"
         self.fsync = fsync
         self.load = load
+        marker = self.root / "promptcache-store.json"
+        if not create and not marker.exists():
+            raise StoreError(f"no promptcache store at {self.root}")
         for sub in ("entries", "locks", "quarantine"):
             (self.root / sub).mkdir(parents=True, exist_ok=True)
-        marker = self.root / "promptcache-store.json"
         if not marker.exists():
             _atomic_write_text(marker, json.dumps({"format": FORMAT_VERSION, "kind": "promptcache-store"}))
         self._index = SqliteIndex(self.root / "index.sqlite")
@@ -242,13 +249,21 @@ class LocalStore(CacheStore):
         try:
             if header.get(_H + "format") != str(FORMAT_VERSION):
                 raise _Bad(f"unknown format {header.get(_H + 'format')!r}", st)
-            if header.get(_H + "key") != key:
-                raise _Bad(f"stored under key {header.get(_H + 'key')!r}", st)
+            if set(header) != _HEADER_FIELDS:
+                raise _Bad(f"header fields {sorted(set(header) ^ _HEADER_FIELDS)} unexpected", st)
+            if header[_H + "key"] != key:
+                raise _Bad(f"stored under key {header[_H + 'key']!r}", st)
             meta = json.loads(header[_H + "meta"])
             reason = check_checksum(named, meta, header[_H + "checksum"])
             if reason is not None:
                 raise _Bad(reason, st)
-            return CacheEntry.from_named(named, int(header[_H + "layers"]), meta)
+            entry = CacheEntry.from_named(named, int(header[_H + "layers"]), meta)
+            reason = check_summary(entry, {k: header[_H + f] for k, f in _SUMMARY_FIELDS.items()})
+            if reason is not None:
+                raise _Bad(reason, st)
+            if not 0 < float(header[_H + "created"]) < 1e11:
+                raise _Bad(f"bad creation time {header[_H + 'created']!r}", st)
+            return entry
         except (KeyError, ValueError) as exc:
             raise _Bad(f"malformed header or tensor set: {exc!r}", st) from None
 

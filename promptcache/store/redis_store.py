@@ -36,8 +36,8 @@ from urllib.parse import parse_qsl, urlencode, urlsplit, urlunsplit
 import torch
 
 from .base import (FORMAT_VERSION, BadEntry, CacheEntry, CacheStore, EntryInfo, StoreError,
-                   StoreWarning, check_checksum, check_expect, check_key, dtype_name,
-                   entry_checksum, normalize_entry, now, tensor_bytes)
+                   StoreWarning, check_checksum, check_expect, check_key, check_summary,
+                   dtype_name, entry_checksum, normalize_entry, now, tensor_bytes)
 
 log = logging.getLogger(__name__)
 DEFAULT_CHUNK_BYTES = 4 * 1024 * 1024
@@ -190,7 +190,11 @@ class RedisStore(CacheStore):
             reason = check_checksum(named, man["meta"], man["checksum"])
             if reason is not None:
                 raise _Bad(reason)
-            return CacheEntry.from_named(named, int(man["n_layers"]), man["meta"])
+            entry = CacheEntry.from_named(named, int(man["n_layers"]), man["meta"])
+            reason = check_summary(entry, {**man, "dtype": man["dtype"] or ""})
+            if reason is not None:
+                raise _Bad(reason)
+            return entry
         except (_Bad, _Raced):
             raise
         except (KeyError, ValueError, TypeError, RuntimeError) as exc:

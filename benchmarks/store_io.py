@@ -5,8 +5,9 @@ float32 by default) for several token counts. Each number is the median of ``--r
 operations through the public store API, i.e. including the checksum that every ``put``
 computes and every ``get`` verifies (shown separately as "sha256"). Directory loads are measured
 warm (file in the page cache, as right after writing) and cold (pages dropped with
-posix_fadvise before each load). Redis runs against ``--redis URL`` or, by default, a throw-away
-local redis-server (loopback, no persistence) when the binary is installed.
+posix_fadvise before each load); "dir_pread" reads with pread instead of mmap. Redis runs
+against ``--redis URL`` or, by default, a throw-away local redis-server (loopback, no
+persistence) when the binary is installed.
 
     python benchmarks/store_io.py [--tokens 512,1024,2048,4096,8192] [--runs 5] [--json out.json]
 """
@@ -117,8 +118,10 @@ def main(argv: list[str] | None = None) -> int:
     if redis_url is None:
         server = start_redis(tmp)
         redis_url = server[1] if server else None
+    dir_root = args.dir or str(tmp / "dir")
     stores = {"memory": open_store("memory://"),
-              "dir": open_store(args.dir or str(tmp / "dir"), fsync=not args.no_fsync)}
+              "dir": open_store(dir_root, fsync=not args.no_fsync),
+              "dir_pread": open_store(dir_root, fsync=not args.no_fsync, load="pread")}
     if redis_url:
         stores["redis"] = open_store(redis_url + "?prefix=bench")
     else:
@@ -158,9 +161,10 @@ def _ms(s: float) -> str:
 
 def print_row(row: dict) -> None:
     mb = row["mb"]
-    print(f"\n{row['tokens']} tokens, {mb:.1f} MB (sha256 of the payload alone: {_ms(row['sha256_s']).strip()} ms)")
+    print(f"\n{row['tokens']} tokens, {mb:.1f} MB "
+          f"(sha256 of the payload alone: {_ms(row['sha256_s']).strip()} ms)")
     print(f"  {'backend':10} {'save ms':>8} {'load ms':>8} {'save MB/s':>10} {'load MB/s':>10}")
-    for name in ("memory", "dir", "dir_cold", "redis"):
+    for name in ("memory", "dir", "dir_pread", "dir_cold", "redis"):
         if name in row:
             r = row[name]
             print(f"  {name:10} {_ms(r['save_s'])} {_ms(r['load_s'])} {mb / r['save_s']:10.0f} "
@@ -169,7 +173,8 @@ def print_row(row: dict) -> None:
 
 def print_summary(results: list[dict]) -> None:
     print("\nratios (time / time; >1 means the first is slower)")
-    pairs = [("dir", "memory"), ("dir_cold", "dir"), ("redis", "memory"), ("redis", "dir")]
+    pairs = [("dir", "memory"), ("dir_pread", "dir"), ("dir_cold", "dir"), ("redis", "memory"),
+             ("redis", "dir")]
     pairs = [p for p in pairs if all(x in results[0] for x in p)]
     head = "  ".join(f"{a}/{b} save  {a}/{b} load" for a, b in pairs)
     print(f"  {'tokens':>6}  {head}")

@@ -471,3 +471,19 @@ def test_redis_ttl_expiry_is_a_quiet_miss(redis_url):
     time.sleep(1.3)
     assert _recorded_store_warnings(lambda: store.get("k")) == []
     assert store.get("k") is None and store.list() == []
+
+
+def test_local_write_failure_is_a_skipped_put(tmp_path, monkeypatch):
+    import errno
+    import promptcache.store.local as local
+    store = open_store(str(tmp_path / "s"))
+    store.put("k", make_entry(seed=1))
+
+    def disk_full(tensors, filename, metadata=None):
+        Path(filename).write_bytes(b"partial")
+        raise OSError(errno.ENOSPC, "No space left on device")
+    monkeypatch.setattr(local, "save_file", disk_full)
+    ws = _recorded_store_warnings(lambda: store.put("k", make_entry(seed=2)))
+    assert len(ws) == 1 and "No space left" in str(ws[0].message)
+    assert same_bits(store.get("k"), make_entry(seed=1))  # the old entry is untouched
+    assert not list((tmp_path / "s" / "entries").rglob(".*.tmp"))  # no debris

@@ -31,7 +31,7 @@ from pathlib import Path
 from typing import Any, Mapping
 
 import filelock
-from safetensors import safe_open
+from safetensors import SafetensorError, safe_open
 from safetensors.torch import save_file
 
 from .base import (FORMAT_VERSION, BadEntry, CacheEntry, CacheStore, EntryInfo, StoreError,
@@ -146,7 +146,7 @@ class LocalStore(CacheStore):
                     _fsync_path(path.parent)
                 self._index.upsert(EntryInfo(key, e.nbytes, e.n_layers, e.seq_len, e.dtype,
                                              created, created, e.meta))
-        except (OSError, filelock.Timeout) as exc:
+        except (OSError, filelock.Timeout, SafetensorError) as exc:  # disk full, lock stuck...
             self.counters["errors"] += 1
             warnings.warn(f"promptcache store {self.url}: write of {key} skipped: {exc}", StoreWarning)
             return False
@@ -161,13 +161,18 @@ class LocalStore(CacheStore):
 
     def delete(self, key: str) -> bool:
         check_key(key)
-        with self._lock(key):
-            try:
-                self._path(key).unlink()
-                removed = True
-            except FileNotFoundError:
-                removed = False
-            self._index.remove([key])
+        try:
+            with self._lock(key):
+                try:
+                    self._path(key).unlink()
+                    removed = True
+                except FileNotFoundError:
+                    removed = False
+                self._index.remove([key])
+        except (OSError, filelock.Timeout) as exc:
+            self.counters["errors"] += 1
+            warnings.warn(f"promptcache store {self.url}: cannot delete {key}: {exc}", StoreWarning)
+            return False
         return removed
 
     def list(self) -> list[EntryInfo]:

@@ -109,9 +109,29 @@ def summarize_prompt(prompt) -> str:
             f"{n_args} argument(s), suffix: {' + '.join(turns) if turns else 'empty'}")
 
 
+# ---------------------------------------------------------------- analyze
+
+
+def register_analyze(sub: argparse._SubParsersAction) -> None:
+    p = sub.add_parser(
+        "analyze", add_help=False, help="estimate what automatic prefix caching saves on a JSONL batch",
+        description="See `promptcache analyze --help`.")
+    p.add_argument("rest", nargs=argparse.REMAINDER)
+    p.set_defaults(func=lambda args, ctx: _analyze(args.rest))
+
+
+def _analyze(rest: list[str]) -> int:
+    from .prefix.analyze import analyze_main  # its own parser gives the full --help
+
+    try:
+        return analyze_main(rest)
+    except SystemExit as exit_:  # argparse inside analyze_main
+        return int(exit_.code or 0)
+
+
 # ---------------------------------------------------------------- plumbing
 
-SUBCOMMANDS: list[Callable[[argparse._SubParsersAction], None]] = [register_validate]
+SUBCOMMANDS: list[Callable[[argparse._SubParsersAction], None]] = [register_validate, register_analyze]
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -133,6 +153,9 @@ def format_error(err: PMLError) -> str:
 
 def main(argv: Sequence[str] | None = None, renderer: TokenRenderer | None = None) -> int:
     """Entry point of the ``promptcache`` console script; returns the exit status."""
+    argv = list(sys.argv[1:] if argv is None else argv)
+    if argv[:1] == ["analyze"]:  # has its own parser (and --help)
+        return _analyze(argv[1:])
     args = build_parser().parse_args(argv)
     ctx = Context(renderer=renderer)
     try:

@@ -51,7 +51,6 @@ if TYPE_CHECKING:
     from .engine import PromptCache
 
 CHECK_LAYER = 1  # CacheBlend's layer for the KV-deviation check (LMCache: ``layer_id == 1``)
-KINDS = ("none", "boundary", "deviation", "full")
 
 
 @dataclass(frozen=True)
@@ -154,6 +153,7 @@ def top_k_by_score(scores: torch.Tensor, k: int) -> torch.Tensor:
 def decoder_layers(model: nn.Module) -> nn.ModuleList:
     """The model's list of decoder blocks (``layers``/``h``/``blocks`` of its base model)."""
     base = model.base_model
+    base = getattr(base, "language_model", base)  # multimodal wrappers (e.g. Gemma 3)
     for name in ("layers", "h", "blocks"):
         layers = getattr(base, name, None)
         if isinstance(layers, nn.ModuleList):
@@ -253,10 +253,12 @@ def recompute(pc: "PromptCache", pieces: Sequence[ModuleKV], past_pos: torch.Ten
     if len(selection) == 0 and selection.fresh is None:
         return list(pieces)
     dev = pc.device
-    keys = [torch.cat([p.keys[i].to(dev) for p in pieces], dim=1) for i in range(pc.num_layers)]
-    values = [torch.cat([p.values[i].to(dev) for p in pieces], dim=1) for i in range(pc.num_layers)]
-    for i, (k, v) in enumerate(selection.fresh or []):
-        keys[i], values[i] = k, v
+    fresh = selection.fresh or []
+    # New per-request tensors: the check pass's fresh layers, copies of the spliced ones above them.
+    keys = [k for k, _ in fresh] + [torch.cat([p.keys[i].to(dev) for p in pieces], dim=1)
+                                    for i in range(len(fresh), pc.num_layers)]
+    values = [v for _, v in fresh] + [torch.cat([p.values[i].to(dev) for p in pieces], dim=1)
+                                      for i in range(len(fresh), pc.num_layers)]
     sel = selection.indices.to(dev)
     if len(sel):
         n = int(past_pos.numel())

@@ -1,0 +1,92 @@
+"""Selective recompute on the real default model: first-token KL to the no-cache baseline, TTFT.
+
+Usage: .venv/bin/python docs/recompute_measure.py [--samples 5] [--passages 6] [--passage-tokens 250]
+       [--repeats 3] [--threads 1]
+Float32, CPU, independent encoding; one schema per hotpotqa sample with one module per passage.
+"""
+
+from __future__ import annotations
+
+import argparse
+import statistics
+import sys
+from pathlib import Path
+
+import torch
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+from eval.data import load_task, split_passages  # noqa: E402
+from eval.schemas import sample_to_pml  # noqa: E402
+from promptcache.engine import PromptCache  # noqa: E402
+from promptcache.loading import load_model  # noqa: E402
+
+POLICIES = ["none", "boundary:4", "deviation:0.15", "full"]
+
+
+def short_context(tok, context: str, passages: int, per_passage: int) -> str:
+    """The first ``passages`` passages, each cut to its first ``per_passage`` tokens."""
+    out = []
+    for text in split_passages("hotpotqa", context)[:passages]:
+        ids = tok.encode(text, add_special_tokens=False)
+        if len(ids) > per_passage:
+            text = tok.decode(ids[:per_passage]) + "\n"
+        out.append(text)
+    return "".join(out)
+
+
+def kl(p: torch.Tensor, q: torch.Tensor) -> float:
+    lp, lq = torch.log_softmax(p.double(), -1), torch.log_softmax(q.double(), -1)
+    return float((lp.exp() * (lp - lq)).sum())
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__)
+    ap.add_argument("--samples", type=int, default=5)
+    ap.add_argument("--passages", type=int, default=6)
+    ap.add_argument("--passage-tokens", type=int, default=250)
+    ap.add_argument("--repeats", type=int, default=3)
+    ap.add_argument("--threads", type=int, default=1,
+                    help="torch CPU threads (1: multi-threaded ops stall badly on a shared, loaded machine)")
+    args = ap.parse_args()
+    torch.set_num_threads(args.threads)
+    torch.manual_seed(0)
+    model, tok = load_model("smollm2", device="cpu", dtype=torch.float32)
+    pc = PromptCache(model, tok, encoding="independent", progress=False)
+    rows: dict[str, dict[str, list[float]]] = {p: {"kl": [], "ttft": [], "top1": [], "n": []}
+                                              for p in ["baseline"] + POLICIES}
+    for sample in load_task("hotpotqa", data_dir="/work/shared/longbench-mini", limit=args.samples):
+        ctx = short_context(tok, sample.context, args.passages, args.passage_tokens)
+        schema, prompt = sample_to_pml("hotpotqa", sample, context=ctx, split=True)
+        pc.add_schema(schema)
+        pc.generate(prompt, max_new_tokens=1)  # warm-up
+        base = pc.next_token_logits(prompt, use_cache=False)
+        plan = pc.plan(prompt)
+        runs = {"baseline": dict(use_cache=False)} | {p: dict(recompute=p) for p in POLICIES}
+        ttfts: dict[str, list[float]] = {name: [] for name in runs}
+        last = {}
+        for _ in range(args.repeats):  # interleaved, so load changes hit every policy alike
+            for name, kw in runs.items():
+                last[name] = pc.generate(prompt, max_new_tokens=1, **kw)
+                ttfts[name].append(last[name].ttft_s)
+        for name in runs:
+            res = last[name]
+            rows[name]["ttft"].append(statistics.median(ttfts[name]))
+            rows[name]["kl"].append(kl(base, res.first_token_logits))
+            rows[name]["top1"].append(float(res.first_token_logits.argmax() == base.argmax()))
+            rows[name]["n"].append(res.recomputed_tokens)
+        print(f"sample {sample.id}: {plan.num_prompt_tokens} prompt tokens, {plan.num_cached} cached, "
+              f"{len(pc.layout(plan.schema).modules) - 1} modules; "
+              + ", ".join(f"{n} KL {rows[n]['kl'][-1]:.2e} TTFT {rows[n]['ttft'][-1]:.2f}s" for n in runs),
+              flush=True)
+        pc.remove_schema(plan.schema)
+    print(f"\n| policy | recomputed tokens (mean) | first-token KL to baseline (mean) | max KL "
+          f"| top-1 = baseline | TTFT s (median of {args.repeats}, mean over samples) |")
+    print("|---|---|---|---|---|---|")
+    for name, r in rows.items():
+        print(f"| {name} | {statistics.mean(r['n']):.0f} | {statistics.mean(r['kl']):.2e} | {max(r['kl']):.2e} "
+              f"| {sum(r['top1']):.0f}/{len(r['top1'])} | {statistics.mean(r['ttft']):.3f} |")
+
+
+if __name__ == "__main__":
+    main()

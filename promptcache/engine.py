@@ -1,8 +1,9 @@
 """The Prompt Cache engine: encode module caches once, splice them per request, generate.
 
 Public surface: :class:`PromptCache` (``add_schema``, ``remove_schema``, ``plan``,
-``next_token_logits``, ``generate``, ``memory_report``) and :class:`GenerationResult`.
+``next_token_logits``, ``generate``, ``memory_report``, ``prefix_stats``) and :class:`GenerationResult`.
 The rules for who attends to whom live in :mod:`promptcache.plan`; this module only runs forwards.
+Plain-text and chat prompts (no PML) go to automatic prefix caching, :mod:`promptcache.prefix.engine_glue`.
 """
 
 from __future__ import annotations
@@ -27,6 +28,7 @@ from .pml.errors import PromptError
 from .pml.layout import Layout, build_layout
 from .pml.model import Prompt, Schema
 from .pml.parser import load_prompt, load_schema, parse_prompt, parse_schema
+from .prefix.engine_glue import PrefixRunner, is_pml_prompt
 from .roles import ChatRenderer
 
 
@@ -90,11 +92,16 @@ class PromptCache:
         progress: show a progress bar while encoding schemas with several forwards.
         recompute: default selective-recompute policy (``"none"``, ``"boundary:K"``, ``"deviation:R"``,
             ``"full"``; see :mod:`promptcache.recompute`); ``generate``/``next_token_logits`` may override it.
+        prefix_cache, prefix_max_bytes, prefix_policy, prefix_ttl_s: automatic prefix caching of
+            plain-text and chat prompts (a radix tree of KV on the device; byte budget, ``"lru"``,
+            ``"lfu"`` or ``"ttl"`` eviction with ``prefix_ttl_s`` seconds); see docs/prefix.md.
     """
 
     def __init__(self, model, tokenizer, *, encoding: str = "scaffold", placement: str = "device",
                  device: str | torch.device | None = None, reserve_tokens: int = 256,
-                 progress: bool = True, recompute: str = "none") -> None:
+                 progress: bool = True, recompute: str = "none",
+                 prefix_cache: bool = True, prefix_max_bytes: int | None = None,
+                 prefix_policy: str = "lru", prefix_ttl_s: float | None = None) -> None:
         if encoding not in POLICIES:
             raise ValueError(f"encoding must be one of {', '.join(POLICIES)}, not {encoding!r}")
         if placement not in ("device", "host"):
@@ -120,6 +127,8 @@ class PromptCache:
         self.schemas: dict[str, SchemaState] = {}
         self._eos = eos_token_ids(model, tokenizer)
         self._sliding = bool(getattr(model.config.get_text_config(), "sliding_window", None))
+        self.prefix = PrefixRunner(self, enabled=prefix_cache, max_bytes=prefix_max_bytes,
+                                   policy=prefix_policy, ttl_s=prefix_ttl_s)
 
     # ------------------------------------------------------------------ schemas
 
@@ -292,8 +301,11 @@ class PromptCache:
             torch.cuda.synchronize(self.device)
 
     @torch.inference_mode()
-    def next_token_logits(self, prompt, use_cache: bool = True, recompute: str | None = None) -> torch.Tensor:
+    def next_token_logits(self, prompt, use_cache: bool = True, recompute: str | None = None, *,
+                          insert_prefix: bool = True) -> torch.Tensor:
         """Logits of the first generated token (float32 tensor of vocabulary size)."""
+        if not is_pml_prompt(prompt):  # plain text or chat messages: prefix caching
+            return self.prefix.next_token_logits(prompt, use_cache, insert_prefix)
         state, request = self._request(prompt)
         if use_cache:
             logits, _, _, _ = self._prefill_cached(state, request, recompute)
@@ -311,8 +323,16 @@ class PromptCache:
                  temperature: float = 0.0, top_p: float = 1.0, top_k: int = 0,
                  repetition_penalty: float = 1.0, stop: list[str] | None = None,
                  seed: int | None = None, stream: Callable[[str], None] | None = None,
-                 recompute: str | None = None) -> GenerationResult:
-        """Generate a reply; greedy unless ``temperature > 0``. ``stream`` receives text as it grows."""
+                 recompute: str | None = None, insert_prefix: bool = True) -> GenerationResult:
+        """Generate a reply; greedy unless ``temperature > 0``. ``stream`` receives text as it grows.
+
+        ``prompt`` is PML, plain text or a list of chat messages (dispatch rules:
+        :func:`promptcache.prefix.engine_glue.prompt_kind`). The last two reuse the longest cached
+        prefix and, with ``insert_prefix``, cache the prompt and generated tokens for next time.
+        """
+        if not is_pml_prompt(prompt):
+            options = SamplingOptions(temperature, top_p, top_k, repetition_penalty, list(stop or []), seed)
+            return self.prefix.generate(prompt, max_new_tokens, use_cache, insert_prefix, options, stream)
         self._sync()
         t0 = time.perf_counter()
         state, request = self._request(prompt)
@@ -365,6 +385,10 @@ class PromptCache:
                          past_key_values=cache, use_cache=True, logits_to_keep=1)
         set_key_positions(cache, torch.cat([past_pos, q_pos])[None])
         return out.logits[0, -1]
+
+    def prefix_stats(self) -> dict:
+        """Prefix caching counters: hits, misses, hit rate, tokens reused/computed, bytes, evictions."""
+        return self.prefix.stats()
 
     # ------------------------------------------------------------------ memory
 

@@ -1,0 +1,279 @@
+"""Automatic prefix caching in the engine, for prompts written without PML.
+
+Dispatch (:func:`prompt_kind`; ``PromptCache.generate`` and ``next_token_logits`` call it first):
+
+* a :class:`~promptcache.pml.model.Prompt`, an ``os.PathLike``, a string naming an existing file
+  or a one-line string ending in ``.xml``, or a string whose first element (after an optional XML
+  declaration and comments) is ``<prompt``: **PML**, handled as before;
+* a list of message dicts (``{"role", "content"}``): **chat**, the token ids of
+  ``tokenizer.apply_chat_template(messages, add_generation_prompt=True)`` (without a template:
+  the engine renderer's role markers, as PML uses them);
+* any other string: **plain text**, tokenized with the tokenizer's default special tokens.
+
+One request with ``use_cache=True`` (see docs/prefix.md):
+
+1. Look up the longest cached prefix of the prompt's first ``n - 1`` tokens: the last prompt
+   token is always computed, its logits being the first answer token's distribution.
+2. Lock the matched path for the request, so eviction never drops KV a request is using.
+3. Assemble a :class:`~promptcache.kvcache.SplicedCache` whose pieces ARE the tree's values
+   (views; a match ending inside an edge is trimmed with ``layered_kv_split``, also views) and
+   prefill the rest at positions ``m..n-1``. Positions are contiguous from 0, so this is exactly
+   the baseline computation, split at ``m``.
+4. Decode as usual; then insert the prompt AND the generated tokens whose KV exists (all but the
+   last one, which was never fed back), so that the next turn of a chat, which repeats the
+   answer, reuses it. Only the new tokens' KV is stored, cloned out of the request buffer.
+"""
+
+from __future__ import annotations
+
+import os
+import re
+import time
+from collections.abc import Mapping
+from dataclasses import dataclass
+from typing import Any, Callable, Sequence
+
+import torch
+
+from ..generation import SamplingOptions, StopChecker, TokenChooser
+from ..kvcache import ModuleKV, SplicedCache
+from ..models.positions import set_key_positions
+from ..pml.model import Prompt
+from .radix import MatchResult, RadixTree, layered_kv_split
+
+PML, CHAT, TEXT = "pml", "chat", "text"
+# Optional XML declaration and comments, then the <prompt element itself.
+_PML_START = re.compile(r"\s*(?:<\?xml\b.*?\?>\s*)?(?:<!--.*?-->\s*)*<prompt(?![\w.:-])", re.S)
+_MAX_PATH_CHARS = 4096
+
+LayeredKV = list  # [(keys, values)] per layer, each [kv_heads, tokens, head_dim]
+
+
+def prompt_kind(prompt: Any) -> str:
+    """``"pml"``, ``"chat"`` or ``"text"``: which path serves ``prompt`` (rules in the module doc)."""
+    if isinstance(prompt, (Prompt, os.PathLike)):
+        return PML
+    if isinstance(prompt, str):
+        if _PML_START.match(prompt) or _names_a_file(prompt):
+            return PML
+        return TEXT
+    if isinstance(prompt, (list, tuple)) and prompt and all(isinstance(m, Mapping) for m in prompt):
+        return CHAT
+    raise TypeError("a prompt is PML (a Prompt, a path, or text starting with <prompt), a "
+                    f"plain string, or a non-empty list of message dicts; got {type(prompt).__name__}")
+
+
+def is_pml_prompt(prompt: Any) -> bool:
+    return prompt_kind(prompt) == PML
+
+
+def _names_a_file(text: str) -> bool:
+    if len(text) > _MAX_PATH_CHARS or "\n" in text or not text.strip():
+        return False
+    return text.strip().endswith(".xml") or os.path.isfile(text)
+
+
+def chat_token_ids(tokenizer, renderer, messages: Sequence[Mapping]) -> list[int]:
+    """Token ids of ``messages`` plus the generation prompt, as the model is served them."""
+    for i, m in enumerate(messages):
+        if not isinstance(m.get("role"), str) or not isinstance(m.get("content"), str):
+            raise ValueError(f"message {i} needs string 'role' and 'content' fields, got {dict(m)!r}")
+    if getattr(tokenizer, "chat_template", None):
+        out = tokenizer.apply_chat_template([dict(m) for m in messages], add_generation_prompt=True,
+                                            tokenize=True)
+        return list(out["input_ids"] if isinstance(out, Mapping) else out)
+    ids = renderer.bos()
+    for i, m in enumerate(messages):
+        role = m["role"]
+        if role not in renderer.markers.close:
+            raise ValueError(f"message {i}: role {role!r} has no markers without a chat template "
+                             f"(known: {', '.join(renderer.markers.close)})")
+        ids += renderer.role_open(role, i == 0) + renderer.encode(m["content"]) + renderer.role_close(role)
+    return ids + renderer.generation_prompt()
+
+
+def kv_nbytes(value: LayeredKV) -> int:
+    return sum(t.numel() * t.element_size() for pair in value for t in pair)
+
+
+@dataclass
+class _Lease:
+    """One request's hold on the tree: the locked match and how many tokens it reused."""
+
+    match: MatchResult | None
+    reused: int
+
+    @property
+    def cached(self) -> bool:
+        return self.match is not None
+
+
+class PrefixRunner:
+    """Serves plain-text and chat prompts for a ``PromptCache`` with an optional prefix tree.
+
+    ``enabled=False`` keeps no tree: every such request runs the baseline prefill.
+    Not thread-safe (nor is the engine).
+    """
+
+    def __init__(self, pc, *, enabled: bool = True, max_bytes: int | None = None,
+                 policy: str = "lru", ttl_s: float | None = None) -> None:
+        self.pc = pc
+        self.tree: RadixTree | None = None
+        if enabled:
+            try:
+                self.tree = RadixTree(max_bytes=max_bytes, policy=policy, ttl=ttl_s,
+                                      split=layered_kv_split)
+            except ValueError as err:  # name the engine's options, not the tree's
+                raise ValueError(f"prefix_policy={policy!r}, prefix_ttl_s={ttl_s!r}, "
+                                 f"prefix_max_bytes={max_bytes!r}: {err}") from None
+        self.requests = 0
+        self.tokens_reused = 0
+        self.tokens_computed = 0
+        self.inserts_skipped = 0
+
+    # ------------------------------------------------------------------ tokens
+
+    def token_ids(self, prompt: str | Sequence[Mapping], kind: str | None = None) -> list[int]:
+        kind = kind or prompt_kind(prompt)
+        tok = self.pc.tokenizer
+        if kind == TEXT:
+            ids = list(tok(prompt)["input_ids"])
+        elif kind == CHAT:
+            ids = chat_token_ids(tok, self.pc.renderer, prompt)
+        else:
+            raise ValueError("PML prompts are served by the engine's module cache, not the prefix tree")
+        if not ids:
+            raise ValueError("the prompt has no tokens")
+        return ids
+
+    # ----------------------------------------------------------------- prefill
+
+    def _prefill(self, ids: list[int], use_cache: bool):
+        """``(first-token logits, cache, lease)``; the caller must :meth:`_release` the lease."""
+        pc = self.pc
+        if not use_cache or self.tree is None:
+            logits, cache, _ = pc._prefill_baseline(ids)
+            return logits, cache, _Lease(None, 0)
+        tree = self.tree
+        match = tree.match_prefix(ids[:-1])
+        tree.lock(match)
+        lease = _Lease(match, match.length)
+        try:
+            m, n = match.length, len(ids)
+            pieces = [ModuleKV([k for k, _ in value], [v for _, v in value]) for value in tree.gather(match)]
+            cache = SplicedCache(pieces, pc.num_layers, pc.device, pc.reserve_tokens)
+            past_pos = torch.arange(m, device=pc.device)
+            q_pos = torch.arange(m, n, device=pc.device)
+            visible = torch.ones(n - m, n, dtype=torch.bool, device=pc.device).tril(diagonal=m)
+            set_key_positions(cache, past_pos[None])
+            logits = pc._forward(ids[m:], q_pos, past_pos, visible, cache)
+        except BaseException:
+            self._release(lease)
+            raise
+        self.requests += 1
+        self.tokens_reused += m
+        self.tokens_computed += n - m
+        return logits, cache, lease
+
+    def _release(self, lease: _Lease) -> None:
+        if lease.match is not None and self.tree is not None:
+            self.tree.unlock(lease.match)
+            lease.match = None
+
+    def _insert(self, ids: list[int], cache, start: int) -> None:
+        """Cache ``ids[:kv_len]`` (what ``cache`` holds KV for); store only the new tokens' KV."""
+        tree = self.tree
+        kv_len = cache.get_seq_length()
+        if tree is None or kv_len <= start:
+            return
+        # Views into the request buffer; the tree trims what it already holds, then the stored
+        # leaf gets its own copy so the request's buffer is not kept alive.
+        value = [(layer.keys[0, :, start:kv_len], layer.values[0, :, start:kv_len])
+                 for layer in cache.layers]
+        nbytes = kv_nbytes(value)
+        if tree.max_bytes is not None and nbytes > tree.max_bytes:
+            self.inserts_skipped += 1  # would evict everything, itself included
+            return
+        res = tree.insert(ids[:kv_len], value, nbytes, start=start)
+        node = res.node
+        if res.added_tokens and node is not None and node.alive:
+            node.value = [(k.clone(), v.clone()) for k, v in node.value]
+
+    # ---------------------------------------------------------------- requests
+
+    def next_token_logits(self, prompt, use_cache: bool = True, insert: bool = True) -> torch.Tensor:
+        ids = self.token_ids(prompt)
+        logits, cache, lease = self._prefill(ids, use_cache)
+        try:
+            if insert and lease.cached:
+                self._insert(ids, cache, lease.reused)
+        finally:
+            self._release(lease)
+        return logits.float()
+
+    def generate(self, prompt, max_new_tokens: int, use_cache: bool, insert: bool,
+                 options: SamplingOptions, stream: Callable[[str], None] | None):
+        """Same contract and TTFT definition as ``PromptCache.generate`` (tokenization timed)."""
+        from ..engine import GenerationResult  # the engine imports this module
+
+        pc = self.pc
+        pc._sync()
+        t0 = time.perf_counter()
+        ids = self.token_ids(prompt)
+        logits, cache, lease = self._prefill(ids, use_cache)
+        try:
+            pc._sync()
+            ttft = time.perf_counter() - t0
+            first_logits = logits.float().cpu()
+            generated, text = decode(pc, logits, cache, ids, options, max_new_tokens, stream)
+            if insert and lease.cached:
+                self._insert(ids + generated, cache, lease.reused)
+        finally:
+            self._release(lease)
+        pc._sync()
+        reused, consulted = lease.reused, use_cache and self.tree is not None
+        return GenerationResult(text, generated, ttft, time.perf_counter() - t0, len(ids), reused,
+                                len(ids) - reused, consulted, 0, first_logits)
+
+    # ------------------------------------------------------------------- stats
+
+    def stats(self) -> dict[str, Any]:
+        """Tree counters plus the engine's own token counts (see docs/prefix.md)."""
+        out: dict[str, Any] = {"enabled": self.tree is not None, "requests": self.requests,
+                               "tokens_reused": self.tokens_reused,
+                               "tokens_computed": self.tokens_computed,
+                               "inserts_skipped": self.inserts_skipped}
+        looked = self.tokens_reused + self.tokens_computed
+        out["token_hit_rate"] = self.tokens_reused / looked if looked else 0.0
+        if self.tree is None:
+            out.update(hits=0, misses=0, hit_rate=0.0, bytes_held=0, evictions=0, max_bytes=None,
+                       policy=None)
+            return out
+        st = self.tree.stats()
+        out.update(hits=st.hits, misses=st.misses, hit_rate=st.hit_rate, bytes_held=st.bytes_held,
+                   tokens_held=st.tokens_held, nodes=st.nodes, inserts=st.inserts,
+                   evictions=st.evictions, expirations=st.expirations,
+                   bytes_evicted=st.bytes_evicted, max_bytes=self.tree.max_bytes,
+                   policy=self.tree.policy.name)
+        return out
+
+
+def decode(pc, logits: torch.Tensor, cache, prompt_ids: list[int], options: SamplingOptions,
+           max_new_tokens: int, stream: Callable[[str], None] | None) -> tuple[list[int], str]:
+    """The engine's token loop: choose, stop, feed back; returns generated ids and kept text."""
+    chooser = TokenChooser(options, prompt_ids, pc.device)
+    stopper = StopChecker(pc._eos, options.stop, pc.renderer.decode)
+    generated: list[int] = []
+    text, shown, next_pos = "", 0, len(prompt_ids)
+    for step in range(max_new_tokens):
+        token = chooser(logits)
+        generated.append(token)
+        finished, text = stopper.done(generated)
+        if stream is not None and len(text) > shown:
+            stream(text[shown:])
+            shown = len(text)
+        if finished or step == max_new_tokens - 1:
+            break
+        logits = pc._decode_step(token, next_pos, cache)
+        next_pos += 1
+    return generated, text

@@ -129,9 +129,106 @@ def _analyze(rest: list[str]) -> int:
         return int(exit_.code or 0)
 
 
+# ---------------------------------------------------------------- encode
+
+
+def register_encode(sub: argparse._SubParsersAction) -> None:
+    p = sub.add_parser(
+        "encode", help="precompute a schema's module caches into a store",
+        description="Encode every cacheable module of a PML schema with a model and write the caches "
+                    "to a store (a directory or redis://host:port/db), so that later processes load "
+                    "them instead of encoding. Modules already in the store are skipped (loaded).",
+        epilog="Use the same --model, --dtype and --encoding as the processes that will read the store: "
+               "they are part of every entry's key.")
+    p.add_argument("schema", metavar="SCHEMA.xml", help="the schema file")
+    p.add_argument("--store", required=True, metavar="DIR|URL",
+                   help="store directory, file:///DIR, redis://HOST:PORT/DB or memory://")
+    p.add_argument("--model", default=None, metavar="NAME_OR_PATH",
+                   help=f"model alias, local folder or Hugging Face id (default: {DEFAULT_TOKENIZER})")
+    p.add_argument("--encoding", choices=["scaffold", "independent"], default="scaffold",
+                   help="encoding policy (default: scaffold)")
+    p.add_argument("--device", default=None, help="cpu, cuda, ... (default: cuda if available)")
+    p.add_argument("--dtype", default=None, choices=["float32", "bfloat16", "float16"],
+                   help="default: float32 on CPU, bfloat16 on CUDA")
+    p.add_argument("--json", action="store_true", help="print the report as one JSON object")
+    p.set_defaults(func=run_encode)
+
+
+def run_encode(args: argparse.Namespace, ctx: Context) -> int:
+    import json
+    import time
+
+    from .engine import PromptCache
+    from .loading import load_model
+    from .pml.parser import load_schema
+    from .store import StoreError, open_store
+
+    schema = load_schema(args.schema)  # PML errors first, before the model is loaded
+    try:
+        store = open_store(args.store)
+    except (StoreError, OSError, ValueError) as e:
+        raise CommandError(f"cannot open store {args.store!r}: {e}") from e
+    if not store.ping():
+        raise CommandError(f"store {store.url} is unreachable")
+    name = args.model or DEFAULT_TOKENIZER
+    t0 = time.perf_counter()
+    try:
+        model, tokenizer = load_model(name, device=args.device, dtype=args.dtype)
+    except (OSError, ValueError, RuntimeError) as e:  # ModelLoadError is a RuntimeError
+        raise CommandError(str(e) if name in str(e) else f"cannot load model {name!r}: {e}") from e
+    load_s = time.perf_counter() - t0
+    pc = PromptCache(model, tokenizer, encoding=args.encoding, store=store, progress=not args.json)
+    report = pc.add_schema(schema)
+    tiers = pc.memory_report()["tiers"]["store"]
+    out = {"schema": report.schema, "store": store.url, "model": name, "encoding": report.policy,
+           "segments": report.segments, "stored_tokens": report.stored_tokens,
+           "encoded_segments": report.encoded_segments, "loaded_segments": report.store_hits,
+           "forwards": report.forwards, "encode_ms": round(report.encode_s * 1000, 3),
+           "load_ms": round(report.load_s * 1000, 3), "bytes": report.bytes,
+           "failed_puts": tiers["failed_puts"], "model_load_ms": round(load_s * 1000, 3)}
+    store.close()
+    if args.json:
+        print(json.dumps(out))
+    else:
+        print(f"schema {out['schema']!r} ({out['encoding']}): {out['segments']} segments, "
+              f"{out['stored_tokens']} tokens, {out['bytes'] / 2 ** 20:.1f} MiB; "
+              f"{out['encoded_segments']} encoded in {out['forwards']} forwards ({out['encode_ms']:.0f} ms), "
+              f"{out['loaded_segments']} already in {out['store']}")
+    if out["failed_puts"]:
+        print(f"promptcache encode: {out['failed_puts']} entries could not be written to the store",
+              file=sys.stderr)
+        return EXIT_ERROR
+    return EXIT_OK
+
+
+# ---------------------------------------------------------------- store
+
+
+def register_store(sub: argparse._SubParsersAction) -> None:
+    """``promptcache store ...`` is parsed by :func:`promptcache.store.cli.add_store_subcommands`
+    (see :func:`_store`); this stub only lists it, so other commands do not import torch."""
+    p = sub.add_parser("store", add_help=False, help="inspect and maintain a module-cache store "
+                       "(ls, stats, verify, rm, gc)", description="See `promptcache store --help`.")
+    p.add_argument("rest", nargs=argparse.REMAINDER)
+    p.set_defaults(func=lambda args, ctx: _store(args.rest))
+
+
+def _store(rest: list[str]) -> int:
+    from .store.cli import add_store_subcommands
+
+    parser = argparse.ArgumentParser(prog="promptcache")
+    add_store_subcommands(parser.add_subparsers(dest="command", required=True))
+    try:
+        args = parser.parse_args(["store", *rest])
+    except SystemExit as exit_:  # --help (0) or a usage error (2)
+        return EXIT_ERROR if exit_.code else EXIT_OK
+    return args.func(args)
+
+
 # ---------------------------------------------------------------- plumbing
 
-SUBCOMMANDS: list[Callable[[argparse._SubParsersAction], None]] = [register_validate, register_analyze]
+SUBCOMMANDS: list[Callable[[argparse._SubParsersAction], None]] = [register_validate, register_analyze,
+                                                                   register_encode, register_store]
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -156,6 +253,8 @@ def main(argv: Sequence[str] | None = None, renderer: TokenRenderer | None = Non
     argv = list(sys.argv[1:] if argv is None else argv)
     if argv[:1] == ["analyze"]:  # has its own parser (and --help)
         return _analyze(argv[1:])
+    if argv[:1] == ["store"]:  # likewise (promptcache.store.cli)
+        return _store(argv[1:])
     args = build_parser().parse_args(argv)
     ctx = Context(renderer=renderer)
     try:

@@ -21,6 +21,8 @@ from .generation import SamplingOptions, StopChecker, TokenChooser, eos_token_id
 from .kvcache import ModuleKV, SplicedCache
 from .models import adapter_for
 from .models.positions import past_key_positions, set_key_positions
+from .module_keys import ModuleKey, module_keys
+from .partial_encode import forwards_needed
 from .plan import (POLICIES, Plan, Request, build_plan, encode_groups, encoding_contexts,
                    make_request, stored_segments)
 from .pml.binding import bind
@@ -29,7 +31,9 @@ from .pml.layout import Layout, build_layout
 from .pml.model import Prompt, Schema
 from .pml.parser import load_prompt, load_schema, parse_prompt, parse_schema
 from .prefix.engine_glue import PrefixRunner, is_pml_prompt
+from .relocate import relocation_for
 from .roles import ChatRenderer
+from .tiers import SchemaKV, TieredModuleCache
 
 
 @dataclass
@@ -54,7 +58,12 @@ class GenerationResult:
 
 @dataclass
 class EncodeReport:
-    """What ``add_schema`` did: how many tokens were encoded into how many forwards, and how long it took."""
+    """What ``add_schema`` did: how many tokens were encoded into how many forwards, and how long it took.
+
+    ``encode_s`` counts the encoding forwards and the writes to the store; ``load_s`` the modules
+    taken from memory tiers or loaded from the store (``store_hits`` of them from the store,
+    ``memory_hits`` already held in memory, ``encoded_segments`` computed here).
+    """
 
     schema: str
     policy: str
@@ -64,15 +73,22 @@ class EncodeReport:
     forwards: int
     encode_s: float
     bytes: int
+    load_s: float = 0.0
+    store_hits: int = 0
+    memory_hits: int = 0
+    encoded_segments: int = 0
 
 
 @dataclass
 class SchemaState:
     layout: Layout
     contexts: list[list[int]]
-    kv: dict[int, ModuleKV]
+    kv: SchemaKV | dict[int, ModuleKV]        # stored segment -> KV, fetched from the tiers
     positions: dict[int, torch.Tensor]
     report: EncodeReport
+    keys: dict[int, ModuleKey] = field(default_factory=dict)  # stored segment -> content key
+    expect: dict = field(default_factory=dict)   # what store entries of this schema must match
+    meta: dict = field(default_factory=dict)     # meta common to this schema's store entries
 
 
 def _looks_like_xml(text: str) -> bool:
@@ -92,6 +108,11 @@ class PromptCache:
         progress: show a progress bar while encoding schemas with several forwards.
         recompute: default selective-recompute policy (``"none"``, ``"boundary:K"``, ``"deviation:R"``,
             ``"full"``; see :mod:`promptcache.recompute`); ``generate``/``next_token_logits`` may override it.
+        store: a persistent module-cache store (directory, ``redis://...``, ``memory://`` URL or a
+            ``CacheStore``): modules are loaded from it instead of encoded, and written to it.
+        max_device_bytes, max_host_bytes: byte budgets of the device and host tiers of module caches
+            (``None``: unlimited); least-recently-used modules are evicted device -> host -> store.
+            See :mod:`promptcache.tiers` and docs/store.md.
         prefix_cache, prefix_max_bytes, prefix_policy, prefix_ttl_s: automatic prefix caching of
             plain-text and chat prompts (a radix tree of KV on the device; byte budget, ``"lru"``,
             ``"lfu"`` or ``"ttl"`` eviction with ``prefix_ttl_s`` seconds); see docs/prefix.md.
@@ -99,7 +120,8 @@ class PromptCache:
 
     def __init__(self, model, tokenizer, *, encoding: str = "scaffold", placement: str = "device",
                  device: str | torch.device | None = None, reserve_tokens: int = 256,
-                 progress: bool = True, recompute: str = "none",
+                 progress: bool = True, recompute: str = "none", store=None,
+                 max_device_bytes: int | None = None, max_host_bytes: int | None = None,
                  prefix_cache: bool = True, prefix_max_bytes: int | None = None,
                  prefix_policy: str = "lru", prefix_ttl_s: float | None = None) -> None:
         if encoding not in POLICIES:
@@ -125,6 +147,16 @@ class PromptCache:
         self.renderer = ChatRenderer(tokenizer, self.adapter.fallback_roles())
         self.num_layers, self.kv_heads, self.head_dim = self.adapter.kv_shape(model)
         self.schemas: dict[str, SchemaState] = {}
+        if store is not None:
+            from .store import open_store
+
+            store = open_store(store)
+        self.store = store
+        self.relocation = relocation_for(model, self.adapter)
+        self._modules = TieredModuleCache(self.device, placement, store, self.relocation,
+                                          (self.num_layers, self.kv_heads, self.head_dim), self.dtype,
+                                          max_device_bytes, max_host_bytes)
+        self._store_counts = {"store_hits": 0, "store_misses": 0}
         self._eos = eos_token_ids(model, tokenizer)
         self._sliding = bool(getattr(model.config.get_text_config(), "sliding_window", None))
         self.prefix = PrefixRunner(self, enabled=prefix_cache, max_bytes=prefix_max_bytes,
@@ -152,7 +184,7 @@ class PromptCache:
     def remove_schema(self, name: str) -> None:
         if name not in self.schemas:
             raise KeyError(f"no schema named {name!r} (have: {', '.join(self.schemas) or 'none'})")
-        del self.schemas[name]
+        self._modules.unref(k.tier_key for k in self.schemas.pop(name).keys.values())
 
     def layout(self, name: str) -> Layout:
         return self._state(name).layout
@@ -168,14 +200,92 @@ class PromptCache:
 
     @torch.inference_mode()
     def _encode(self, layout: Layout, contexts: list[list[int]]) -> SchemaState:
-        t0 = time.perf_counter()
+        """Key every stored segment, take what the tiers/store hold, encode only the rest."""
+        from .store import dtype_name, model_fingerprint
+
         segs = layout.segments
-        groups = encode_groups(contexts)
+        keep = stored_segments(layout)
+        fp = model_fingerprint(self.model)
+        keys = module_keys(layout, contexts, keep, model=fp, dtype=dtype_name(self.dtype),
+                           policy=self.encoding, relative=self.relocation.relative,
+                           offset_sensitive=self.relocation.offset_sensitive)
+        expect = {"model": fp, "dtype": dtype_name(self.dtype), "policy": self.encoding,
+                  "positions": "relative" if self.relocation.relative else "absolute"}
+        meta = {**expect, "schema": layout.schema.name, "family": self.adapter.family}
+        positions = {i: torch.tensor(list(segs[i].positions), dtype=torch.long, device=self.device)
+                     for i in keep}
+        state = SchemaState(layout, contexts, {}, positions, None, keys, expect, meta)  # type: ignore[arg-type]
+        state.kv = SchemaKV(keys, lambda i: self._module_kv(state, i))
+        kv, pinned, counts = self._obtain(state, keep, progress=True)
+        nbytes = sum(kv[i].nbytes for i in keep)
+        self._modules.release(pinned)
+        old = self.schemas.get(layout.schema.name)
+        self._modules.ref(k.tier_key for k in keys.values())
+        if old is not None:
+            self._modules.unref(k.tier_key for k in old.keys.values())
+        self._modules.enforce()
+        state.report = EncodeReport(layout.schema.name, self.encoding, len(keep),
+                                    sum(len(segs[i].tokens) for i in keep), counts["tokens"],
+                                    counts["forwards"], counts["encode_s"], nbytes, counts["load_s"],
+                                    counts["store_hits"], counts["memory_hits"], counts["encoded"])
+        return state
+
+    def _module_kv(self, state: SchemaState, i: int) -> ModuleKV:
+        """One stored segment's KV (not pinned): from the tiers or the store, else re-encoded."""
+        kv, pinned, _ = self._obtain(state, [i])
+        self._modules.release(pinned)
+        self._modules.enforce()
+        return kv[i]
+
+    def _obtain(self, state: SchemaState, needed: list[int], progress: bool = False
+                ) -> tuple[dict[int, ModuleKV], list[str], dict]:
+        """The KV of the stored segments ``needed``, pinned: from the tiers or the store, the rest encoded.
+
+        Returns ``(kv by segment, tier keys to release, counts)``. A segment no tier holds is
+        re-encoded with whatever of its context is missing (:func:`forwards_needed`); encoded
+        segments go into the home tier and, write-through, into the store.
+        """
         work: dict[int, ModuleKV] = {}
-        bar = tqdm(groups, desc=f"encoding {layout.schema.name}", unit="fwd",
-                   disable=not self.progress or len(groups) < 4, leave=False)
-        encoded = 0
+        pinned: list[str] = []
+        counts = {"tokens": 0, "forwards": 0, "encode_s": 0.0, "load_s": 0.0, "store_hits": 0,
+                  "memory_hits": 0, "encoded": 0}
+
+        def available(i: int) -> bool:
+            if i in work:
+                return True
+            key = state.keys.get(i)
+            if key is None:
+                return False  # parameter slots and cache="false" text are never stored
+            t0 = time.perf_counter()
+            kv, source = self._modules.fetch(key, state.expect, pin=True)
+            counts["load_s"] += time.perf_counter() - t0
+            if kv is None:
+                return False
+            work[i] = kv
+            pinned.append(key.tier_key)
+            counts["store_hits" if source == "store" else "memory_hits"] += 1
+            return True
+
+        try:
+            missing = [i for i in needed if not available(i)]
+            if missing:
+                runs = forwards_needed(encode_groups(state.contexts), available, missing)
+                self._encode_runs(state, runs, work, pinned, counts, progress)
+        except BaseException:
+            self._modules.release(pinned)
+            raise
+        self._store_counts["store_hits"] += counts["store_hits"]
+        self._store_counts["store_misses"] += counts["encoded"]
+        return {i: work[i] for i in needed}, pinned, counts
+
+    def _encode_runs(self, state: SchemaState, runs: list, work: dict[int, ModuleKV], pinned: list[str],
+                     counts: dict, progress: bool) -> None:
+        """Run the encoding forwards ``runs`` (past + computed segments) into ``work`` and the tiers."""
+        segs = state.layout.segments
+        bar = tqdm(runs, desc=f"encoding {state.layout.schema.name}", unit="fwd",
+                   disable=not (progress and self.progress) or len(runs) < 4, leave=False)
         for g in bar:
+            t0 = time.perf_counter()
             ids = [t for i in g.segments for t in segs[i].tokens]
             q_pos = torch.tensor([p for i in g.segments for p in segs[i].positions], device=self.device)
             past_pos = torch.tensor([p for i in g.context for p in segs[i].positions], dtype=torch.long,
@@ -190,20 +300,21 @@ class PromptCache:
             at = len(past_pos)
             for i in g.segments:
                 n = len(segs[i].tokens)
-                work[i] = ModuleKV.from_layers(layers, at, at + n)
+                if i not in work:  # a loaded segment recomputed inside a chain keeps its loaded copy
+                    kv = ModuleKV.from_layers(layers, at, at + n)
+                    key = state.keys.get(i)
+                    if key is not None:
+                        owner = "/".join(segs[i].owner) or "(root)"
+                        meta = {**state.meta, "module": owner, "offset": key.base, "tokens": n}
+                        kv = self._modules.put(key, kv, meta, pin=True)
+                        pinned.append(key.tier_key)
+                        counts["encoded"] += 1
+                    work[i] = kv
                 at += n
-            encoded += len(ids)
-        keep = stored_segments(layout)
-        kv = {i: work[i] if self.placement == "device" else
-              work[i].to("cpu", pin=self.device.type == "cuda") for i in keep}
-        positions = {i: torch.tensor(list(segs[i].positions), dtype=torch.long, device=self.device)
-                     for i in keep}
-        if self.device.type == "cuda":
-            torch.cuda.synchronize(self.device)
-        report = EncodeReport(layout.schema.name, self.encoding, len(keep),
-                              sum(len(segs[i].tokens) for i in keep), encoded, len(groups),
-                              time.perf_counter() - t0, sum(m.nbytes for m in kv.values()))
-        return SchemaState(layout, contexts, kv, positions, report)
+            self._sync()
+            counts["tokens"] += len(ids)
+            counts["forwards"] += 1
+            counts["encode_s"] += time.perf_counter() - t0
 
     # ------------------------------------------------------------------ forwards
 
@@ -261,10 +372,20 @@ class PromptCache:
     def _prefill_cached(self, state: SchemaState, request: Request, recompute: str | None = None):
         """Splice the request's module caches, optionally recompute some of them, prefill the rest.
 
-        Returns ``(first-token logits, cache, next position, tokens recomputed)``.
+        Returns ``(first-token logits, cache, next position, tokens recomputed)``. The modules are
+        pinned in their tier (loaded or re-encoded if evicted) until the prefill has copied them
+        into the request's own cache; then the tiers are brought back within their budgets.
         """
-        pieces = [state.kv[i].slice(n) if n < state.kv[i].length else state.kv[i]
-                  for i, n in request.cached_spans]
+        kv, pinned, _ = self._obtain(state, [i for i, _ in request.cached_spans])
+        try:
+            return self._prefill_spliced(state, request, recompute, kv)
+        finally:
+            self._modules.release(pinned)
+            self._modules.enforce()
+
+    def _prefill_spliced(self, state: SchemaState, request: Request, recompute: str | None,
+                         kv: dict[int, ModuleKV]):
+        pieces = [kv[i].slice(n) if n < kv[i].length else kv[i] for i, n in request.cached_spans]
         past_pos = (torch.cat([state.positions[i][:n] for i, n in request.cached_spans])
                     if request.cached_spans else torch.zeros(0, dtype=torch.long, device=self.device))
         recomputed = 0
@@ -397,22 +518,42 @@ class PromptCache:
         return 2 * self.num_layers * self.kv_heads * self.head_dim * torch.finfo(self.dtype).bits // 8
 
     def memory_report(self) -> dict:
-        """Bytes held per schema and module, totals, and the per-token check."""
+        """Module caches per schema and module, per tier, totals, and the per-token check.
+
+        ``modules``: one row per schema and module with its ``tokens``, ``bytes`` (its size when
+        held) and how many of those bytes are now in the ``device`` and ``host`` tiers (the rest is
+        in the store, or gone and re-encoded on demand). A module shared by two schemas (same
+        content key) is held once but listed under both. ``total_bytes``/``total_tokens``: what the
+        memory tiers hold (each entry once); ``tiers``: bytes, entries, budget, pinned, hits, misses
+        and evictions per tier, and the store's counters.
+        """
+        bpt = self.bytes_per_token()
         rows = []
         for name, state in self.schemas.items():
-            by_module: dict[str, list[int]] = {}
-            for i, kv in state.kv.items():
+            by_module: dict[str, dict] = {}
+            for i, key in state.keys.items():
                 owner = "/".join(state.layout.segments[i].owner) or "(root)"
-                entry = by_module.setdefault(owner, [0, 0])
-                entry[0] += kv.nbytes
-                entry[1] += kv.length
-            for module, (nbytes, tokens) in by_module.items():
-                rows.append({"schema": name, "module": module, "tokens": tokens, "bytes": nbytes})
-        total = sum(r["bytes"] for r in rows)
-        tokens = sum(r["tokens"] for r in rows)
+                row = by_module.setdefault(owner, {"schema": name, "module": owner, "tokens": 0, "bytes": 0,
+                                                   "device_bytes": 0, "host_bytes": 0})
+                row["tokens"] += key.length
+                row["bytes"] += key.length * bpt
+                tier = self._modules.where(key.tier_key)
+                if tier is not None:
+                    row[f"{tier}_bytes"] += key.length * bpt
+            rows.extend(by_module.values())
+        residents = list(self._modules.residents())
+        total = sum(r.nbytes for r in residents)
+        tokens = sum(r.key.length for r in residents)
         return {"placement": self.placement, "modules": rows, "total_bytes": total, "total_tokens": tokens,
-                "bytes_per_token": self.bytes_per_token(),
-                "consistent": total == tokens * self.bytes_per_token()}
+                "bytes_per_token": bpt, "consistent": total == tokens * bpt,
+                "tiers": self._modules.report(), "relocation": self.relocation.mode}
+
+    def store_report(self) -> dict | None:
+        """``{"store_hits", "store_misses"}``: modules loaded from the store vs encoded in this process
+        (since construction); ``None`` without a store."""
+        if self.store is None:
+            return None
+        return dict(self._store_counts)
 
 
 def oracle_forward(model, adapter, plan: Plan, device: torch.device, dtype: torch.dtype) -> torch.Tensor:

@@ -103,31 +103,38 @@ class TieredModuleCache:
         ``expect`` is passed to ``store.get`` (model fingerprint, dtype...). ``pin`` keeps the
         entry from eviction until :meth:`release`.
         """
+        return self.fetch(key, expect, pin)[0]
+
+    def fetch(self, key: ModuleKey, expect: Mapping | None = None, pin: bool = False
+              ) -> tuple[ModuleKV | None, str | None]:
+        """Like :meth:`get`, plus where it came from: ``"device"``, ``"host"``, ``"memory"`` (another
+        offset's copy, relocated), ``"store"``, or ``None`` when it is nowhere."""
         with self._lock:
-            res = self._lookup(key, expect)
+            res, source = self._lookup(key, expect)
             if res is None:
-                return None
+                return None, None
             if pin:
                 self.pins[key.tier_key] += 1
-            return res.kv
+            return res.kv, source
 
-    def _lookup(self, key: ModuleKey, expect: Mapping | None) -> Resident | None:
+    def _lookup(self, key: ModuleKey, expect: Mapping | None) -> tuple[Resident | None, str | None]:
         tk = key.tier_key
         if self.home == "device":
             res = self._tiers["device"].get(tk)
             if res is not None:
                 self._tiers["device"].move_to_end(tk)
                 self.stats["device"]["hits"] += 1
-                return res
+                return res, "device"
             self.stats["device"]["misses"] += 1
         res = self._tiers["host"].get(tk)
         if res is not None:
             self.stats["host"]["hits"] += 1
             if self.home == "device":
                 self._remove(tk)
-                return self._insert(Resident(key, res.kv.to(self.device), "device", res.meta, res.persisted))
-            self._tiers["host"].move_to_end(tk)
-            return res
+                res = self._insert(Resident(key, res.kv.to(self.device), "device", res.meta, res.persisted))
+            else:
+                self._tiers["host"].move_to_end(tk)
+            return res, "host"
         self.stats["host"]["misses"] += 1
         other = self._resident_copy(key)
         if other is not None:
@@ -135,8 +142,9 @@ class TieredModuleCache:
             kv = self.relocation.shift(other.kv, key.base - other.key.base)
             kv = ModuleKV(kv.keys, [v.clone() for v in kv.values])  # own memory: tiers count bytes
             return self._insert(Resident(key, self._to_home(kv), self.home,
-                                         {**other.meta, "offset": key.base}, other.persisted))
-        return self._load(key, expect)
+                                         {**other.meta, "offset": key.base}, other.persisted)), "memory"
+        res = self._load(key, expect)
+        return res, ("store" if res is not None else None)
 
     def _resident_copy(self, key: ModuleKey) -> Resident | None:
         """The same content held at another offset (only differs by tier key for rotated RoPE)."""

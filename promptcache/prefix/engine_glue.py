@@ -237,6 +237,12 @@ class PrefixRunner:
 
     # ------------------------------------------------------------------- stats
 
+    def reset_stats(self) -> None:
+        """Zero the counters (not the cached KV), e.g. after a warm-up request."""
+        self.requests = self.tokens_reused = self.tokens_computed = self.inserts_skipped = 0
+        if self.tree is not None:
+            self.tree.reset_stats()
+
     def stats(self) -> dict[str, Any]:
         """Tree counters plus the engine's own token counts (see docs/prefix.md)."""
         out: dict[str, Any] = {"enabled": self.tree is not None, "requests": self.requests,

@@ -86,6 +86,7 @@ class TieredModuleCache:
         self.stats["store"] = {"hits": 0, "misses": 0, "puts": 0, "failed_puts": 0, "write_backs": 0}
         self.relocations = 0
         self.dropped = 0
+        self._warned_drop = False
         self._lock = threading.RLock()
 
     # ------------------------------------------------------------------ lookups
@@ -273,10 +274,15 @@ class TieredModuleCache:
                 self.dropped += 1
             return
         self.stats["store"]["write_backs"] += 1
-        if not self._store_put(res.key, res.kv, res.meta):
-            self.dropped += 1
+        if self._store_put(res.key, res.kv, res.meta):
+            self._warned_drop = False
+            return
+        self.dropped += 1
+        if not self._warned_drop:  # once per failure streak, not once per module
+            self._warned_drop = True
             warnings.warn(f"promptcache: evicted module {res.meta.get('module', '?')} could not be written "
-                          "to the store; it will be re-encoded when needed", StoreWarning, stacklevel=3)
+                          "to the store; such modules are dropped and re-encoded when needed",
+                          StoreWarning, stacklevel=3)
 
     # ------------------------------------------------------------------ report
 

@@ -216,7 +216,11 @@ class PromptCache:
                      for i in keep}
         state = SchemaState(layout, contexts, {}, positions, None, keys, expect, meta)  # type: ignore[arg-type]
         state.kv = SchemaKV(keys, lambda i: self._module_kv(state, i))
-        kv, pinned, counts = self._obtain(state, keep, progress=True)
+        try:
+            kv, pinned, counts = self._obtain(state, keep, progress=True)
+        except BaseException:  # e.g. interrupted: what was encoded stays in the store, not in memory
+            self._modules.drop_unreferenced(k.tier_key for k in keys.values())
+            raise
         nbytes = sum(kv[i].nbytes for i in keep)
         self._modules.release(pinned)
         old = self.schemas.get(layout.schema.name)

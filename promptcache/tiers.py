@@ -243,6 +243,13 @@ class TieredModuleCache:
                     if self.where(tk) is not None:
                         self._remove(tk)
 
+    def drop_unreferenced(self, tier_keys: Iterable[str]) -> None:
+        """Forget entries of these keys that no schema references (an ``add_schema`` that failed)."""
+        with self._lock:
+            for tk in tier_keys:
+                if self.refs[tk] <= 0 and self.pins[tk] <= 0 and self.where(tk) is not None:
+                    self._remove(tk)
+
     # ------------------------------------------------------------------ budgets
 
     def enforce(self) -> None:

@@ -11,6 +11,7 @@ from engine_fixtures import FULL_PROMPTS, FULL_SCHEMA, make_cache
 from promptcache.module_keys import module_keys
 from promptcache.plan import encoding_contexts, stored_segments
 from promptcache.store import CacheEntry, StoreWarning, open_store
+from single_thread import one_torch_thread  # noqa: F401  (autouse fixture)
 
 # Two schemas with the same root text and module "m" at the same place; what follows differs.
 SHARED_A = """<schema name="sa"><system>Shared system text.</system><user open="true">

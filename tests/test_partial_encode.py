@@ -7,6 +7,7 @@ import torch
 from engine_fixtures import FULL_PROMPTS, FULL_SCHEMA, make_cache
 from promptcache.partial_encode import forwards_needed
 from promptcache.plan import EncodeGroup, encode_groups, encoding_contexts, stored_segments
+from single_thread import one_torch_thread  # noqa: F401  (autouse fixture)
 
 
 def full_layout(encoding: str = "scaffold"):

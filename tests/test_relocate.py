@@ -11,6 +11,7 @@ from promptcache.kvcache import ModuleKV
 from promptcache.relocate import Relocation, relocation_for, rotate_keys, rotation
 from promptcache.store import open_store
 from tiny_models import prepared
+from single_thread import one_torch_thread  # noqa: F401  (autouse fixture)
 
 # Under the independent policy m's context is the root text after x only (the tiny tokenizer has no
 # BOS), so in S2 m and its whole context sit 17 positions later than in S1, with the same content.

@@ -10,6 +10,7 @@ import torch
 
 from engine_fixtures import FULL_PROMPTS, FULL_SCHEMA, make_cache
 from promptcache.store import StoreWarning
+from single_thread import one_torch_thread  # noqa: F401  (autouse fixture)
 
 try:
     from redis_fixture import redis_server, redis_url  # noqa: F401  (fixtures)

@@ -20,6 +20,7 @@ from engine_fixtures import FULL_PROMPTS, FULL_SCHEMA
 from promptcache.cli import main as cli_main
 from tiny_models import tiny_model
 from tiny_tokenizer import tiny_tokenizer
+from single_thread import one_torch_thread  # noqa: F401  (autouse fixture)
 
 ROOT = Path(__file__).resolve().parents[1]
 PROMPT = FULL_PROMPTS["union-gap-param"]
@@ -31,14 +32,14 @@ CHILD = textwrap.dedent("""
     model, tokenizer = load_model(model_dir, device="cpu")
     forwards = []
     model.register_forward_hook(lambda *a: forwards.append(1))
-    pc = PromptCache(model, tokenizer, store=store, progress=False)
+    pc = PromptCache(model, tokenizer, store=None if store == "-" else store, progress=False)
     rep = pc.add_schema(schema)
     encode_forwards = len(forwards)
     logits = pc.next_token_logits(open(prompt).read())
     torch.save(logits, out)
     print(json.dumps({"encode_forwards": encode_forwards, "report_forwards": rep.forwards,
                       "store_hits": rep.store_hits, "encoded": rep.encoded_segments,
-                      "segments": rep.segments, **pc.store_report()}))
+                      "segments": rep.segments, **(pc.store_report() or {})}))
 """)
 
 
@@ -51,7 +52,8 @@ def model_dir(tmp_path_factory) -> Path:
 
 
 def run(args: list[str], **kw) -> subprocess.CompletedProcess:
-    env = {**os.environ, "PYTHONPATH": str(ROOT)}
+    # Every process alike (one intra-op thread): same reductions, so bit-identical logits are expected.
+    env = {**os.environ, "PYTHONPATH": str(ROOT), "OMP_NUM_THREADS": "1"}
     out = subprocess.run([sys.executable, *args], capture_output=True, text=True, timeout=300, cwd=ROOT,
                          env=env, **kw)
     assert out.returncode == 0, out.stderr[-3000:]
@@ -82,13 +84,9 @@ def test_new_process_answers_from_the_store_without_encoding(model_dir, tmp_path
     assert got["store_misses"] == 0
 
     # 3. Same logits as a process that encoded the schema itself (no store).
-    from promptcache import PromptCache, load_model
-
-    model, tokenizer = load_model(str(model_dir), device="cpu")
-    own = PromptCache(model, tokenizer, progress=False)
-    own.add_schema(FULL_SCHEMA)
-    expected = own.next_token_logits(PROMPT)
-    assert torch.equal(torch.load(tmp_path / "a.pt"), expected)
+    own = child(model_dir, "-", schema, prompt, tmp_path / "own.pt")
+    assert own["encode_forwards"] > 0 and own["encoded"] == own["segments"]
+    assert torch.equal(torch.load(tmp_path / "a.pt"), torch.load(tmp_path / "own.pt"))
 
     # 4. The store commands see the entries.
     assert cli_main(["store", "verify", "--store", str(store)]) == 0

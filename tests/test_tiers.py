@@ -11,6 +11,7 @@ from promptcache.module_keys import ModuleKey
 from promptcache.relocate import Relocation
 from promptcache.store import open_store
 from promptcache.tiers import TieredModuleCache
+from single_thread import one_torch_thread  # noqa: F401  (autouse fixture)
 
 PROMPTS = list(FULL_PROMPTS.values())
 
@@ -197,3 +198,21 @@ def test_tier_unit_lru_order_and_pins():
 def test_tier_rejects_bad_budgets():
     with pytest.raises(ValueError):
         make_cache("llama", max_device_bytes=-1)
+
+
+def test_a_failed_add_schema_leaves_nothing_in_memory(monkeypatch):
+    pc = make_cache("llama", "scaffold")
+    real = pc._forward
+    calls = []
+
+    def failing(*a, **k):
+        calls.append(1)
+        if len(calls) == 2:
+            raise KeyboardInterrupt
+        return real(*a, **k)
+
+    monkeypatch.setattr(pc, "_forward", failing)
+    with pytest.raises(KeyboardInterrupt):
+        pc.add_schema(FULL_SCHEMA)
+    rep = pc.memory_report()
+    assert rep["total_bytes"] == 0 and rep["tiers"]["device"]["pinned"] == 0 and not pc.schemas

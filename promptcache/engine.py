@@ -4,6 +4,8 @@ Public surface: :class:`PromptCache` (``add_schema``, ``remove_schema``, ``plan`
 ``next_token_logits``, ``generate``, ``memory_report``, ``prefix_stats``) and :class:`GenerationResult`.
 The rules for who attends to whom live in :mod:`promptcache.plan`; this module only runs forwards.
 Plain-text and chat prompts (no PML) go to automatic prefix caching, :mod:`promptcache.prefix.engine_glue`.
+Module caches are keyed by content and held in device/host tiers over an optional persistent store
+(``store_report``; :mod:`promptcache.tiers`, :mod:`promptcache.module_keys`, docs/store.md).
 """
 
 from __future__ import annotations

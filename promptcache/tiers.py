@@ -24,7 +24,6 @@ Entries loaded from the store, or found in memory at another offset, are relocat
 from __future__ import annotations
 
 import threading
-import time
 import warnings
 from collections import Counter, OrderedDict
 from dataclasses import dataclass
@@ -357,9 +356,3 @@ class SchemaKV(Mapping[int, ModuleKV]):
     def __len__(self) -> int:
         return len(self._keys)
 
-
-def timed(fn: Callable, *args, **kwargs):
-    """``(result, seconds)``."""
-    t0 = time.perf_counter()
-    out = fn(*args, **kwargs)
-    return out, time.perf_counter() - t0

@@ -13,7 +13,6 @@ from __future__ import annotations
 import os
 import time
 from dataclasses import dataclass, field
-from pathlib import Path
 from typing import Callable
 
 import torch
@@ -478,6 +477,18 @@ class PromptCache:
             cached, computed = 0, len(prompt_ids)
         first_logits = logits.float().cpu()
         options = SamplingOptions(temperature, top_p, top_k, repetition_penalty, list(stop or []), seed)
+        generated, text = self.decode(logits, cache, prompt_ids, options, max_new_tokens, stream, next_pos)
+        self._sync()
+        return GenerationResult(text, generated, ttft, time.perf_counter() - t0, len(prompt_ids), cached,
+                                computed, use_cache, recomputed, first_logits)
+
+    def decode(self, logits: torch.Tensor, cache, prompt_ids: list[int], options: SamplingOptions,
+               max_new_tokens: int, stream: Callable[[str], None] | None, next_pos: int
+               ) -> tuple[list[int], str]:
+        """The token loop after a prefill: choose, stop, feed back at consecutive positions.
+
+        Returns the generated ids and the text kept (cut at a stop string or before EOS).
+        """
         chooser = TokenChooser(options, prompt_ids, self.device)
         stopper = StopChecker(self._eos, options.stop, self.renderer.decode)
         generated: list[int] = []
@@ -493,9 +504,7 @@ class PromptCache:
                 break
             logits = self._decode_step(token, next_pos, cache)
             next_pos += 1
-        self._sync()
-        return GenerationResult(text, generated, ttft, time.perf_counter() - t0, len(prompt_ids), cached,
-                                computed, use_cache, recomputed, first_logits)
+        return generated, text
 
     def _decode_step(self, token: int, position: int, cache) -> torch.Tensor:
         """One generated token at ``position``, attending to everything in ``cache``."""

@@ -35,7 +35,7 @@ from typing import Any, Callable, Sequence
 
 import torch
 
-from ..generation import SamplingOptions, StopChecker, TokenChooser
+from ..generation import SamplingOptions
 from ..kvcache import ModuleKV, SplicedCache
 from ..models.positions import set_key_positions
 from ..pml.model import Prompt
@@ -225,7 +225,7 @@ class PrefixRunner:
             pc._sync()
             ttft = time.perf_counter() - t0
             first_logits = logits.float().cpu()
-            generated, text = decode(pc, logits, cache, ids, options, max_new_tokens, stream)
+            generated, text = pc.decode(logits, cache, ids, options, max_new_tokens, stream, len(ids))
             if insert and lease.cached:
                 self._insert(ids + generated, cache, lease.reused)
         finally:
@@ -263,23 +263,3 @@ class PrefixRunner:
                    policy=self.tree.policy.name)
         return out
 
-
-def decode(pc, logits: torch.Tensor, cache, prompt_ids: list[int], options: SamplingOptions,
-           max_new_tokens: int, stream: Callable[[str], None] | None) -> tuple[list[int], str]:
-    """The engine's token loop: choose, stop, feed back; returns generated ids and kept text."""
-    chooser = TokenChooser(options, prompt_ids, pc.device)
-    stopper = StopChecker(pc._eos, options.stop, pc.renderer.decode)
-    generated: list[int] = []
-    text, shown, next_pos = "", 0, len(prompt_ids)
-    for step in range(max_new_tokens):
-        token = chooser(logits)
-        generated.append(token)
-        finished, text = stopper.done(generated)
-        if stream is not None and len(text) > shown:
-            stream(text[shown:])
-            shown = len(text)
-        if finished or step == max_new_tokens - 1:
-            break
-        logits = pc._decode_step(token, next_pos, cache)
-        next_pos += 1
-    return generated, text

@@ -56,6 +56,8 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--lengths", default="512,1024,2048,4096,8192", help="document lengths in tokens")
     p.add_argument("--repeats", type=int, default=3, help="runs per measurement (median reported)")
     p.add_argument("--no-persona", action="store_true", help="skip the persona case")
+    p.add_argument("--threads", type=int, default=None,
+                   help="torch CPU threads (default: torch's choice; 1 is steadier on a busy machine)")
     p.add_argument("--out", default=str(ROOT / "results" / "ttft"), help="output prefix for .csv/.png/.json")
     return p.parse_args(argv)
 
@@ -230,6 +232,8 @@ def plot(rows: list[dict], path: Path) -> None:
 
 def main(argv=None) -> int:
     args = parse_args(argv)
+    if args.threads:
+        torch.set_num_threads(args.threads)
     model, tokenizer = build_model(args)
     pcs = {enc: PromptCache(model, tokenizer, encoding=enc, progress=False) for enc in ("scaffold", "independent")}
     print(f"model {args.model}{' (random weights: ' + args.random_weights + ')' if args.random_weights else ''} "

@@ -213,6 +213,8 @@ def plot(rows: list[dict], path: Path) -> None:
     import matplotlib.pyplot as plt
 
     docs = [r for r in rows if r["case"].startswith("doc")]
+    if not docs:  # only the persona case: nothing to plot against length
+        return
     x = [r["prompt_tokens"] for r in docs]
     fig, ax = plt.subplots(figsize=(7, 4.5))
     for key, label in [("a_baseline_ms", "(a) baseline prefill"), ("b_prefix_reuse_ms", "(b) DynamicCache copy"),
@@ -256,7 +258,7 @@ def main(argv=None) -> int:
         writer.writeheader()
         writer.writerows(rows)
     plot(rows, out.with_suffix(".png"))
-    print(f"\nwrote {out.with_suffix('.csv')} and {out.with_suffix('.png')}")
+    print(f"\nwrote {out.with_suffix('.csv')} and (with document cases) {out.with_suffix('.png')}")
     return 0
 
 

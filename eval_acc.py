@@ -42,10 +42,6 @@ DEFAULT_SWEEP = "none,boundary:4,deviation:0.05,deviation:0.15,deviation:0.3,ful
 CONFIG_KEYS = ("model", "dtype", "encoding", "split_passages", "max_length", "max_new_tokens")
 
 
-def _sweep_list(text: str) -> list[str]:
-    return runner.policy_list(text)
-
-
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         description="Task scores, identical answers and first-token KL with and without Prompt Cache "
@@ -56,7 +52,7 @@ def build_parser() -> argparse.ArgumentParser:
     mode.add_argument("--recompute", type=runner.check_policy, default="none", metavar="POLICY",
                       help="selective-recompute policy for the cached run: none (default), full, "
                            "boundary:K, deviation:R")
-    mode.add_argument("--recompute-sweep", type=_sweep_list, nargs="?", const=_sweep_list(DEFAULT_SWEEP),
+    mode.add_argument("--recompute-sweep", type=runner.policy_list, nargs="?", const=runner.policy_list(DEFAULT_SWEEP),
                       default=None, metavar="LIST",
                       help=f"comma list of policies, each one cached run per sample (default {DEFAULT_SWEEP})")
     parser.add_argument("--plot", default=None, metavar="PNG",

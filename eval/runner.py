@@ -25,7 +25,7 @@ import os
 import re
 import sys
 import tempfile
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Callable, Iterable, Iterator, Sequence
 
@@ -443,11 +443,10 @@ class PreparedSample:
     modules: int                # cached context modules (1, or the passages with --split-passages)
     prompt_tokens: int          # as laid out by the engine's renderer
     context_tokens: int         # the full context, tokenized whole
-    kept_context_tokens: int    # after truncation (== context_tokens when not truncated)
+    kept_context_tokens: int    # context tokens in the prompt (after truncation, as laid out)
     truncated: bool
     max_length: int
     max_new_tokens: int
-    extra: dict[str, Any] = field(default_factory=dict)
 
 
 def layout_prompt_tokens(renderer, schema_xml: str, prompt_xml: str) -> tuple[int, int]:
@@ -504,8 +503,7 @@ def prepare_sample(task: str, sample: Sample, tokenizer, renderer, max_length: i
     return PreparedSample(
         task=spec.name, sample=sample, schema_xml=schema_xml, prompt_xml=prompt_xml,
         schema=schema_name(spec, sample.id), modules=len(module_texts(spec, context, split)),
-        prompt_tokens=total, context_tokens=len(full_ids), kept_context_tokens=ctx_tokens if truncated
-        else len(full_ids), truncated=truncated, max_length=max_length, max_new_tokens=max_new_tokens)
+        prompt_tokens=total, context_tokens=len(full_ids), kept_context_tokens=ctx_tokens, truncated=truncated, max_length=max_length, max_new_tokens=max_new_tokens)
 
 
 @contextlib.contextmanager

@@ -42,14 +42,10 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def output_paths(args: argparse.Namespace) -> dict[str, Path]:
-    out = Path(args.output)
-    paths = {"jsonl": out, "summary_json": runner.derived_path(out, ".summary.json"),
-             "summary_md": runner.derived_path(out, ".summary.md")}
+    plot = None
     if args.plot is not None:
-        paths["plot"] = Path(args.plot) if args.plot else runner.derived_path(out, ".png")
-    if len(set(paths.values())) != len(paths):
-        raise UserError("output paths collide; choose another --output or --plot")
-    return paths
+        plot = Path(args.plot) if args.plot else runner.derived_path(Path(args.output), ".png")
+    return runner.output_paths(args.output, plot)
 
 
 def time_sample(pc, prepared: runner.PreparedSample, repeats: int) -> dict:

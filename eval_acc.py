@@ -62,16 +62,12 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def output_paths(args: argparse.Namespace) -> dict[str, Path]:
-    out = Path(args.output)
-    paths = {"jsonl": out, "summary_json": runner.derived_path(out, ".summary.json"),
-             "summary_md": runner.derived_path(out, ".summary.md")}
+    plot = None
     if args.recompute_sweep is not None:
-        paths["plot"] = Path(args.plot) if args.plot else runner.derived_path(out, ".sweep.png")
+        plot = Path(args.plot) if args.plot else runner.derived_path(Path(args.output), ".sweep.png")
     elif args.plot:
         raise UserError("--plot needs --recompute-sweep (the plot is quality vs TTFT per policy)")
-    if len(set(paths.values())) != len(paths):
-        raise UserError("output paths collide; choose another --output or --plot")
-    return paths
+    return runner.output_paths(args.output, plot)
 
 
 def run_config(args: argparse.Namespace) -> dict:

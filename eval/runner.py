@@ -214,6 +214,18 @@ def derived_path(output: Path, suffix: str) -> Path:
     return output.with_name(stem + suffix)
 
 
+
+def output_paths(output: str | os.PathLike, plot: Path | None = None) -> dict[str, Path]:
+    """The files a run writes: its JSONL, JSON and Markdown summaries, and an optional plot."""
+    out = Path(output)
+    paths = {"jsonl": out, "summary_json": derived_path(out, ".summary.json"),
+             "summary_md": derived_path(out, ".summary.md")}
+    if plot is not None:
+        paths["plot"] = plot
+    if len(set(paths.values())) != len(paths):
+        raise UserError("output paths collide; choose another --output or --plot")
+    return paths
+
 def refuse_existing(paths: Iterable[Path], overwrite: bool) -> None:
     """Refuse to replace existing files unless ``--overwrite`` was given (checked before any work)."""
     existing = [str(p) for p in paths if p.exists()]

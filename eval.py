@@ -78,6 +78,7 @@ def main(argv: list[str] | None = None) -> int:
     runner.refuse_existing(paths.values(), args.overwrite)
     samples = runner.load_samples(tasks, data_dir, args.limit)
     device = runner.check_device(args.device)
+    runner.set_threads(args.threads)
     budgets = runner.task_budgets(tasks, runner.model_window(args.model), args.max_length, args.max_new_tokens)
     engine_kw = runner.engine_kwargs(args, max(gen for _, gen in budgets.values()))
 

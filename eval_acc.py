@@ -190,6 +190,7 @@ def main(argv: list[str] | None = None) -> int:
               f"{len(todo)} samples to do", file=sys.stderr)
     runner.check_recompute_available(sorted({p for _, _, ps in todo for p in ps}))
     device = runner.check_device(args.device)
+    runner.set_threads(args.threads)
     budgets = runner.task_budgets(tasks, runner.model_window(args.model), args.max_length, args.max_new_tokens)
     engine_kw = runner.engine_kwargs(args, max(gen for _, gen in budgets.values()))
     extra: dict = {"skipped": []}

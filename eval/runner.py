@@ -153,6 +153,10 @@ def add_common_arguments(parser: argparse.ArgumentParser, default_output: str) -
     parser.add_argument("--output", default=default_output, help=f"JSONL file (default {default_output})")
     parser.add_argument("--overwrite", action="store_true", help="replace existing output files")
     parser.add_argument("--no-progress", action="store_true", help="no progress bar")
+    parser.add_argument("--threads", type=positive_int, default=None,
+                        help="torch CPU threads (default: torch's choice). On a machine shared with other "
+                             "jobs, 1 thread keeps timings proportional to the work: with several, every "
+                             "operator waits for descheduled threads, which inflates small forwards most")
     # --store: persistent module-cache store (promptcache.store URL or folder). Wired to the engine
     # by engine_kwargs() once PromptCache accepts `store=`; until then using it is a clean error.
     parser.add_argument("--store", default=None, help="module-cache store URL or folder (if the engine supports it)")
@@ -366,6 +370,13 @@ def engine_kwargs(args: argparse.Namespace, max_new_tokens: int) -> dict[str, An
             raise UserError("--store is not supported by this version of the engine (PromptCache has no store=)")
         kwargs["store"] = args.store
     return kwargs
+
+
+def set_threads(threads: int | None) -> None:
+    if threads is not None:
+        import torch  # noqa: PLC0415
+
+        torch.set_num_threads(threads)
 
 
 def check_device(device: str | None) -> str:

@@ -188,7 +188,6 @@ def main(argv: list[str] | None = None) -> int:
     if records:
         print(f"resuming {paths['jsonl']}: {len(records)} records already there, "
               f"{len(todo)} samples to do", file=sys.stderr)
-    runner.check_recompute_available(sorted({p for _, _, ps in todo for p in ps}))
     device = runner.check_device(args.device)
     runner.set_threads(args.threads)
     budgets = runner.task_budgets(tasks, runner.model_window(args.model), args.max_length, args.max_new_tokens)

@@ -22,7 +22,6 @@ import inspect
 import json
 import math
 import os
-import re
 import sys
 import tempfile
 from dataclasses import dataclass
@@ -86,33 +85,18 @@ def positive_int(text: str) -> int:
     return value
 
 
-_POLICY = re.compile(r"^(none|full|boundary:(\d+)|deviation:([0-9]*\.?[0-9]+(?:e-?\d+)?))$")
-
-
 def check_policy(text: str) -> str:
-    """Validate and canonicalise one recompute policy (``none``, ``full``, ``boundary:K``, ``deviation:R``).
+    """Validate and canonicalise one recompute policy with the engine's own parser.
 
-    Uses the engine's own parser when :mod:`promptcache.recompute` is importable (so the script
-    accepts exactly what the engine does, and ``deviation:0.50`` and ``deviation:0.5`` are one
-    policy when resuming); otherwise a syntax check, and :func:`check_recompute_available` fails
-    later for any policy but ``none``.
+    So the script accepts exactly what the engine does, and ``deviation:0.50`` and ``deviation:0.5``
+    are one policy when resuming.
     """
+    from promptcache.recompute import parse_policy  # noqa: PLC0415
+
     try:
-        from promptcache.recompute import parse_policy  # noqa: PLC0415
-    except ImportError:
-        parse_policy = None
-    if parse_policy is not None:
-        try:
-            return str(parse_policy(text))
-        except ValueError as err:
-            raise argparse.ArgumentTypeError(str(err)) from None
-    text = text.strip()
-    match = _POLICY.match(text)
-    if not match or (match.group(3) is not None and not 0 < float(match.group(3)) <= 1):
-        raise argparse.ArgumentTypeError(
-            f"bad recompute policy {text!r}: expected none, full, boundary:K (K >= 0 tokens) or "
-            "deviation:R (0 < R <= 1)")
-    return text
+        return str(parse_policy(text))
+    except ValueError as err:
+        raise argparse.ArgumentTypeError(str(err)) from None
 
 
 def policy_list(text: str) -> list[str]:
@@ -391,17 +375,6 @@ def check_device(device: str | None) -> str:
     if parsed.type == "cuda" and not torch.cuda.is_available():
         raise UserError(f"--device {device}: CUDA is not available on this machine")
     return device
-
-
-def check_recompute_available(policies: Sequence[str]) -> None:
-    """Policies other than ``none`` need promptcache.recompute; fail before any work if it is absent."""
-    if all(p == "none" for p in policies):
-        return
-    try:
-        import promptcache.recompute  # noqa: F401,PLC0415
-    except ImportError as err:
-        raise UserError(f"recompute policies other than 'none' need promptcache.recompute, which cannot "
-                        f"be imported here ({err})") from None
 
 
 def model_window(name_or_path: str) -> int:

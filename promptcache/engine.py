@@ -334,8 +334,11 @@ class PromptCache:
         return bool(visible[:, : len(past_pos)].all())
 
     def _forward(self, ids: list[int], q_pos: torch.Tensor, past_pos: torch.Tensor,
-                 visible: torch.Tensor, cache, logits: bool = True):
-        """One forward of ``ids`` at ``q_pos`` over ``cache`` whose keys sit at ``past_pos``."""
+                 visible: torch.Tensor, cache, logits: bool = True, keep: int = 1):
+        """One forward of ``ids`` at ``q_pos`` over ``cache`` whose keys sit at ``past_pos``.
+
+        Returns the logits of query ``len(ids) - keep`` (default: the last one), or ``None``.
+        """
         input_ids = torch.tensor([ids], dtype=torch.long, device=self.device)
         if self._index_causal(past_pos, q_pos, visible):
             mask = torch.ones(1, len(past_pos) + len(ids), dtype=torch.long, device=self.device)
@@ -343,9 +346,9 @@ class PromptCache:
             k_pos = torch.cat([past_pos, q_pos])
             mask = self.adapter.attention_mask(visible, q_pos, k_pos, self.dtype)
         out = self.model(input_ids=input_ids, position_ids=q_pos[None], attention_mask=mask,
-                         past_key_values=cache, use_cache=True, logits_to_keep=1)
+                         past_key_values=cache, use_cache=True, logits_to_keep=keep)
         set_key_positions(cache, torch.cat([past_pos, q_pos])[None])  # for ALiBi and sliding windows
-        return out.logits[0, -1] if logits else None
+        return out.logits[0, 0] if logits else None
 
     # ------------------------------------------------------------------ requests
 
@@ -393,10 +396,9 @@ class PromptCache:
         pieces = [kv[i].slice(n) if n < kv[i].length else kv[i] for i, n in request.cached_spans]
         past_pos = (torch.cat([state.positions[i][:n] for i, n in request.cached_spans])
                     if request.cached_spans else torch.zeros(0, dtype=torch.long, device=self.device))
-        recomputed = 0
         policy = self.recompute if recompute is None else recompute
-        if policy != "none":
-            from .recompute import CachedSpan, apply_recompute
+        if policy != "none" and request.cached_spans:
+            from .recompute import CachedSpan, prefill_with_recompute, prepare
 
             segs = state.layout.segments
             spans, at = [], 0
@@ -404,14 +406,22 @@ class PromptCache:
                 spans.append(CachedSpan(segs[i].owner, at, n, segs[i].tokens[:n]))
                 at += n
             # The uncached tokens go along: a recomputed token must see those before it.
-            pieces, recomputed = apply_recompute(self, pieces, past_pos, spans, policy,
-                                                 (request.computed_ids, request.computed_pos))
+            pieces, selection = prepare(self, pieces, past_pos, spans, policy,
+                                        (request.computed_ids, request.computed_pos))
+            if len(selection):
+                logits, cache = prefill_with_recompute(self, pieces, past_pos, spans, selection,
+                                                       request.computed_ids, request.computed_pos)
+                return logits, cache, max(request.computed_pos) + 1, len(selection)
+        else:
+            from .recompute import parse_policy
+
+            parse_policy(policy)  # a bad override fails even when nothing is cached
         cache = SplicedCache(pieces, self.num_layers, self.device, self.reserve_tokens)
         q_pos = torch.tensor(request.computed_pos, dtype=torch.long, device=self.device)
         visible = torch.cat([past_pos[None, :] < q_pos[:, None], q_pos[None, :] <= q_pos[:, None]], dim=1)
         set_key_positions(cache, past_pos[None])
         logits = self._forward(request.computed_ids, q_pos, past_pos, visible, cache)
-        return logits, cache, int(q_pos.max()) + 1, recomputed
+        return logits, cache, int(q_pos.max()) + 1, 0
 
     def _prefill_baseline(self, ids: list[int]):
         from transformers import DynamicCache

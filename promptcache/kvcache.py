@@ -100,6 +100,16 @@ class SplicedLayer(DynamicLayer):
     def get_seq_length(self) -> int:
         return self._len
 
+    def settle(self, base: int, slots: torch.Tensor, fresh_rows: torch.Tensor, keep_rows: torch.Tensor) -> None:
+        """Move fresh KV from the tail (rows after ``base``) into ``slots``; keep ``keep_rows`` as the tail."""
+        for buf in (self._buf_k, self._buf_v):
+            tail = buf[:, :, base:self._len]
+            buf[:, :, slots] = tail[:, :, fresh_rows]
+            buf[:, :, base:base + len(keep_rows)] = tail[:, :, keep_rows]  # advanced indexing copies first
+        self._len = base + len(keep_rows)
+        self.keys = self._buf_k[..., : self._len, :]
+        self.values = self._buf_v[..., : self._len, :]
+
     def get_mask_sizes(self, query_length: int) -> tuple[int, int]:
         return self._len + query_length, 0
 
@@ -121,3 +131,11 @@ class SplicedCache(DynamicCache):
         layers = [SplicedLayer([p.keys[i] for p in pieces], [p.values[i] for p in pieces],
                                torch.device(device), reserve) for i in range(num_layers)]
         Cache.__init__(self, layers=layers)
+
+    def settle(self, base: int, slots: torch.Tensor, fresh_rows: torch.Tensor, keep_rows: torch.Tensor) -> None:
+        """After a fused recompute prefill: the tail's ``fresh_rows`` (recomputed tokens) overwrite
+        the stale KV at ``slots``; the tail keeps only ``keep_rows`` (the uncached tokens), in order.
+        Rows are counted from ``base``, the number of spliced tokens. Touches this cache's own
+        buffers only, never the module pieces it was assembled from."""
+        for layer in self.layers:
+            layer.settle(base, slots, fresh_rows, keep_rows)

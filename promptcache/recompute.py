@@ -24,13 +24,13 @@ Policies (strings, see :func:`parse_policy`):
   implementation does too).
 * ``full``: every cached token; equals one causal forward over the prompt at its layout positions.
 
-The recompute forward: queries are the chosen cached tokens plus the uncached prompt tokens that
-lie before the last chosen one (parameter arguments, ``cache="false"`` modules: without them a
-recomputed token could not see context it should), in position order; the past is the spliced KV
-with the chosen tokens removed. A query sees past tokens at strictly earlier positions and queries
-at earlier-or-equal positions. The chosen tokens' new KV is written into NEW tensors (stored module
-caches are never modified); the interleaved uncached tokens' KV is dropped, since the engine
-computes them again on top of the returned pieces (they then see exactly what they saw here).
+The recompute is fused into the prefill (:func:`prefill_with_recompute`): ONE forward whose queries
+are the chosen cached tokens and the uncached prompt tokens, in position order, over the spliced
+cache with the chosen tokens' stale KV masked out. A recomputed token sees every prompt token at an
+earlier position (uncached ones included: parameter arguments, ``cache="false"`` modules), an
+uncached token sees the recomputed KV; the result equals a separate recompute forward followed by
+the usual prefill, at the price of one forward. The fresh KV then overwrites the stale slots of
+this request's cache copy (stored module caches are never modified).
 """
 
 from __future__ import annotations
@@ -246,63 +246,76 @@ def choose(pc: "PromptCache", pieces: Sequence[ModuleKV], past_pos: torch.Tensor
 
 # ------------------------------------------------------------------ recompute
 
-def recompute(pc: "PromptCache", pieces: Sequence[ModuleKV], past_pos: torch.Tensor,
-              spans: Sequence[CachedSpan], selection: Selection,
-              computed: tuple[Sequence[int], Sequence[int]] | None = None) -> list[ModuleKV]:
-    """New per-span pieces where the selected tokens' KV is recomputed with the full context."""
-    if len(selection) == 0 and selection.fresh is None:
-        return list(pieces)
-    dev = pc.device
-    fresh = selection.fresh or []
-    # New per-request tensors: the check pass's fresh layers, copies of the spliced ones above them.
-    keys = [k for k, _ in fresh] + [torch.cat([p.keys[i].to(dev) for p in pieces], dim=1)
-                                    for i in range(len(fresh), pc.num_layers)]
-    values = [v for _, v in fresh] + [torch.cat([p.values[i].to(dev) for p in pieces], dim=1)
-                                      for i in range(len(fresh), pc.num_layers)]
-    sel = selection.indices.to(dev)
-    if len(sel):
-        n = int(past_pos.numel())
-        rest_mask = torch.ones(n, dtype=torch.bool, device=dev)
-        rest_mask[sel] = False
-        rest = rest_mask.nonzero().flatten()
-        rest_pos = past_pos.to(dev)[rest]
-        past = ModuleKV([k.index_select(1, rest) for k in keys], [v.index_select(1, rest) for v in values])
-        flat_ids = [t for s in spans for t in s.token_ids]
-        sel_list = selection.indices.tolist()
-        sel_pos = past_pos.cpu()[selection.indices].tolist()
-        other_ids, other_pos = _interleaved(past_pos, computed, max(sel_pos))
-        q_ids, q_list, where = _merge([flat_ids[i] for i in sel_list], sel_pos, other_ids, other_pos)
-        q_pos = torch.tensor(q_list, dtype=torch.long, device=dev)
-        visible = torch.cat([rest_pos[None, :] < q_pos[:, None], q_pos[None, :] <= q_pos[:, None]], dim=1)
-        cache = SplicedCache([past], pc.num_layers, dev)
-        set_key_positions(cache, rest_pos[None])
-        pc._forward(q_ids, q_pos, rest_pos, visible, cache, logits=False)
-        at = torch.tensor(where, dtype=torch.long, device=dev) + len(rest)
-        for i, layer in enumerate(cache.layers):
-            keys[i][:, sel] = layer.keys[0].index_select(1, at)
-            values[i][:, sel] = layer.values[0].index_select(1, at)
-    return [ModuleKV([k[:, s.offset:s.offset + s.length] for k in keys],
-                     [v[:, s.offset:s.offset + s.length] for v in values]) for s in spans]
+def with_fresh_layers(pieces: Sequence[ModuleKV], spans: Sequence[CachedSpan],
+                      fresh: Sequence[tuple[torch.Tensor, torch.Tensor]]) -> list[ModuleKV]:
+    """The pieces with layers ``0..len(fresh)-1`` taken from the check pass (views, no copy)."""
+    out = []
+    for piece, span in zip(pieces, spans):
+        cut = slice(span.offset, span.offset + span.length)
+        out.append(ModuleKV([k[:, cut] for k, _ in fresh] + piece.keys[len(fresh):],
+                            [v[:, cut] for _, v in fresh] + piece.values[len(fresh):]))
+    return out
 
 
-def apply_recompute(pc: "PromptCache", pieces: list[ModuleKV], past_pos: torch.Tensor,
-                    spans: list[CachedSpan], policy: str | RecomputePolicy,
-                    computed: tuple[Sequence[int], Sequence[int]] | None = None
-                    ) -> tuple[list[ModuleKV], int]:
-    """The engine's hook: returns new pieces (stored caches untouched) and the recomputed count.
+def prepare(pc: "PromptCache", pieces: list[ModuleKV], past_pos: torch.Tensor, spans: list[CachedSpan],
+            policy: str | RecomputePolicy, computed: tuple[Sequence[int], Sequence[int]] | None = None
+            ) -> tuple[list[ModuleKV], Selection]:
+    """Choose the tokens to recompute; returns the pieces to splice (check layers fresh) and them.
 
-    ``computed``: the request's uncached tokens ``(ids, positions)``; recomputed tokens attend to
-    those before them. The count is the number of cached tokens recomputed through every layer
-    (``deviation`` also refreshes layers ``0..CHECK_LAYER`` of all cached tokens; not counted).
+    Stored caches are never modified: fresh layers are new tensors, the rest are the same views.
     """
-    pol = parse_policy(policy)
-    if pol.kind == "none" or not pieces:
-        return list(pieces), 0
     if len(spans) != len(pieces) or sum(s.length for s in spans) != int(past_pos.numel()):
         raise ValueError(f"recompute: {len(pieces)} pieces, {len(spans)} spans and {past_pos.numel()} "
                          "positions do not describe the same cached tokens")
-    selection = choose(pc, pieces, past_pos, spans, pol, computed)
-    return recompute(pc, pieces, past_pos, spans, selection, computed), len(selection)
+    selection = choose(pc, pieces, past_pos, spans, policy, computed)
+    if selection.fresh is not None:
+        pieces = with_fresh_layers(pieces, spans, selection.fresh)
+    return list(pieces), selection
+
+
+def prefill_with_recompute(pc: "PromptCache", pieces: Sequence[ModuleKV], past_pos: torch.Tensor,
+                           spans: Sequence[CachedSpan], selection: Selection,
+                           computed_ids: Sequence[int], computed_pos: Sequence[int]
+                           ) -> tuple[torch.Tensor, SplicedCache]:
+    """ONE forward that recomputes the selected cached tokens and prefills the uncached ones.
+
+    Queries: the selected tokens and every uncached token, in position order. Past: the spliced
+    cache with the selected tokens' stale KV masked out. A query sees unselected past tokens at
+    strictly earlier positions and queries at earlier-or-equal positions, so a recomputed token sees
+    the full context before it and an uncached token sees the recomputed KV, exactly as a separate
+    recompute forward followed by the usual prefill would give, for the price of one forward. The
+    cache is then settled: the fresh KV overwrites the stale slots (this request's copy only) and the
+    uncached tokens stay appended in position order. When every cached token is selected (``full``)
+    nothing is spliced: the forward is a plain prefill of the whole prompt (the model's fast causal
+    path where the layout has no gaps). Returns the last uncached token's logits and the cache.
+    """
+    if not computed_ids:
+        raise ValueError("recompute needs at least one uncached prompt token to predict from")
+    dev = pc.device
+    n = int(past_pos.numel())
+    everything = len(selection) == n
+    cache = SplicedCache([] if everything else list(pieces), pc.num_layers, dev, pc.reserve_tokens)
+    sel = selection.indices.to(dev)
+    flat_ids = [t for s in spans for t in s.token_ids]
+    q_ids, q_list, where = _merge([flat_ids[i] for i in selection.indices.tolist()],
+                                  past_pos.cpu()[selection.indices].tolist(), list(computed_ids), list(computed_pos))
+    q_pos = torch.tensor(q_list, dtype=torch.long, device=dev)
+    past_pos = past_pos.to(dev)[:0] if everything else past_pos.to(dev)
+    stale = torch.zeros(len(past_pos), dtype=torch.bool, device=dev)
+    stale[sel[sel < len(past_pos)]] = True
+    visible = torch.cat([(past_pos[None, :] < q_pos[:, None]) & ~stale[None, :],
+                         q_pos[None, :] <= q_pos[:, None]], dim=1)
+    sel_rows = torch.tensor(where, dtype=torch.long, device=dev)
+    is_sel = torch.zeros(len(q_ids), dtype=torch.bool, device=dev)
+    is_sel[sel_rows] = True
+    comp_rows = (~is_sel).nonzero().flatten()
+    last = int(comp_rows[-1])
+    set_key_positions(cache, past_pos[None])
+    logits = pc._forward(q_ids, q_pos, past_pos, visible, cache, keep=len(q_ids) - last)
+    if not everything:  # ``everything``: the cache already holds every token once, positions recorded
+        cache.settle(n, sel, sel_rows, comp_rows)
+        set_key_positions(cache, torch.cat([past_pos, q_pos[comp_rows]])[None])
+    return logits, cache
 
 
 @torch.inference_mode()

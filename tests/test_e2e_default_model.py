@@ -8,7 +8,6 @@ import sys
 from pathlib import Path
 
 import pytest
-import torch
 
 from promptcache import PromptCache, load_model
 from test_roles_and_engine_api import CHAT_MESSAGES, CHAT_PROMPT, CHAT_SCHEMA, _template_ids

@@ -48,27 +48,36 @@ def anchor_logits(pc: PromptCache, prompt: str) -> torch.Tensor:
 
 
 @torch.inference_mode()
-def partial_oracle_logits(pc: PromptCache, prompt: str, chosen: torch.Tensor) -> torch.Tensor:
-    """The partial oracle (module docstring); ``chosen`` indexes the cached prompt tokens."""
+def partial_oracle_logits(pc: PromptCache, prompt: str, chosen: torch.Tensor,
+                          extra: list[int] | tuple[int, ...] = ()) -> torch.Tensor:
+    """The partial oracle (module docstring); ``chosen`` indexes the cached prompt tokens.
+
+    ``extra``: generated tokens appended after the prompt (they see what a computed token sees);
+    the logits are those of the last of them, or of the last prompt token.
+    """
     plan = pc.plan(prompt)
     n, pos = len(plan.token_ids), plan.position_ids
     rows = (plan.cached & plan.in_prompt).nonzero().flatten()[chosen]
-    m = len(rows)
+    m, e = len(rows), len(extra)
     is_chosen = torch.zeros(n, dtype=torch.bool)
     is_chosen[rows] = True
     comp = ~plan.cached
     cpos = pos[rows]
-    vis = torch.zeros(n + m, n + m, dtype=torch.bool)
+    epos = int(pos[comp].max()) + 1 + torch.arange(e)
+    vis = torch.zeros(n + m + e, n + m + e, dtype=torch.bool)
     vis[:n, :n] = plan.visible
     vis[:n, :n] &= ~(comp[:, None] & is_chosen[None, :])   # computed tokens see the copies instead
-    vis[:n, n:] = comp[:, None] & (cpos[None, :] < pos[:, None])
-    vis[n:, :n] = (plan.in_prompt & ~is_chosen)[None, :] & (pos[None, :] < cpos[:, None])
-    vis[n:, n:] = cpos[None, :] <= cpos[:, None]
-    ids = torch.cat([plan.token_ids, plan.token_ids[rows]])
-    all_pos = torch.cat([pos, cpos])
+    vis[:n, n:n + m] = comp[:, None] & (cpos[None, :] < pos[:, None])
+    vis[n:n + m, :n] = (plan.in_prompt & ~is_chosen)[None, :] & (pos[None, :] < cpos[:, None])
+    vis[n:n + m, n:n + m] = cpos[None, :] <= cpos[:, None]
+    vis[n + m:, :n] = (plan.in_prompt & ~is_chosen)[None, :]  # generated tokens: like computed ones
+    vis[n + m:, n:n + m] = True
+    vis[n + m:, n + m:] = torch.ones(e, e, dtype=torch.bool).tril()
+    ids = torch.cat([plan.token_ids, plan.token_ids[rows], torch.tensor(list(extra), dtype=torch.long)])
+    all_pos = torch.cat([pos, cpos, epos])
     mask = pc.adapter.attention_mask(vis, all_pos, all_pos, pc.dtype)
     out = pc.model(input_ids=ids[None], position_ids=all_pos[None], attention_mask=mask, use_cache=False)
-    last = int(torch.where(comp, pos, -1).argmax())
+    last = n + m + e - 1 if e else int(torch.where(comp, pos, -1).argmax())
     return out.logits[0, last].float()
 
 
@@ -176,6 +185,26 @@ def test_boundary_equals_partial_oracle(family, k):
     # the oracle is sharp: the spliced logits (nothing recomputed) are far from it
     sel = select_tokens(pc, MULTI, f"boundary:{k}")
     assert maxdiff(pc.next_token_logits(MULTI), partial_oracle_logits(pc, MULTI, sel.indices)) > 1e-3
+
+
+@pytest.mark.parametrize("family", ["llama", "falcon-alibi"])
+def test_decoding_after_recompute_matches_partial_oracle(family):
+    """The fused prefill leaves a cache whose later decode steps see the recomputed KV only."""
+    pc = deep_cache(family, layers=3)
+    pc.add_schema(FULL_SCHEMA)
+    policy = "boundary:2"
+    chosen = select_tokens(pc, MULTI, policy).indices
+    state, request = pc._request(MULTI)
+    generated: list[int] = []
+    with torch.inference_mode():
+        logits, cache, next_pos, recomputed = pc._prefill_cached(state, request, policy)
+        assert recomputed == len(chosen) > 0
+        for step in range(3):
+            generated.append(int(logits.argmax()))
+            logits = pc._decode_step(generated[-1], next_pos + step, cache)
+            want = partial_oracle_logits(pc, MULTI, chosen, generated)
+            assert maxdiff(logits.float(), want) <= TOL, f"{family} step {step}"
+        assert cache.get_seq_length() == request.num_cached + len(request.computed_ids) + 3
 
 
 def test_none_leaves_logits_unchanged():

@@ -19,7 +19,6 @@ import warnings
 from pathlib import Path
 
 import pytest
-import torch
 
 from promptcache.store import StoreWarning, open_store
 

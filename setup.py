@@ -22,7 +22,7 @@ setup(
         "numpy>=1.26",
     ],
     extras_require={
-        "redis": ["redis>=5.0"],
+        "redis": ["redis>=5.0", "hiredis>=2.0"],
         "eval": ["rouge-score>=0.1.2", "rapidfuzz>=3.0", "matplotlib>=3.7"],
         "test": ["pytest>=8.0", "hypothesis>=6.100"],
     },

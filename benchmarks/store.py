@@ -27,7 +27,6 @@ import argparse
 import csv
 import json
 import os
-import shutil
 import statistics
 import sys
 import tempfile
@@ -42,7 +41,7 @@ sys.path.insert(0, str(ROOT / "benchmarks"))
 
 from promptcache import PromptCache, load_model  # noqa: E402
 from promptcache.store import CacheEntry, open_store  # noqa: E402
-from store_io import drop_page_cache, start_redis  # noqa: E402
+from store_io import close_all, drop_page_cache, start_redis  # noqa: E402
 from ttft import doc_case  # noqa: E402
 
 
@@ -158,12 +157,7 @@ def main(argv=None) -> int:
             print(f"  {n} tokens: encode {r['encode_ms']:.0f} ms, dir {r['dir_ms']:.1f} ms"
                   + (f", redis {r['redis_ms']:.1f} ms" if "redis_ms" in r else ""), flush=True)
     finally:
-        for store in stores.values():
-            store.close()
-        if server:
-            server[0].terminate()
-            server[0].wait()
-        shutil.rmtree(tmp, ignore_errors=True)
+        close_all(stores, server, tmp)
     load_after = os.getloadavg()
     print()
     print_table(rows)

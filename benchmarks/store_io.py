@@ -97,6 +97,16 @@ def start_redis(workdir: Path) -> tuple[subprocess.Popen, str] | None:
     return None
 
 
+def close_all(stores, server: tuple[subprocess.Popen, str] | None, tmp: Path) -> None:
+    """Close the stores, stop the throw-away redis-server, remove the scratch folder."""
+    for store in stores.values():
+        store.close()
+    if server:
+        server[0].terminate()
+        server[0].wait()
+    shutil.rmtree(tmp, ignore_errors=True)
+
+
 def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("--tokens", default="512,1024,2048,4096,8192")
@@ -143,12 +153,7 @@ def main(argv: list[str] | None = None) -> int:
             results.append(row)
             print_row(row)
     finally:
-        for store in stores.values():
-            store.close()
-        if server:
-            server[0].terminate()
-            server[0].wait()
-        shutil.rmtree(tmp, ignore_errors=True)
+        close_all(stores, server, tmp)
     print_summary(results)
     if args.json:
         Path(args.json).write_text(json.dumps(results, indent=1))

@@ -125,6 +125,18 @@ ACCURACY_COLUMNS = [
 ]
 
 
+def _pooled_columns(records: Sequence[Row]) -> Row:
+    """The sample-level accuracy columns, pooled over ``records``."""
+    return {
+        "identical_pct": 100 * _mean([float(r["identical"]) for r in records]),
+        "mean_first_token_kl": _mean([r["first_token_kl"] for r in records]),
+        "ttft_ms_baseline": median([r["ttft_ms_baseline"] for r in records]),
+        "ttft_ms_cached": median([r["ttft_ms_cached"] for r in records]),
+        "recompute_ratio": _ratio(sum(r.get("recomputed_tokens", 0) for r in records),
+                                  sum(r["cached_tokens"] for r in records)),
+    }
+
+
 def _accuracy_row(task: str, records: Sequence[Row]) -> Row:
     answers = [r["answers"] for r in records]
     classes = [r.get("all_classes") for r in records]
@@ -133,12 +145,7 @@ def _accuracy_row(task: str, records: Sequence[Row]) -> Row:
     return {
         "task": task, "n": len(records), "score_baseline": base, "score_cached": cached,
         "delta": round(cached - base, 2),
-        "identical_pct": 100 * _mean([float(r["identical"]) for r in records]),
-        "mean_first_token_kl": _mean([r["first_token_kl"] for r in records]),
-        "ttft_ms_baseline": median([r["ttft_ms_baseline"] for r in records]),
-        "ttft_ms_cached": median([r["ttft_ms_cached"] for r in records]),
-        "recompute_ratio": _ratio(sum(r.get("recomputed_tokens", 0) for r in records),
-                                  sum(r["cached_tokens"] for r in records)),
+        **_pooled_columns(records),
     }
 
 
@@ -149,12 +156,7 @@ def _average_row(rows: Sequence[Row], records: Sequence[Row]) -> Row:
     return {
         "task": ALL_ROW, "n": len(records), "score_baseline": round(base, 2), "score_cached": round(cached, 2),
         "delta": round(cached - base, 2),
-        "identical_pct": 100 * _mean([float(r["identical"]) for r in records]),
-        "mean_first_token_kl": _mean([r["first_token_kl"] for r in records]),
-        "ttft_ms_baseline": median([r["ttft_ms_baseline"] for r in records]),
-        "ttft_ms_cached": median([r["ttft_ms_cached"] for r in records]),
-        "recompute_ratio": _ratio(sum(r.get("recomputed_tokens", 0) for r in records),
-                                  sum(r["cached_tokens"] for r in records)),
+        **_pooled_columns(records),
     }
 
 

@@ -21,6 +21,14 @@ MASK_4D_IMPLEMENTATIONS = ("eager", "sdpa")
 
 Roles = dict[str, Any]  # {"system": (open, close), "user": ..., "assistant": ..., "generation": str}
 
+# "System: ..." lines, for base models without a chat template (Falcon, MPT).
+PLAIN_ROLES: Roles = {
+    "system": ("System: ", "\n"),
+    "user": ("User: ", "\n"),
+    "assistant": ("Assistant: ", "\n"),
+    "generation": "Assistant:",
+}
+
 
 class UnsupportedModelError(ValueError):
     """The model's family has no adapter; the message names the supported families."""

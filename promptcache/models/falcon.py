@@ -23,7 +23,7 @@ from transformers import PreTrainedModel
 from transformers.models.falcon.modeling_falcon import FalconAttention, FalconFlashAttention2
 
 from . import alibi
-from .base import ModelAdapter, Roles
+from .base import PLAIN_ROLES, ModelAdapter, Roles
 
 
 class FalconAdapter(ModelAdapter):
@@ -58,9 +58,4 @@ class FalconAdapter(ModelAdapter):
             alibi.install_falcon(model)
 
     def fallback_roles(self) -> Roles:
-        return {
-            "system": ("System: ", "\n"),
-            "user": ("User: ", "\n"),
-            "assistant": ("Assistant: ", "\n"),
-            "generation": "Assistant:",
-        }
+        return dict(PLAIN_ROLES)

@@ -14,7 +14,7 @@ from __future__ import annotations
 from transformers import PreTrainedModel
 
 from . import alibi
-from .base import ModelAdapter, Roles
+from .base import PLAIN_ROLES, ModelAdapter, Roles
 
 
 class MptAdapter(ModelAdapter):
@@ -41,9 +41,4 @@ class MptAdapter(ModelAdapter):
         alibi.install_mpt(model)
 
     def fallback_roles(self) -> Roles:
-        return {
-            "system": ("System: ", "\n"),
-            "user": ("User: ", "\n"),
-            "assistant": ("Assistant: ", "\n"),
-            "generation": "Assistant:",
-        }
+        return dict(PLAIN_ROLES)

@@ -143,8 +143,8 @@ def evaluate_sample(pc, prepared: runner.PreparedSample, policies: list[str]) ->
 def write_summaries(records: list[dict], paths: dict[str, Path], args: argparse.Namespace,
                     policies: list[str], extra: dict) -> str:
     """Rebuild the tables from every record in the JSONL; returns the printed text."""
-    from eval.report import (ACCURACY_COLUMNS, SWEEP_COLUMNS, accuracy_summary, format_table,  # noqa: PLC0415
-                             split_by_policy, sweep_figure, sweep_summary)
+    from eval.report import (ACCURACY_COLUMNS, SWEEP_COLUMNS, VS_NONE_COLUMNS,  # noqa: PLC0415
+                             accuracy_summary, format_table, split_by_policy, sweep_figure, sweep_summary)
 
     mode = f"{args.model}, {args.encoding}{', split passages' if args.split_passages else ''}"
     if args.recompute_sweep is None:
@@ -162,8 +162,9 @@ def write_summaries(records: list[dict], paths: dict[str, Path], args: argparse.
         text = f"{title}\n{format_table(overall, SWEEP_COLUMNS)}"
         md = f"### {title}\n\n{format_table(overall, SWEEP_COLUMNS, markdown=True)}\n"
         for policy, rows in per_task.items():
-            text += f"\n\nrecompute {policy}\n{format_table(rows, ACCURACY_COLUMNS)}"
-            md += f"\n#### recompute {policy}\n\n{format_table(rows, ACCURACY_COLUMNS, markdown=True)}\n"
+            text += f"\n\nrecompute {policy}\n{format_table(rows, ACCURACY_COLUMNS + VS_NONE_COLUMNS)}"
+            md += (f"\n#### recompute {policy}\n\n"
+                   f"{format_table(rows, ACCURACY_COLUMNS + VS_NONE_COLUMNS, markdown=True)}\n")
         summary = {"kind": "recompute_sweep", "policies": present, "rows": overall, "per_task": per_task}
         if overall:
             runner.save_figure_atomic(sweep_figure(overall, title), paths["plot"])

@@ -32,15 +32,15 @@ def _cell(value: Any) -> str:
             return "-"
         if value != 0 and abs(value) < 0.01:
             return f"{value:.2e}"
-        return f"{value:.2f}"
+        return f"{value:.3f}" if abs(value) < 1 else f"{value:.2f}"
     return str(value)
 
 
 def format_table(rows: Sequence[Row], columns: Sequence[tuple[str, str]], markdown: bool = False) -> str:
     """Render ``rows`` (dicts) as a fixed-width text table or a Markdown table.
 
-    ``columns``: (key, header) pairs. Numbers are right-aligned, floats shown with 2 decimals
-    (scientific notation below 0.01, so a tiny KL does not print as 0.00).
+    ``columns``: (key, header) pairs. Numbers are right-aligned, floats shown with 2 decimals, 3
+    below 1 and scientific notation below 0.01 (so a small KL keeps its digits).
     """
     headers = [header for _, header in columns]
     cells = [[_cell(row.get(key)) for key, _ in columns] for row in rows]
@@ -172,12 +172,18 @@ def accuracy_summary(records: Sequence[Row]) -> list[Row]:
     return rows
 
 
+# Each policy against ``none`` on the same samples: the selective-recompute issue's three targets.
+VS_NONE_COLUMNS = [
+    ("kl_gap_recovered_pct", "KL gap recovered %"), ("ttft_vs_none", "TTFT / none"),
+    ("baseline_vs_ttft", "TTFT base / cached"),
+]
+
 SWEEP_COLUMNS = [
     ("policy", "policy"), ("n", "n"), ("recompute_ratio", "recomputed/cached"),
     ("score_baseline", "score base"), ("score_cached", "score cached"), ("delta", "delta"),
     ("identical_pct", "identical %"), ("mean_first_token_kl", "mean 1st-token KL"),
     ("ttft_ms_baseline", "TTFT base ms (med)"), ("ttft_ms_cached", "TTFT cached ms (med)"),
-]
+] + VS_NONE_COLUMNS
 
 
 def split_by_policy(records: Sequence[Row]) -> dict[str, list[Row]]:
@@ -199,10 +205,24 @@ def sweep_summary(records: Sequence[Row], policies: Sequence[str]) -> tuple[list
         recs = groups.get(policy)
         if not recs:
             continue
-        rows = accuracy_summary(recs)
-        per_task[policy] = rows
-        overall.append({"policy": policy, **{k: v for k, v in rows[-1].items() if k != "task"}})
+        per_task[policy] = accuracy_summary(recs)
+    none = {r["task"]: r for r in per_task.get("none", [])}
+    for policy, rows in per_task.items():
+        for row in rows:
+            _compare_with_none(row, none.get(row["task"]))
+        total = rows[-1] if len(rows) == 1 else next(r for r in rows if r["task"] == ALL_ROW)
+        overall.append({"policy": policy, **{k: v for k, v in total.items() if k != "task"}})
     return overall, per_task
+
+
+def _compare_with_none(row: Row, none: Row | None) -> None:
+    """Add the share of ``none``'s mean-KL gap to the baseline that ``row`` closes, and TTFT ratios."""
+    row["baseline_vs_ttft"] = _ratio(row["ttft_ms_baseline"], row["ttft_ms_cached"])
+    if none is None:
+        return
+    gap = none["mean_first_token_kl"]
+    row["kl_gap_recovered_pct"] = 100 * (1 - row["mean_first_token_kl"] / gap) if gap > 0 else float("nan")
+    row["ttft_vs_none"] = _ratio(row["ttft_ms_cached"], none["ttft_ms_cached"])
 
 
 # ---------------------------------------------------------------- plots
@@ -276,7 +296,8 @@ def sweep_figure(overall: Sequence[Row], title: str):
         if not math.isnan(base):
             ax.axvline(base, color="tab:red", linestyle="--", linewidth=1, label="baseline TTFT (median)")
             ax.legend(fontsize=7)
-        ax.set_xlabel("median cached TTFT (ms)")
+        ax.set_xscale("log")  # cheap policies bunch up near ``none`` on a linear axis
+        ax.set_xlabel("median cached TTFT (ms, log)")
         ax.set_ylabel(label)
         ax.grid(True, alpha=0.3)
     fig.suptitle(title)

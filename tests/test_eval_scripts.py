@@ -20,7 +20,7 @@ import torch
 from eval import runner
 from eval.data import available_tasks, default_data_dir, load_task
 from eval.metrics import score_sample, task_score
-from eval.report import ACCURACY_COLUMNS, format_table
+from eval.report import ACCURACY_COLUMNS, format_table, sweep_summary
 
 ROOT = Path(__file__).resolve().parents[1]
 DATA = default_data_dir()
@@ -334,6 +334,25 @@ def test_tables_render_text_and_markdown():
     assert "1.50e-09" in text and "3.14" in text and text.splitlines()[1].startswith("----")
     md = format_table(rows, cols, markdown=True)
     assert md.splitlines()[1] == "|:---|---:|---:|---:|---:|" and "a\\|b" in md
+
+
+def test_sweep_rows_compare_each_policy_with_none():
+    def rec(policy, sid, kl, ttft):
+        return {"id": sid, "dataset": "lcc", "recompute": policy, "answers": ["x"], "pred_cached": "x",
+                "pred_baseline": "x", "identical": True, "first_token_kl": kl, "ttft_ms_cached": ttft,
+                "ttft_ms_baseline": 1000.0, "cached_tokens": 100, "recomputed_tokens": 0}
+    records = [rec("none", "a", 0.4, 100.0), rec("none", "b", 0.2, 100.0),
+               rec("boundary:2", "a", 0.1, 120.0), rec("boundary:2", "b", 0.2, 120.0)]
+    overall, per_task = sweep_summary(records, ["none", "boundary:2"])
+    none, boundary = overall
+    assert none["kl_gap_recovered_pct"] == pytest.approx(0) and none["ttft_vs_none"] == pytest.approx(1)
+    assert boundary["kl_gap_recovered_pct"] == pytest.approx(50)   # mean KL 0.3 -> 0.15
+    assert boundary["ttft_vs_none"] == pytest.approx(1.2)
+    assert boundary["baseline_vs_ttft"] == pytest.approx(1000 / 120)
+    assert per_task["boundary:2"][0]["kl_gap_recovered_pct"] == pytest.approx(50)
+    # without a ``none`` run there is nothing to compare with
+    alone, _ = sweep_summary(records[2:], ["boundary:2"])
+    assert "kl_gap_recovered_pct" not in alone[0] and alone[0]["baseline_vs_ttft"] == pytest.approx(1000 / 120)
 
 
 @pytest.fixture(scope="module")

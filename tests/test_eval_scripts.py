@@ -208,14 +208,25 @@ def test_recompute_sweep_writes_its_outputs(tmp_path):
 # ---------------------------------------------------------------- clean failures (no model loaded)
 
 
+@pytest.fixture
+def tiny_data(tmp_path_factory) -> Path:
+    """A data folder with one made-up lcc sample: these checks must not need longbench-mini."""
+    folder = tmp_path_factory.mktemp("tiny_data")
+    row = {"_id": "t0", "input": "", "context": "def add(a, b):\n    return a + b\n", "answers": ["pass"],
+           "all_classes": None, "length": 8}
+    (folder / "lcc.jsonl").write_text(json.dumps(row) + "\n")
+    return folder
+
+
 @pytest.mark.parametrize("script", ["eval.py", "eval_acc.py"])
-def test_refuses_to_overwrite(script, tmp_path):
+def test_refuses_to_overwrite(script, tmp_path, tiny_data):
     out = tmp_path / "out.jsonl"
     out.write_text("precious\n")
     if script == "eval_acc.py":  # an existing JSONL is resumed; its summary is what must not be replaced
         out = tmp_path / "fresh.jsonl"
         runner.derived_path(out, ".summary.md").write_text("precious\n")
-    proc = run_script(script, "--dataset", "lcc", "--output", str(out), *FAST, timeout=120)
+    proc = run_script(script, "--dataset", "lcc", "--output", str(out), *FAST, "--data-dir", str(tiny_data),
+                      timeout=120)
     assert_clean_error(proc, "output exists", "--overwrite")
     assert all(p.read_text() == "precious\n" for p in tmp_path.iterdir())
 
@@ -229,11 +240,9 @@ def test_refuses_to_overwrite(script, tmp_path):
     (["--dataset", "lcc", "--device", "quantum"], "bad --device"),
     (["--dataset", "lcc", "--max-length", "9000"], "exceeds the model's window"),
 ])
-def test_user_errors_exit_2_without_traceback(script, args, message, tmp_path):
+def test_user_errors_exit_2_without_traceback(script, args, message, tmp_path, tiny_data):
     if "--data-dir" not in args:
-        args = [*args, "--data-dir", str(DATA)]
-    if "samsum" in args and (DATA / "samsum.jsonl").exists():
-        pytest.skip("samsum.jsonl exists in the data dir")
+        args = [*args, "--data-dir", str(tiny_data)]
     proc = run_script(script, *args, "--output", str(tmp_path / "o.jsonl"), timeout=120)
     assert_clean_error(proc, message)
     assert not (tmp_path / "o.jsonl").exists()
@@ -244,10 +253,10 @@ def test_bad_recompute_policy_is_a_clean_error(tmp_path):
     assert_clean_error(proc, "bogus:3")
 
 
-def test_resume_refuses_a_foreign_file(tmp_path):
+def test_resume_refuses_a_foreign_file(tmp_path, tiny_data):
     out = tmp_path / "o.jsonl"
     out.write_text('{"hello": 1}\nnot json\n{"x": 2}\n')
-    proc = run_script("eval_acc.py", "--dataset", "lcc", "--data-dir", str(DATA), "--output", str(out))
+    proc = run_script("eval_acc.py", "--dataset", "lcc", "--data-dir", str(tiny_data), "--output", str(out))
     assert_clean_error(proc, "o.jsonl:2")
 
 

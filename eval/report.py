@@ -210,8 +210,7 @@ def sweep_summary(records: Sequence[Row], policies: Sequence[str]) -> tuple[list
     for policy, rows in per_task.items():
         for row in rows:
             _compare_with_none(row, none.get(row["task"]))
-        total = rows[-1] if len(rows) == 1 else next(r for r in rows if r["task"] == ALL_ROW)
-        overall.append({"policy": policy, **{k: v for k, v in total.items() if k != "task"}})
+        overall.append({"policy": policy, **{k: v for k, v in rows[-1].items() if k != "task"}})  # the "all" row
     return overall, per_task
 
 

@@ -32,6 +32,7 @@ from .pml.layout import Layout, build_layout
 from .pml.model import Prompt, Schema
 from .pml.parser import load_prompt, load_schema, parse_prompt, parse_schema
 from .prefix.engine_glue import PrefixRunner, is_pml_prompt
+from .recompute import cached_spans, parse_policy, prefill_with_recompute, prepare
 from .relocate import relocation_for
 from .roles import ChatRenderer
 from .tiers import SchemaKV, TieredModuleCache
@@ -140,8 +141,6 @@ class PromptCache:
         self.encoding = encoding
         self.placement = placement
         self.reserve_tokens = reserve_tokens
-        from .recompute import parse_policy
-
         parse_policy(recompute)  # a bad policy string fails here, not at the first request
         self.recompute = recompute
         self.progress = progress
@@ -396,15 +395,10 @@ class PromptCache:
         pieces = [kv[i].slice(n) if n < kv[i].length else kv[i] for i, n in request.cached_spans]
         past_pos = (torch.cat([state.positions[i][:n] for i, n in request.cached_spans])
                     if request.cached_spans else torch.zeros(0, dtype=torch.long, device=self.device))
-        policy = self.recompute if recompute is None else recompute
-        if policy != "none" and request.cached_spans:
-            from .recompute import CachedSpan, prefill_with_recompute, prepare
-
-            segs = state.layout.segments
-            spans, at = [], 0
-            for i, n in request.cached_spans:
-                spans.append(CachedSpan(segs[i].owner, at, n, segs[i].tokens[:n]))
-                at += n
+        # Parsed first: a bad override fails even when nothing is cached.
+        policy = parse_policy(self.recompute if recompute is None else recompute)
+        if policy.kind != "none" and request.cached_spans:
+            spans = cached_spans(state.layout.segments, request.cached_spans)
             # The uncached tokens go along: a recomputed token must see those before it.
             pieces, selection = prepare(self, pieces, past_pos, spans, policy,
                                         (request.computed_ids, request.computed_pos))
@@ -412,10 +406,6 @@ class PromptCache:
                 logits, cache = prefill_with_recompute(self, pieces, past_pos, spans, selection,
                                                        request.computed_ids, request.computed_pos)
                 return logits, cache, max(request.computed_pos) + 1, len(selection)
-        else:
-            from .recompute import parse_policy
-
-            parse_policy(policy)  # a bad override fails even when nothing is cached
         cache = SplicedCache(pieces, self.num_layers, self.device, self.reserve_tokens)
         q_pos = torch.tensor(request.computed_pos, dtype=torch.long, device=self.device)
         visible = torch.cat([past_pos[None, :] < q_pos[:, None], q_pos[None, :] <= q_pos[:, None]], dim=1)

@@ -63,6 +63,15 @@ class CachedSpan:
     token_ids: Sequence[int]
 
 
+def cached_spans(segments: Sequence, spans: Sequence[tuple[int, int]]) -> list[CachedSpan]:
+    """The request's cached spans ``(segment index, tokens used)`` laid end to end, with owners."""
+    out, at = [], 0
+    for i, n in spans:
+        out.append(CachedSpan(segments[i].owner, at, n, segments[i].tokens[:n]))
+        at += n
+    return out
+
+
 @dataclass(frozen=True)
 class RecomputePolicy:
     """A parsed policy string."""
@@ -330,8 +339,5 @@ def select_tokens(pc: "PromptCache", prompt, policy: str | RecomputePolicy) -> S
     if not pieces:
         return choose(pc, [], torch.zeros(0, dtype=torch.long), [], policy)
     past_pos = torch.cat([state.positions[i][:n] for i, n in request.cached_spans])
-    spans, at = [], 0
-    for i, n in request.cached_spans:
-        spans.append(CachedSpan(segs[i].owner, at, n, segs[i].tokens[:n]))
-        at += n
-    return choose(pc, pieces, past_pos, spans, policy, (request.computed_ids, request.computed_pos))
+    return choose(pc, pieces, past_pos, cached_spans(segs, request.cached_spans), policy,
+                  (request.computed_ids, request.computed_pos))

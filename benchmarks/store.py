@@ -42,7 +42,7 @@ sys.path.insert(0, str(ROOT / "benchmarks"))
 from promptcache import PromptCache, load_model  # noqa: E402
 from promptcache.store import CacheEntry, open_store  # noqa: E402
 from store_io import close_all, drop_page_cache, start_redis  # noqa: E402
-from ttft import doc_case  # noqa: E402
+from ttft import doc_case, print_table  # noqa: E402
 
 
 def parse_args(argv=None) -> argparse.Namespace:
@@ -119,16 +119,6 @@ COLUMNS = [("tokens", "tokens", "{}"), ("MB", "mb", "{:.0f}"), ("encode ms", "en
            ("redis write ms", "redis_write_ms", "{:.0f}")]
 
 
-def print_table(rows: list[dict]) -> None:
-    cols = [c for c in COLUMNS if c[1] in rows[0]]
-    cells = [[h for h, _, _ in cols]] + [[f.format(r[k]) for _, k, f in cols] for r in rows]
-    widths = [max(len(row[i]) for row in cells) for i in range(len(cols))]
-    for j, row in enumerate(cells):
-        print("  ".join(c.rjust(w) for c, w in zip(row, widths)))
-        if j == 0:
-            print("  ".join("-" * w for w in widths))
-
-
 def main(argv=None) -> int:
     args = parse_args(argv)
     if args.threads:
@@ -160,7 +150,7 @@ def main(argv=None) -> int:
         close_all(stores, server, tmp)
     load_after = os.getloadavg()
     print()
-    print_table(rows)
+    print_table(rows, [c for c in COLUMNS if c[1] in rows[0]])
     print(f"\nload average at the end: {load_after[0]:.2f} / {load_after[1]:.2f} / {load_after[2]:.2f}")
     out = Path(args.out)
     out.parent.mkdir(parents=True, exist_ok=True)

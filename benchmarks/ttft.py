@@ -192,12 +192,15 @@ def measure(pcs: dict[str, PromptCache], schema: str, prompt: str, repeats: int)
     return row
 
 
-def print_table(rows: list[dict]) -> None:
-    cols = [("case", "case", "{}"), ("prompt", "prompt_tokens", "{}"), ("computed", "computed_tokens", "{}"),
-            ("(a) base ms", "a_baseline_ms", "{:.1f}"), ("(b) prefix ms", "b_prefix_reuse_ms", "{:.1f}"),
-            ("(c) scaffold ms", "c_scaffold_ms", "{:.1f}"), ("(d) indep ms", "d_independent_ms", "{:.1f}"),
-            ("(e) floor ms", "e_floor_ms", "{:.1f}"), ("a/c", "speedup_a_over_c", "{:.1f}x"),
-            ("c/e", "c_over_floor", "{:.2f}"), ("b/c", "b_over_c", "{:.2f}")]
+TTFT_COLUMNS = [("case", "case", "{}"), ("prompt", "prompt_tokens", "{}"), ("computed", "computed_tokens", "{}"),
+                ("(a) base ms", "a_baseline_ms", "{:.1f}"), ("(b) prefix ms", "b_prefix_reuse_ms", "{:.1f}"),
+                ("(c) scaffold ms", "c_scaffold_ms", "{:.1f}"), ("(d) indep ms", "d_independent_ms", "{:.1f}"),
+                ("(e) floor ms", "e_floor_ms", "{:.1f}"), ("a/c", "speedup_a_over_c", "{:.1f}x"),
+                ("c/e", "c_over_floor", "{:.2f}"), ("b/c", "b_over_c", "{:.2f}")]
+
+
+def print_table(rows: list[dict], cols: list[tuple[str, str, str]] = TTFT_COLUMNS) -> None:
+    """Right-aligned columns ``(header, key, format)``, a rule under the header (the benchmarks' tables)."""
     cells = [[h for h, _, _ in cols]] + [[f.format(r[k]) for _, k, f in cols] for r in rows]
     widths = [max(len(row[i]) for row in cells) for i in range(len(cols))]
     for j, row in enumerate(cells):

@@ -343,3 +343,30 @@ def test_no_warnings_on_clean_use(store):
         store.get(_key())
         store.list()
         store.verify()
+
+
+# ---------------------------------------------------------------- Redis chunk layout (no server needed)
+
+def test_redis_chunks_hold_whole_tensors_when_sizes_match():
+    from promptcache.store.redis_store import aligned_chunk_bytes
+
+    assert aligned_chunk_bytes([600] * 10, 1000) == 600          # one tensor per chunk
+    assert aligned_chunk_bytes([300] * 10, 1000) == 900          # three per chunk
+    assert aligned_chunk_bytes([5000] * 4, 1000) == 5000         # larger than the target: its own chunk
+    assert aligned_chunk_bytes([300, 200], 1000) == 1000         # mixed sizes: the plain target
+    assert aligned_chunk_bytes([], 1000) == 1000
+
+
+@pytest.mark.parametrize("cut", [4, 12, 28, 1000])
+def test_redis_reader_rebuilds_tensors_whatever_the_chunk_boundaries(cut):
+    """Entries written with any chunk size (older ones were not aligned) read back exactly."""
+    import torch
+
+    from promptcache.store.redis_store import _ChunkedBytes
+
+    tensors = [torch.arange(6, dtype=torch.float32) + 10 * i for i in range(3)]
+    payload = b"".join(t.numpy().tobytes() for t in tensors)
+    data = _ChunkedBytes([payload[i:i + cut] for i in range(0, len(payload), cut)])
+    for i, t in enumerate(tensors):
+        got = data.tensor("float32", [2, 3], 24 * i, 24)
+        assert torch.equal(got, t.reshape(2, 3))

@@ -11,7 +11,11 @@ Redis caps a value at 512 MB, so payloads are chunked. The default chunk is 4 Mi
 the cap on purpose: with redis-py one GET of a 64 MiB value read at ~300 MB/s here while 4 MiB
 values read at ~450-550 MB/s, and a huge value blocks the single-threaded server for every other
 client while it is copied (``chunk_mb`` changes it; 90 round trips for an 8k-token float32
-entry cost little even over a network). Publishing is
+entry cost little even over a network). Chunks hold whole tensors where an entry's tensors are all
+the same size (every K and V of a module are): the chunk is the largest multiple of the tensor size
+up to ``chunk_mb``, or one tensor if it is larger, so a read wraps each tensor in the bytes it
+received instead of assembling a copy (the manifest records each entry's chunk size, so entries
+written with other sizes read the same way). Publishing is
 all-or-nothing: chunks are first written under a fresh version id with a *pending* TTL, then one
 MULTI/EXEC (guarded by WATCH on the manifest) sets the manifest, makes the chunks permanent (or
 gives them the entry TTL) and deletes the previous version's chunks. A reader therefore sees the
@@ -25,6 +29,7 @@ skipped writes, and the server is retried after ``retry_after`` seconds.
 
 from __future__ import annotations
 
+import bisect
 import json
 import logging
 import time
@@ -170,23 +175,22 @@ class RedisStore(CacheStore):
             if man.get("key") != key:
                 raise _Bad(f"manifest names key {man.get('key')!r}")
             total = int(man["nbytes"])
-            buf = bytearray(total)
-            pos = 0
+            chunks, size = [], 0
             for ck in self._chunk_keys(key, man):
                 chunk = self._r.get(ck)
                 if chunk is None:
                     if self._r.get(self._m(key)) != raw:
                         raise _Raced()
                     raise _Bad(f"chunk {ck} missing")
-                if pos + len(chunk) > total:
+                size += len(chunk)
+                if size > total:
                     raise _Bad("chunks longer than the manifest says")
-                buf[pos:pos + len(chunk)] = chunk
-                pos += len(chunk)
-            if pos != total:
-                raise _Bad(f"truncated data ({pos} of {total} bytes)")
-            named = {}
-            for name, dtype, shape, offset, nbytes in man["tensors"]:
-                named[name] = _tensor_from(buf, dtype, shape, int(offset), int(nbytes))
+                chunks.append(chunk)
+            if size != total:
+                raise _Bad(f"truncated data ({size} of {total} bytes)")
+            data = _ChunkedBytes(chunks)
+            named = {name: data.tensor(dtype, shape, int(offset), int(nbytes))
+                     for name, dtype, shape, offset, nbytes in man["tensors"]}
             reason = check_checksum(named, man["meta"], man["checksum"])
             if reason is not None:
                 raise _Bad(reason)
@@ -210,11 +214,12 @@ class RedisStore(CacheStore):
             layout.append([name, dtype_name(t.dtype), list(t.shape), offset, n])
             offset += n
         version = uuid.uuid4().hex
-        n_chunks = -(-offset // self.chunk_bytes)
+        chunk = aligned_chunk_bytes([n for *_, n in layout], self.chunk_bytes)
+        n_chunks = -(-offset // chunk)
         man = {"format": FORMAT_VERSION, "key": key, "version": version, "created": now(),
                "meta": e.meta, "checksum": entry_checksum(named, e.meta), "n_layers": e.n_layers,
                "seq_len": e.seq_len, "dtype": e.dtype, "nbytes": offset,
-               "chunk_bytes": self.chunk_bytes, "n_chunks": n_chunks, "tensors": layout}
+               "chunk_bytes": chunk, "n_chunks": n_chunks, "tensors": layout}
         ok = self._call(lambda: self._put(key, man, named), False)
         if ok:
             self.counters["puts"] += 1
@@ -223,7 +228,7 @@ class RedisStore(CacheStore):
     def _put(self, key: str, man: dict, named: dict[str, torch.Tensor]) -> bool:
         pending_ms = int(self.pending_ttl * 1000)
         chunk_keys = self._chunk_keys(key, man)
-        for ck, data in zip(chunk_keys, _chunks(named.values(), self.chunk_bytes)):
+        for ck, data in zip(chunk_keys, _chunks(named.values(), man["chunk_bytes"])):
             self._r.set(ck, data, px=pending_ms)
         payload = json.dumps(man, separators=(",", ":"))
         watch = self._redis.WatchError
@@ -405,19 +410,54 @@ def _chunks(tensors, size: int) -> Iterator[bytes | memoryview]:
         yield parts[0] if len(parts) == 1 else b"".join(parts)
 
 
-def _tensor_from(buf: bytearray, dtype: str, shape: list[int], offset: int, nbytes: int) -> torch.Tensor:
-    dt = getattr(torch, dtype, None)
-    if not isinstance(dt, torch.dtype):
-        raise _Bad(f"unknown dtype {dtype!r}")
-    count = 1
-    for s in shape:
-        count *= int(s)
-    itemsize = torch.empty((), dtype=dt).element_size()
-    if count * itemsize != nbytes or offset + nbytes > len(buf):
-        raise _Bad("tensor layout does not fit the data")
-    if count == 0:
-        return torch.empty(shape, dtype=dt)
-    return torch.frombuffer(buf, dtype=dt, count=count, offset=offset).reshape(shape)
+def aligned_chunk_bytes(sizes: list[int], target: int) -> int:
+    """A chunk size for tensors of byte ``sizes``: a whole number of them when they are all alike.
+
+    Then no tensor straddles two chunks and a read can wrap every tensor in place (no assembly
+    copy). A tensor larger than ``target`` gets a chunk of its own; mixed sizes keep ``target``.
+    """
+    if not sizes or len(set(sizes)) != 1 or sizes[0] == 0:
+        return target
+    return sizes[0] * max(1, target // sizes[0])
+
+
+class _ChunkedBytes:
+    """The payload as its chunks; tensors inside one chunk are wrapped without copying."""
+
+    def __init__(self, chunks: list[bytes]) -> None:
+        self.chunks = chunks
+        self.starts, at = [], 0
+        for c in chunks:
+            self.starts.append(at)
+            at += len(c)
+        self.total = at
+
+    def tensor(self, dtype: str, shape: list[int], offset: int, nbytes: int) -> torch.Tensor:
+        dt = getattr(torch, dtype, None)
+        if not isinstance(dt, torch.dtype):
+            raise _Bad(f"unknown dtype {dtype!r}")
+        count = 1
+        for s in shape:
+            count *= int(s)
+        if count * torch.empty((), dtype=dt).element_size() != nbytes or offset < 0 or offset + nbytes > self.total:
+            raise _Bad("tensor layout does not fit the data")
+        if count == 0:
+            return torch.empty(shape, dtype=dt)
+        i = bisect.bisect_right(self.starts, offset) - 1
+        start, chunk = self.starts[i], self.chunks[i]
+        if offset + nbytes <= start + len(chunk):
+            buf, at = chunk, offset - start
+        else:  # straddles chunks (entries written with mixed tensor sizes): assemble this tensor only
+            buf, at = bytearray(nbytes), 0
+            while at < nbytes:
+                piece = memoryview(self.chunks[i])[offset + at - self.starts[i]:][: nbytes - at]
+                buf[at:at + len(piece)] = piece
+                at += len(piece)
+                i += 1
+            at = 0
+        with warnings.catch_warnings():  # a bytes chunk is read-only; module caches are never written
+            warnings.filterwarnings("ignore", message="The given buffer is not writable")
+            return torch.frombuffer(buf, dtype=dt, count=count, offset=at).reshape(shape)
 
 
 def _glob_escape(s: str) -> str:

@@ -22,7 +22,6 @@ logits. Also checked per request: the first-token logits of both paths agree (ma
 from __future__ import annotations
 
 import argparse
-import csv
 import os
 import statistics
 import sys
@@ -199,12 +198,10 @@ def main(argv=None) -> int:
         tree_part(args)
     print(f"\nload average at the end {' '.join(f'{x:.2f}' for x in os.getloadavg())}")
     if rows:
+        from ttft import write_csv
+
         out = Path(args.out).with_suffix(".csv")
-        out.parent.mkdir(parents=True, exist_ok=True)
-        with open(out, "w", newline="") as f:
-            writer = csv.DictWriter(f, fieldnames=list(rows[0]))
-            writer.writeheader()
-            writer.writerows(rows)
+        write_csv(rows, out)
         print(f"wrote {out}")
     return 0
 

@@ -24,7 +24,6 @@ timed too. Medians of ``--repeats`` loads; the encode is timed ``--encode-repeat
 from __future__ import annotations
 
 import argparse
-import csv
 import json
 import os
 import statistics
@@ -42,7 +41,7 @@ sys.path.insert(0, str(ROOT / "benchmarks"))
 from promptcache import PromptCache, load_model  # noqa: E402
 from promptcache.store import CacheEntry, open_store  # noqa: E402
 from store_io import close_all, drop_page_cache, start_redis  # noqa: E402
-from ttft import doc_case, print_table  # noqa: E402
+from ttft import doc_case, print_table, write_csv  # noqa: E402
 
 
 def parse_args(argv=None) -> argparse.Namespace:
@@ -153,11 +152,7 @@ def main(argv=None) -> int:
     print_table(rows, [c for c in COLUMNS if c[1] in rows[0]])
     print(f"\nload average at the end: {load_after[0]:.2f} / {load_after[1]:.2f} / {load_after[2]:.2f}")
     out = Path(args.out)
-    out.parent.mkdir(parents=True, exist_ok=True)
-    with open(out.with_suffix(".csv"), "w", newline="") as f:
-        writer = csv.DictWriter(f, fieldnames=list(rows[0]))
-        writer.writeheader()
-        writer.writerows(rows)
+    write_csv(rows, out.with_suffix(".csv"))
     meta = {"model": args.model, "device": str(model.device), "dtype": str(model.dtype),
             "threads": torch.get_num_threads(), "load_average_before": load_before,
             "load_average_after": load_after, "cpus": os.cpu_count(), "argv": sys.argv[1:]}

@@ -209,6 +209,15 @@ def print_table(rows: list[dict], cols: list[tuple[str, str, str]] = TTFT_COLUMN
             print("  ".join("-" * w for w in widths))
 
 
+def write_csv(rows: list[dict], path: Path) -> None:
+    """One CSV row per dict (the first row's keys are the header), creating the folder."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    with open(path, "w", newline="") as f:
+        writer = csv.DictWriter(f, fieldnames=list(rows[0]))
+        writer.writeheader()
+        writer.writerows(rows)
+
+
 def plot(rows: list[dict], path: Path) -> None:
     import matplotlib
 
@@ -255,11 +264,7 @@ def main(argv=None) -> int:
     print()
     print_table(rows)
     out = Path(args.out)
-    out.parent.mkdir(parents=True, exist_ok=True)
-    with open(out.with_suffix(".csv"), "w", newline="") as f:
-        writer = csv.DictWriter(f, fieldnames=list(rows[0]))
-        writer.writeheader()
-        writer.writerows(rows)
+    write_csv(rows, out.with_suffix(".csv"))
     plot(rows, out.with_suffix(".png"))
     print(f"\nwrote {out.with_suffix('.csv')} and (with document cases) {out.with_suffix('.png')}")
     return 0

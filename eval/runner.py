@@ -499,7 +499,8 @@ def prepare_sample(task: str, sample: Sample, tokenizer, renderer, max_length: i
     return PreparedSample(
         task=spec.name, sample=sample, schema_xml=schema_xml, prompt_xml=prompt_xml,
         schema=schema_name(spec, sample.id), modules=len(module_texts(spec, context, split)),
-        prompt_tokens=total, context_tokens=len(full_ids), kept_context_tokens=ctx_tokens, truncated=truncated, max_length=max_length, max_new_tokens=max_new_tokens)
+        prompt_tokens=total, context_tokens=len(full_ids), kept_context_tokens=ctx_tokens,
+        truncated=truncated, max_length=max_length, max_new_tokens=max_new_tokens)
 
 
 @contextlib.contextmanager

@@ -311,7 +311,8 @@ def prefill_with_recompute(pc: "PromptCache", pieces: Sequence[ModuleKV], past_p
     q_pos = torch.tensor(q_list, dtype=torch.long, device=dev)
     past_pos = past_pos.to(dev)[:0] if everything else past_pos.to(dev)
     stale = torch.zeros(len(past_pos), dtype=torch.bool, device=dev)
-    stale[sel[sel < len(past_pos)]] = True
+    if not everything:
+        stale[sel] = True
     visible = torch.cat([(past_pos[None, :] < q_pos[:, None]) & ~stale[None, :],
                          q_pos[None, :] <= q_pos[:, None]], dim=1)
     sel_rows = torch.tensor(where, dtype=torch.long, device=dev)

@@ -30,8 +30,10 @@ skipped writes, and the server is retried after ``retry_after`` seconds.
 from __future__ import annotations
 
 import bisect
+import itertools
 import json
 import logging
+import math
 import time
 import uuid
 import warnings
@@ -426,35 +428,29 @@ class _ChunkedBytes:
 
     def __init__(self, chunks: list[bytes]) -> None:
         self.chunks = chunks
-        self.starts, at = [], 0
-        for c in chunks:
-            self.starts.append(at)
-            at += len(c)
-        self.total = at
+        self.starts = [0, *itertools.accumulate(len(c) for c in chunks)][:-1]
+        self.total = sum(len(c) for c in chunks)
 
     def tensor(self, dtype: str, shape: list[int], offset: int, nbytes: int) -> torch.Tensor:
         dt = getattr(torch, dtype, None)
         if not isinstance(dt, torch.dtype):
             raise _Bad(f"unknown dtype {dtype!r}")
-        count = 1
-        for s in shape:
-            count *= int(s)
+        count = math.prod(int(s) for s in shape)
         if count * torch.empty((), dtype=dt).element_size() != nbytes or offset < 0 or offset + nbytes > self.total:
             raise _Bad("tensor layout does not fit the data")
         if count == 0:
             return torch.empty(shape, dtype=dt)
         i = bisect.bisect_right(self.starts, offset) - 1
-        start, chunk = self.starts[i], self.chunks[i]
-        if offset + nbytes <= start + len(chunk):
-            buf, at = chunk, offset - start
+        if offset + nbytes <= self.starts[i] + len(self.chunks[i]):
+            buf, at = self.chunks[i], offset - self.starts[i]
         else:  # straddles chunks (entries written with mixed tensor sizes): assemble this tensor only
             buf, at = bytearray(nbytes), 0
-            while at < nbytes:
-                piece = memoryview(self.chunks[i])[offset + at - self.starts[i]:][: nbytes - at]
-                buf[at:at + len(piece)] = piece
-                at += len(piece)
+            filled = 0
+            while filled < nbytes:
+                piece = memoryview(self.chunks[i])[offset + filled - self.starts[i]:][: nbytes - filled]
+                buf[filled:filled + len(piece)] = piece
+                filled += len(piece)
                 i += 1
-            at = 0
         with warnings.catch_warnings():  # a bytes chunk is read-only; module caches are never written
             warnings.filterwarnings("ignore", message="The given buffer is not writable")
             return torch.frombuffer(buf, dtype=dt, count=count, offset=at).reshape(shape)

@@ -16,8 +16,8 @@ import importlib
 __version__ = "0.1.0"
 
 _EXPORTS = {
-    "PromptCache": "engine", "GenerationResult": "engine", "EncodeReport": "engine",
-    "oracle_forward": "engine", "Plan": "plan", "load_model": "loading", "load_tokenizer": "loading",
+    "PromptCache": "engine", "GenerationResult": "results", "EncodeReport": "results",
+    "oracle_forward": "runtime.runner", "Plan": "plan", "load_model": "loading", "load_tokenizer": "loading",
     "ModelLoadError": "loading", "PMLError": "pml.errors", "PMLSyntaxError": "pml.errors",
     "PromptError": "pml.errors", "SchemaError": "pml.errors",
 }

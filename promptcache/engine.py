@@ -1,96 +1,45 @@
-"""The Prompt Cache engine: encode module caches once, splice them per request, generate.
+"""The Prompt Cache engine: a facade over schemas, the module encoder and the model runner.
 
-Public surface: :class:`PromptCache` (``add_schema``, ``remove_schema``, ``plan``,
-``next_token_logits``, ``generate``, ``memory_report``, ``prefix_stats``) and :class:`GenerationResult`.
-The rules for who attends to whom live in :mod:`promptcache.plan`; this module only runs forwards.
-Plain-text and chat prompts (no PML) go to automatic prefix caching, :mod:`promptcache.prefix.engine_glue`.
-Module caches are keyed by content and held in device/host tiers over an optional persistent store
-(``store_report``; :mod:`promptcache.tiers`, :mod:`promptcache.module_keys`, docs/store.md).
+Public surface: :class:`PromptCache` (``add_schema``, ``remove_schema``, ``plan``, ``request``,
+``next_token_logits``, ``generate``, ``memory_report``, ``prefix_stats``) and the results
+(:mod:`promptcache.results`). A prompt goes one of two ways:
+
+* PML: parsed and bound against its schema, turned into a request (:func:`promptcache.plan.make_request`);
+  the request's modules come from :class:`~promptcache.modules.encoder.ModuleEncoder` (tiers, store,
+  or re-encoded), optionally some are recomputed (:mod:`promptcache.recompute`), and the
+  :class:`~promptcache.runtime.runner.ModelRunner` prefills the rest and decodes;
+* plain text or chat messages: :class:`~promptcache.prefix.runner.PrefixRunner` (prefix caching).
+
+The rules for who attends to whom live in :mod:`promptcache.plan`; forwards only in the runner.
 """
 
 from __future__ import annotations
 
 import os
 import time
-from dataclasses import dataclass, field
 from typing import Callable
 
 import torch
-from tqdm.auto import tqdm
 
-from .generation import SamplingOptions, StopChecker, TokenChooser, eos_token_ids
-from .kvcache import ModuleKV, SplicedCache
 from .models import adapter_for
-from .models.positions import past_key_positions, set_key_positions
-from .module_keys import ModuleKey, module_keys
-from .partial_encode import forwards_needed
-from .plan import (POLICIES, Plan, Request, build_plan, encode_groups, encoding_contexts,
-                   make_request, stored_segments)
+from .modules.encoder import ModuleEncoder, SchemaState
+from .modules.relocate import relocation_for
+from .modules.tiers import TieredModuleCache
+from .plan import POLICIES, Plan, Request, build_plan, encoding_contexts, make_request
 from .pml.binding import bind
 from .pml.errors import PromptError
 from .pml.layout import Layout, build_layout
 from .pml.model import Prompt, Schema
 from .pml.parser import load_prompt, load_schema, parse_prompt, parse_schema
-from .prefix.engine_glue import PrefixRunner, is_pml_prompt
-from .recompute import cached_spans, parse_policy, prefill_with_recompute, prepare
-from .relocate import relocation_for
+from .prefix.runner import PrefixRunner, is_pml_prompt
+from .recompute import Selection, cached_spans, choose, parse_policy, prefill_with_recompute, prepare
+from .results import EncodeReport, GenerationResult
 from .roles import ChatRenderer
-from .tiers import SchemaKV, TieredModuleCache
+from .runtime.kv import ModuleKV, SplicedCache
+from .runtime.runner import ModelRunner, oracle_forward
+from .runtime.sampling import SamplingOptions, eos_token_ids
 
-
-@dataclass
-class GenerationResult:
-    """What one ``generate`` call produced, and what it cost.
-
-    ``ttft_s`` runs from the call (the prompt PML text not yet parsed) to the first token's logits,
-    including parsing, cache assembly and host-to-device copies, with CUDA synchronised.
-    """
-
-    text: str
-    token_ids: list[int]
-    ttft_s: float
-    total_s: float
-    prompt_tokens: int
-    cached_tokens: int
-    computed_tokens: int
-    use_cache: bool
-    recomputed_tokens: int = 0
-    first_token_logits: torch.Tensor | None = field(default=None, repr=False)
-
-
-@dataclass
-class EncodeReport:
-    """What ``add_schema`` did: how many tokens were encoded into how many forwards, and how long it took.
-
-    ``encode_s`` counts the encoding forwards and the writes to the store; ``load_s`` the modules
-    taken from memory tiers or loaded from the store (``store_hits`` of them from the store,
-    ``memory_hits`` already held in memory, ``encoded_segments`` computed here).
-    """
-
-    schema: str
-    policy: str
-    segments: int
-    stored_tokens: int
-    encoded_tokens: int
-    forwards: int
-    encode_s: float
-    bytes: int
-    load_s: float = 0.0
-    store_hits: int = 0
-    memory_hits: int = 0
-    encoded_segments: int = 0
-
-
-@dataclass
-class SchemaState:
-    layout: Layout
-    contexts: list[list[int]]
-    kv: SchemaKV | dict[int, ModuleKV]        # stored segment -> KV, fetched from the tiers
-    positions: dict[int, torch.Tensor]
-    report: EncodeReport
-    keys: dict[int, ModuleKey] = field(default_factory=dict)  # stored segment -> content key
-    expect: dict = field(default_factory=dict)   # what store entries of this schema must match
-    meta: dict = field(default_factory=dict)     # meta common to this schema's store entries
+__all__ = ["PromptCache", "GenerationResult", "EncodeReport", "SchemaState", "oracle_forward"]
 
 
 def _looks_like_xml(text: str) -> bool:
@@ -114,7 +63,7 @@ class PromptCache:
             ``CacheStore``): modules are loaded from it instead of encoded, and written to it.
         max_device_bytes, max_host_bytes: byte budgets of the device and host tiers of module caches
             (``None``: unlimited); least-recently-used modules are evicted device -> host -> store.
-            See :mod:`promptcache.tiers` and docs/store.md.
+            See :mod:`promptcache.modules.tiers` and docs/store.md.
         prefix_cache, prefix_max_bytes, prefix_policy, prefix_ttl_s: automatic prefix caching of
             plain-text and chat prompts (a radix tree of KV on the device; byte budget, ``"lru"``,
             ``"lfu"`` or ``"ttl"`` eviction with ``prefix_ttl_s`` seconds); see docs/prefix.md.
@@ -145,7 +94,9 @@ class PromptCache:
         self.recompute = recompute
         self.progress = progress
         self.renderer = ChatRenderer(tokenizer, self.adapter.fallback_roles())
-        self.num_layers, self.kv_heads, self.head_dim = self.adapter.kv_shape(model)
+        self.runner = ModelRunner(model, self.adapter, self.device, self.dtype, reserve_tokens)
+        self.num_layers, self.kv_heads, self.head_dim = self.runner.num_layers, self.runner.kv_heads, \
+            self.runner.head_dim
         self.schemas: dict[str, SchemaState] = {}
         if store is not None:
             from .store import open_store
@@ -153,13 +104,14 @@ class PromptCache:
             store = open_store(store)
         self.store = store
         self.relocation = relocation_for(model, self.adapter)
-        self._modules = TieredModuleCache(self.device, placement, store, self.relocation,
-                                          (self.num_layers, self.kv_heads, self.head_dim), self.dtype,
-                                          max_device_bytes, max_host_bytes)
-        self._store_counts = {"store_hits": 0, "store_misses": 0}
-        self._eos = eos_token_ids(model, tokenizer)
-        self._sliding = bool(getattr(model.config.get_text_config(), "sliding_window", None))
-        self.prefix = PrefixRunner(self, enabled=prefix_cache, max_bytes=prefix_max_bytes,
+        self.module_cache = TieredModuleCache(self.device, placement, store, self.relocation,
+                                              (self.num_layers, self.kv_heads, self.head_dim), self.dtype,
+                                              max_device_bytes, max_host_bytes)
+        self.encoder = ModuleEncoder(self.runner, self.module_cache, self.relocation, encoding=encoding,
+                                     family=self.adapter.family, progress=progress)
+        self.eos_ids = eos_token_ids(model, tokenizer)
+        self.prefix = PrefixRunner(self.runner, tokenizer, self.renderer, self.eos_ids,
+                                   enabled=prefix_cache, max_bytes=prefix_max_bytes,
                                    policy=prefix_policy, ttl_s=prefix_ttl_s)
 
     # ------------------------------------------------------------------ schemas
@@ -177,14 +129,14 @@ class PromptCache:
             parsed = load_schema(schema)
         layout = build_layout(parsed, self.renderer)
         contexts = encoding_contexts(layout, self.encoding)
-        state = self._encode(layout, contexts)
+        state = self.encoder.encode(layout, contexts, replaces=self.schemas.get(parsed.name))
         self.schemas[parsed.name] = state
         return state.report
 
     def remove_schema(self, name: str) -> None:
         if name not in self.schemas:
             raise KeyError(f"no schema named {name!r} (have: {', '.join(self.schemas) or 'none'})")
-        self._modules.unref(k.tier_key for k in self.schemas.pop(name).keys.values())
+        self.encoder.remove(self.schemas.pop(name))
 
     def layout(self, name: str) -> Layout:
         return self._state(name).layout
@@ -198,157 +150,6 @@ class PromptCache:
                               prompt.file if prompt else None, prompt.loc.line if prompt else None)
         return state
 
-    @torch.inference_mode()
-    def _encode(self, layout: Layout, contexts: list[list[int]]) -> SchemaState:
-        """Key every stored segment, take what the tiers/store hold, encode only the rest."""
-        from .store import dtype_name, model_fingerprint
-
-        segs = layout.segments
-        keep = stored_segments(layout)
-        fp = model_fingerprint(self.model)
-        keys = module_keys(layout, contexts, keep, model=fp, dtype=dtype_name(self.dtype),
-                           policy=self.encoding, relative=self.relocation.relative,
-                           offset_sensitive=self.relocation.offset_sensitive)
-        expect = {"model": fp, "dtype": dtype_name(self.dtype), "policy": self.encoding,
-                  "positions": "relative" if self.relocation.relative else "absolute"}
-        meta = {**expect, "schema": layout.schema.name, "family": self.adapter.family}
-        positions = {i: torch.tensor(list(segs[i].positions), dtype=torch.long, device=self.device)
-                     for i in keep}
-        state = SchemaState(layout, contexts, {}, positions, None, keys, expect, meta)  # type: ignore[arg-type]
-        state.kv = SchemaKV(keys, lambda i: self._module_kv(state, i))
-        try:
-            kv, pinned, counts = self._obtain(state, keep, progress=True)
-        except BaseException:  # e.g. interrupted: what was encoded stays in the store, not in memory
-            self._modules.drop_unreferenced(k.tier_key for k in keys.values())
-            raise
-        nbytes = sum(kv[i].nbytes for i in keep)
-        self._modules.release(pinned)
-        old = self.schemas.get(layout.schema.name)
-        self._modules.ref(k.tier_key for k in keys.values())
-        if old is not None:
-            self._modules.unref(k.tier_key for k in old.keys.values())
-        self._modules.enforce()
-        state.report = EncodeReport(layout.schema.name, self.encoding, len(keep),
-                                    sum(len(segs[i].tokens) for i in keep), counts["tokens"],
-                                    counts["forwards"], counts["encode_s"], nbytes, counts["load_s"],
-                                    counts["store_hits"], counts["memory_hits"], counts["encoded"])
-        return state
-
-    def _module_kv(self, state: SchemaState, i: int) -> ModuleKV:
-        """One stored segment's KV (not pinned): from the tiers or the store, else re-encoded."""
-        kv, pinned, _ = self._obtain(state, [i])
-        self._modules.release(pinned)
-        self._modules.enforce()
-        return kv[i]
-
-    def _obtain(self, state: SchemaState, needed: list[int], progress: bool = False
-                ) -> tuple[dict[int, ModuleKV], list[str], dict]:
-        """The KV of the stored segments ``needed``, pinned: from the tiers or the store, the rest encoded.
-
-        Returns ``(kv by segment, tier keys to release, counts)``. A segment no tier holds is
-        re-encoded with whatever of its context is missing (:func:`forwards_needed`); encoded
-        segments go into the home tier and, write-through, into the store.
-        """
-        work: dict[int, ModuleKV] = {}
-        pinned: list[str] = []
-        counts = {"tokens": 0, "forwards": 0, "encode_s": 0.0, "load_s": 0.0, "store_hits": 0,
-                  "memory_hits": 0, "encoded": 0}
-
-        def available(i: int) -> bool:
-            if i in work:
-                return True
-            key = state.keys.get(i)
-            if key is None:
-                return False  # parameter slots and cache="false" text are never stored
-            t0 = time.perf_counter()
-            kv, source = self._modules.fetch(key, state.expect, pin=True)
-            counts["load_s"] += time.perf_counter() - t0
-            if kv is None:
-                return False
-            work[i] = kv
-            pinned.append(key.tier_key)
-            counts["store_hits" if source == "store" else "memory_hits"] += 1
-            return True
-
-        try:
-            missing = [i for i in needed if not available(i)]
-            if missing:
-                runs = forwards_needed(encode_groups(state.contexts), available, missing)
-                self._encode_runs(state, runs, work, pinned, counts, progress)
-        except BaseException:
-            self._modules.release(pinned)
-            raise
-        self._store_counts["store_hits"] += counts["store_hits"]
-        self._store_counts["store_misses"] += counts["encoded"]
-        return {i: work[i] for i in needed}, pinned, counts
-
-    def _encode_runs(self, state: SchemaState, runs: list, work: dict[int, ModuleKV], pinned: list[str],
-                     counts: dict, progress: bool) -> None:
-        """Run the encoding forwards ``runs`` (past + computed segments) into ``work`` and the tiers."""
-        segs = state.layout.segments
-        bar = tqdm(runs, desc=f"encoding {state.layout.schema.name}", unit="fwd",
-                   disable=not (progress and self.progress) or len(runs) < 4, leave=False)
-        for g in bar:
-            t0 = time.perf_counter()
-            ids = [t for i in g.segments for t in segs[i].tokens]
-            q_pos = torch.tensor([p for i in g.segments for p in segs[i].positions], device=self.device)
-            past_pos = torch.tensor([p for i in g.context for p in segs[i].positions], dtype=torch.long,
-                                    device=self.device)
-            cache = SplicedCache([work[i] for i in g.context], self.num_layers, self.device)
-            set_key_positions(cache, past_pos[None])
-            visible = torch.ones(len(ids), len(past_pos) + len(ids), dtype=torch.bool, device=self.device)
-            visible[:, len(past_pos):] = torch.ones(len(ids), len(ids), dtype=torch.bool,
-                                                    device=self.device).tril()
-            self._forward(ids, q_pos, past_pos, visible, cache, logits=False)
-            layers = [(layer.keys, layer.values) for layer in cache.layers]
-            at = len(past_pos)
-            for i in g.segments:
-                n = len(segs[i].tokens)
-                if i not in work:  # a loaded segment recomputed inside a chain keeps its loaded copy
-                    kv = ModuleKV.from_layers(layers, at, at + n)
-                    key = state.keys.get(i)
-                    if key is not None:
-                        owner = "/".join(segs[i].owner) or "(root)"
-                        meta = {**state.meta, "module": owner, "offset": key.base, "tokens": n}
-                        kv = self._modules.put(key, kv, meta, pin=True)
-                        pinned.append(key.tier_key)
-                        counts["encoded"] += 1
-                    work[i] = kv
-                at += n
-            self._sync()
-            counts["tokens"] += len(ids)
-            counts["forwards"] += 1
-            counts["encode_s"] += time.perf_counter() - t0
-
-    # ------------------------------------------------------------------ forwards
-
-    def _index_causal(self, past_pos: torch.Tensor, q_pos: torch.Tensor, visible: torch.Tensor) -> bool:
-        """Can the model's own 2-D-mask causal path stand in for ``visible``? (faster, no 4-D mask)"""
-        if self._sliding:
-            return False
-        n = len(q_pos)
-        contiguous = n == 1 or bool((q_pos[1:] - q_pos[:-1] == 1).all())
-        if not contiguous or (len(past_pos) and int(past_pos.max()) >= int(q_pos[0])):
-            return False
-        return bool(visible[:, : len(past_pos)].all())
-
-    def _forward(self, ids: list[int], q_pos: torch.Tensor, past_pos: torch.Tensor,
-                 visible: torch.Tensor, cache, logits: bool = True, keep: int = 1):
-        """One forward of ``ids`` at ``q_pos`` over ``cache`` whose keys sit at ``past_pos``.
-
-        Returns the logits of query ``len(ids) - keep`` (default: the last one), or ``None``.
-        """
-        input_ids = torch.tensor([ids], dtype=torch.long, device=self.device)
-        if self._index_causal(past_pos, q_pos, visible):
-            mask = torch.ones(1, len(past_pos) + len(ids), dtype=torch.long, device=self.device)
-        else:
-            k_pos = torch.cat([past_pos, q_pos])
-            mask = self.adapter.attention_mask(visible, q_pos, k_pos, self.dtype)
-        out = self.model(input_ids=input_ids, position_ids=q_pos[None], attention_mask=mask,
-                         past_key_values=cache, use_cache=True, logits_to_keep=keep)
-        set_key_positions(cache, torch.cat([past_pos, q_pos])[None])  # for ALiBi and sliding windows
-        return out.logits[0, 0] if logits else None
-
     # ------------------------------------------------------------------ requests
 
     def _parse_prompt(self, prompt: str | os.PathLike | Prompt) -> Prompt:
@@ -358,7 +159,8 @@ class PromptCache:
             return parse_prompt(prompt)
         return load_prompt(prompt)
 
-    def _request(self, prompt) -> tuple[SchemaState, Request]:
+    def request(self, prompt) -> tuple[SchemaState, Request]:
+        """A PML prompt parsed, bound to its schema and turned into a request: ``(schema state, request)``."""
         parsed = self._parse_prompt(prompt)
         state = self._state(parsed.schema, parsed)
         bound = bind(parsed, state.layout, self.renderer)
@@ -366,65 +168,58 @@ class PromptCache:
 
     def plan(self, prompt) -> Plan:
         """The dense plan of a prompt: tokens, positions, origin and visibility (the oracle's input)."""
-        state, request = self._request(prompt)
+        state, request = self.request(prompt)
         return build_plan(request, state.layout, state.contexts, self.encoding)
 
-    def _prompt_ids(self, state: SchemaState, request: Request) -> list[int]:
+    @staticmethod
+    def prompt_ids(state: SchemaState, request: Request) -> list[int]:
         """The request's tokens in position order (what the baseline computes)."""
         segs = state.layout.segments
         pairs = [(segs[i].start + k, segs[i].tokens[k]) for i, n in request.cached_spans for k in range(n)]
         pairs += list(zip(request.computed_pos, request.computed_ids))
         return [t for _, t in sorted(pairs)]
 
-    def _prefill_cached(self, state: SchemaState, request: Request, recompute: str | None = None):
+    @staticmethod
+    def _pieces(kv: dict[int, ModuleKV] | SchemaState, request: Request) -> list[ModuleKV]:
+        """The request's cached spans as pieces (the first ``n`` tokens of each segment, views)."""
+        return [kv[i].slice(n) if n < kv[i].length else kv[i] for i, n in request.cached_spans]
+
+    def prefill_cached(self, state: SchemaState, request: Request, recompute: str | None = None
+                       ) -> tuple[torch.Tensor, SplicedCache, int, int]:
         """Splice the request's module caches, optionally recompute some of them, prefill the rest.
 
         Returns ``(first-token logits, cache, next position, tokens recomputed)``. The modules are
         pinned in their tier (loaded or re-encoded if evicted) until the prefill has copied them
         into the request's own cache; then the tiers are brought back within their budgets.
         """
-        kv, pinned, _ = self._obtain(state, [i for i, _ in request.cached_spans])
+        kv, pinned, _ = self.encoder.obtain(state, [i for i, _ in request.cached_spans])
         try:
-            return self._prefill_spliced(state, request, recompute, kv)
+            pieces = self._pieces(kv, request)
+            # Parsed first: a bad override fails even when nothing is cached.
+            policy = parse_policy(self.recompute if recompute is None else recompute)
+            if policy.kind != "none" and pieces:
+                spans = cached_spans(state.layout.segments, request.cached_spans)
+                # The uncached tokens go along: a recomputed token must see those before it.
+                pieces, selection = prepare(self.runner, pieces, spans, policy,
+                                            (request.computed_ids, request.computed_pos))
+                if len(selection):
+                    logits, cache = prefill_with_recompute(self.runner, pieces, spans, selection,
+                                                           request.computed_ids, request.computed_pos)
+                    return logits, cache, max(request.computed_pos) + 1, len(selection)
+            q_pos = self.runner.positions(request.computed_pos)
+            logits, cache = self.runner.prefill(pieces, request.computed_ids, q_pos)
+            return logits, cache, int(q_pos.max()) + 1, 0
         finally:
-            self._modules.release(pinned)
-            self._modules.enforce()
+            self.encoder.release(pinned)
 
-    def _prefill_spliced(self, state: SchemaState, request: Request, recompute: str | None,
-                         kv: dict[int, ModuleKV]):
-        pieces = [kv[i].slice(n) if n < kv[i].length else kv[i] for i, n in request.cached_spans]
-        past_pos = (torch.cat([state.positions[i][:n] for i, n in request.cached_spans])
-                    if request.cached_spans else torch.zeros(0, dtype=torch.long, device=self.device))
-        # Parsed first: a bad override fails even when nothing is cached.
-        policy = parse_policy(self.recompute if recompute is None else recompute)
-        if policy.kind != "none" and request.cached_spans:
-            spans = cached_spans(state.layout.segments, request.cached_spans)
-            # The uncached tokens go along: a recomputed token must see those before it.
-            pieces, selection = prepare(self, pieces, past_pos, spans, policy,
-                                        (request.computed_ids, request.computed_pos))
-            if len(selection):
-                logits, cache = prefill_with_recompute(self, pieces, past_pos, spans, selection,
-                                                       request.computed_ids, request.computed_pos)
-                return logits, cache, max(request.computed_pos) + 1, len(selection)
-        cache = SplicedCache(pieces, self.num_layers, self.device, self.reserve_tokens)
-        q_pos = torch.tensor(request.computed_pos, dtype=torch.long, device=self.device)
-        visible = torch.cat([past_pos[None, :] < q_pos[:, None], q_pos[None, :] <= q_pos[:, None]], dim=1)
-        set_key_positions(cache, past_pos[None])
-        logits = self._forward(request.computed_ids, q_pos, past_pos, visible, cache)
-        return logits, cache, int(q_pos.max()) + 1, 0
-
-    def _prefill_baseline(self, ids: list[int]):
-        from transformers import DynamicCache
-
-        cache = DynamicCache()
-        q_pos = torch.arange(len(ids), device=self.device)
-        visible = torch.ones(len(ids), len(ids), dtype=torch.bool, device=self.device).tril()
-        logits = self._forward(ids, q_pos, q_pos[:0], visible, cache)
-        return logits, cache, len(ids)
-
-    def _sync(self) -> None:
-        if self.device.type == "cuda":
-            torch.cuda.synchronize(self.device)
+    @torch.inference_mode()
+    def select_tokens(self, prompt, policy: str) -> Selection:
+        """What recompute ``policy`` would recompute for ``prompt`` (for inspection and tests);
+        the same inputs as :meth:`prefill_cached` gives the policy."""
+        state, request = self.request(prompt)
+        pieces = self._pieces(state.kv, request)
+        spans = cached_spans(state.layout.segments, request.cached_spans)
+        return choose(self.runner, pieces, spans, policy, (request.computed_ids, request.computed_pos))
 
     @torch.inference_mode()
     def next_token_logits(self, prompt, use_cache: bool = True, recompute: str | None = None, *,
@@ -432,17 +227,17 @@ class PromptCache:
         """Logits of the first generated token (float32 tensor of vocabulary size)."""
         if not is_pml_prompt(prompt):  # plain text or chat messages: prefix caching
             return self.prefix.next_token_logits(prompt, use_cache, insert_prefix)
-        state, request = self._request(prompt)
+        state, request = self.request(prompt)
         if use_cache:
-            logits, _, _, _ = self._prefill_cached(state, request, recompute)
+            logits, _, _, _ = self.prefill_cached(state, request, recompute)
         else:
-            logits, _, _ = self._prefill_baseline(self._prompt_ids(state, request))
+            logits, _ = self.runner.prefill_baseline(self.prompt_ids(state, request))
         return logits.float()
 
     @torch.inference_mode()
     def oracle_logits(self, prompt) -> torch.Tensor:
         """Logits from ONE ordinary forward over the plan with its positions and 4-D mask."""
-        return oracle_forward(self.model, self.adapter, self.plan(prompt), self.device, self.dtype)
+        return self.runner.oracle_forward(self.plan(prompt))
 
     @torch.inference_mode()
     def generate(self, prompt, max_new_tokens: int = 64, use_cache: bool = True, *,
@@ -453,74 +248,36 @@ class PromptCache:
         """Generate a reply; greedy unless ``temperature > 0``. ``stream`` receives text as it grows.
 
         ``prompt`` is PML, plain text or a list of chat messages (dispatch rules:
-        :func:`promptcache.prefix.engine_glue.prompt_kind`). The last two reuse the longest cached
+        :func:`promptcache.prefix.runner.prompt_kind`). The last two reuse the longest cached
         prefix and, with ``insert_prefix``, cache the prompt and generated tokens for next time.
         """
+        options = SamplingOptions(temperature, top_p, top_k, repetition_penalty, list(stop or []), seed)
         if not is_pml_prompt(prompt):
-            options = SamplingOptions(temperature, top_p, top_k, repetition_penalty, list(stop or []), seed)
             return self.prefix.generate(prompt, max_new_tokens, use_cache, insert_prefix, options, stream)
-        self._sync()
+        runner = self.runner
+        runner.sync()
         t0 = time.perf_counter()
-        state, request = self._request(prompt)
+        state, request = self.request(prompt)
         recomputed = 0
         if use_cache:
-            logits, cache, next_pos, recomputed = self._prefill_cached(state, request, recompute)
-            self._sync()
+            logits, cache, next_pos, recomputed = self.prefill_cached(state, request, recompute)
+            runner.sync()
             ttft = time.perf_counter() - t0
-            prompt_ids = self._prompt_ids(state, request)  # for the repetition penalty; after TTFT
+            prompt_ids = self.prompt_ids(state, request)  # for the repetition penalty; after TTFT
             cached, computed = request.num_cached, len(request.computed_ids)
         else:
-            prompt_ids = self._prompt_ids(state, request)
-            logits, cache, next_pos = self._prefill_baseline(prompt_ids)
-            self._sync()
+            prompt_ids = self.prompt_ids(state, request)
+            logits, cache = runner.prefill_baseline(prompt_ids)
+            next_pos = len(prompt_ids)
+            runner.sync()
             ttft = time.perf_counter() - t0
             cached, computed = 0, len(prompt_ids)
         first_logits = logits.float().cpu()
-        options = SamplingOptions(temperature, top_p, top_k, repetition_penalty, list(stop or []), seed)
-        generated, text = self.decode(logits, cache, prompt_ids, options, max_new_tokens, stream, next_pos)
-        self._sync()
+        generated, text = runner.decode(logits, cache, prompt_ids, options, max_new_tokens, stream,
+                                        next_pos, self.eos_ids, self.renderer.decode)
+        runner.sync()
         return GenerationResult(text, generated, ttft, time.perf_counter() - t0, len(prompt_ids), cached,
                                 computed, use_cache, recomputed, first_logits)
-
-    def decode(self, logits: torch.Tensor, cache, prompt_ids: list[int], options: SamplingOptions,
-               max_new_tokens: int, stream: Callable[[str], None] | None, next_pos: int
-               ) -> tuple[list[int], str]:
-        """The token loop after a prefill: choose, stop, feed back at consecutive positions.
-
-        Returns the generated ids and the text kept (cut at a stop string or before EOS).
-        """
-        chooser = TokenChooser(options, prompt_ids, self.device)
-        stopper = StopChecker(self._eos, options.stop, self.renderer.decode)
-        generated: list[int] = []
-        text, shown = "", 0
-        for step in range(max_new_tokens):
-            token = chooser(logits)
-            generated.append(token)
-            finished, text = stopper.done(generated)
-            if stream is not None and len(text) > shown:
-                stream(text[shown:])
-                shown = len(text)
-            if finished or step == max_new_tokens - 1:
-                break
-            logits = self._decode_step(token, next_pos, cache)
-            next_pos += 1
-        return generated, text
-
-    def _decode_step(self, token: int, position: int, cache) -> torch.Tensor:
-        """One generated token at ``position``, attending to everything in ``cache``."""
-        input_ids = torch.tensor([[token]], dtype=torch.long, device=self.device)
-        q_pos = torch.tensor([position], dtype=torch.long, device=self.device)
-        past_len = cache.get_seq_length()
-        past_pos = past_key_positions(cache, past_len, 1, self.device)[0, :past_len]
-        if self._sliding:  # windows are by position, so the model's index-based mask would be wrong
-            visible = torch.ones(1, past_len + 1, dtype=torch.bool, device=self.device)
-            mask = self.adapter.attention_mask(visible, q_pos, torch.cat([past_pos, q_pos]), self.dtype)
-        else:
-            mask = torch.ones(1, past_len + 1, dtype=torch.long, device=self.device)
-        out = self.model(input_ids=input_ids, position_ids=q_pos[None], attention_mask=mask,
-                         past_key_values=cache, use_cache=True, logits_to_keep=1)
-        set_key_positions(cache, torch.cat([past_pos, q_pos])[None])
-        return out.logits[0, -1]
 
     def prefix_stats(self) -> dict:
         """Prefix caching counters: hits, misses, hit rate, tokens reused/computed, bytes, evictions."""
@@ -552,33 +309,20 @@ class PromptCache:
                                                    "device_bytes": 0, "host_bytes": 0})
                 row["tokens"] += key.length
                 row["bytes"] += key.length * bpt
-                tier = self._modules.where(key.tier_key)
+                tier = self.module_cache.where(key.tier_key)
                 if tier is not None:
                     row[f"{tier}_bytes"] += key.length * bpt
             rows.extend(by_module.values())
-        residents = list(self._modules.residents())
+        residents = list(self.module_cache.residents())
         total = sum(r.nbytes for r in residents)
         tokens = sum(r.key.length for r in residents)
         return {"placement": self.placement, "modules": rows, "total_bytes": total, "total_tokens": tokens,
                 "bytes_per_token": bpt, "consistent": total == tokens * bpt,
-                "tiers": self._modules.report(), "relocation": self.relocation.mode}
+                "tiers": self.module_cache.report(), "relocation": self.relocation.mode}
 
     def store_report(self) -> dict | None:
         """``{"store_hits", "store_misses"}``: modules loaded from the store vs encoded in this process
         (since construction); ``None`` without a store."""
         if self.store is None:
             return None
-        return dict(self._store_counts)
-
-
-def oracle_forward(model, adapter, plan: Plan, device: torch.device, dtype: torch.dtype) -> torch.Tensor:
-    """ONE forward over ``plan.token_ids`` at ``plan.position_ids`` with a 4-D mask of ``plan.visible``.
-
-    Returns the logits of the last prompt token (the highest position): what the cached path must match.
-    """
-    ids = plan.token_ids.to(device)
-    pos = plan.position_ids.to(device)
-    mask = adapter.attention_mask(plan.visible.to(device), pos, pos, dtype)
-    out = model(input_ids=ids[None], position_ids=pos[None], attention_mask=mask, use_cache=False)
-    last = int(torch.nonzero(plan.in_prompt).max())
-    return out.logits[0, last].float()
+        return dict(self.encoder.store_counts)

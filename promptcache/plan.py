@@ -19,6 +19,7 @@ no ghost, i.e. the prompt's own tokens explain every cached value.
 from __future__ import annotations
 
 from dataclasses import dataclass
+from typing import Callable, Iterable
 
 import torch
 
@@ -235,3 +236,57 @@ def build_plan(request: Request, layout: Layout, contexts: list[list[int]], poli
 
     token_ids = torch.tensor([r[2] for r in rows], dtype=torch.long)
     return Plan(token_ids, pos, cached, in_prompt, visible, seg, policy, layout.schema.name)
+
+
+# ------------------------------------------------------------------ partial encodes
+# Which forwards must run to (re)compute some segments when others are already available.
+#
+# ``add_schema`` with a store, or a request whose module was evicted and dropped, needs some
+# segments' KV that no tier holds. A segment is computed in a forward whose past is its encoding
+# context, so every context segment must be available too: loaded (from a memory tier or the
+# store) or computed first. Parameter slots and ``cache="false"`` modules are never stored, so a
+# segment that has them in its context forces their forward to run again.
+#
+# :func:`forwards_needed` answers this on the encode groups of :func:`promptcache.plan.encode_groups`
+# (chains of segments where each sees the previous ones plus the group's context). For a group it
+# computes only the run from the first segment that must be computed to the last one, with the
+# group's context plus the chain's earlier segments as past; a past segment that is not available
+# is required in turn (moving a run's start back, or adding its own group's run). With nothing
+# available this reproduces the full encode (minus trailing segments nobody needs).
+
+def forwards_needed(groups: list[EncodeGroup], available: Callable[[int], bool],
+                    need: Iterable[int]) -> list[EncodeGroup]:
+    """The forwards (past, computed segments) that produce every segment of ``need``, in order.
+
+    ``available(i)`` says whether segment ``i``'s KV can be had without a forward (it may load it,
+    and is called at most once per segment); segments in ``need`` are computed regardless.
+    """
+    where = {s: (gi, k) for gi, g in enumerate(groups) for k, s in enumerate(g.segments)}
+    known: dict[int, bool] = {}
+
+    def have(i: int) -> bool:
+        if i not in known:
+            known[i] = available(i)
+        return known[i]
+
+    lo: dict[int, int] = {}   # group -> first chain index computed
+    hi: dict[int, int] = {}   # group -> last chain index computed
+    pending = list(need)
+    while pending:
+        s = pending.pop()
+        gi, k = where[s]
+        hi[gi] = max(hi.get(gi, k), k)
+        if gi in lo and lo[gi] <= k:
+            continue
+        old = lo.get(gi, len(groups[gi].segments))
+        lo[gi] = k
+        g = groups[gi]
+        # The run now starts at k: its past is the group context (checked the first time only)
+        # plus the chain below k; whatever of it cannot be had must be computed too.
+        past = (g.context if old == len(g.segments) else []) + g.segments[:k]
+        pending.extend(c for c in past if not have(c))
+    out = []
+    for gi in sorted(lo):
+        g = groups[gi]
+        out.append(EncodeGroup(g.context + g.segments[:lo[gi]], g.segments[lo[gi]:hi[gi] + 1]))
+    return out

@@ -24,7 +24,9 @@ Policies (strings, see :func:`parse_policy`):
   implementation does too).
 * ``full``: every cached token; equals one causal forward over the prompt at its layout positions.
 
-The recompute is fused into the prefill (:func:`prefill_with_recompute`): ONE forward whose queries
+Everything here runs through a :class:`~promptcache.runtime.runner.ModelRunner` and takes the
+request's cached pieces (:class:`~promptcache.runtime.kv.ModuleKV` with positions); nothing here
+knows the engine. The recompute is fused into the prefill (:func:`prefill_with_recompute`): ONE forward whose queries
 are the chosen cached tokens and the uncached prompt tokens, in position order, over the spliced
 cache with the chosen tokens' stale KV masked out. A recomputed token sees every prompt token at an
 earlier position (uncached ones included: parameter arguments, ``cache="false"`` modules), an
@@ -37,18 +39,13 @@ from __future__ import annotations
 
 import math
 from dataclasses import dataclass
-from typing import TYPE_CHECKING, Sequence
+from typing import Sequence
 
 import torch
-from torch import nn
-from transformers import DynamicCache
 
-from .kvcache import ModuleKV, SplicedCache
-from .models.positions import set_key_positions
 from .pml.layout import ModulePath
-
-if TYPE_CHECKING:
-    from .engine import PromptCache
+from .runtime.kv import ModuleKV, SplicedCache
+from .runtime.runner import ModelRunner
 
 CHECK_LAYER = 1  # CacheBlend's layer for the KV-deviation check (LMCache: ``layer_id == 1``)
 
@@ -93,13 +90,13 @@ class Selection:
     """Which cached tokens a policy recomputes (indices into the cached sequence, ascending).
 
     ``scores``: per-token KV deviation (``deviation`` only). ``fresh``: the check pass's full-context
-    ``(keys, values)`` per layer ``0..c`` for every cached token, each [kv_heads, N, head_dim].
+    KV of layers ``0..c`` for every cached token (a ``ModuleKV`` of ``c + 1`` layers).
     """
 
     indices: torch.Tensor
     positions: torch.Tensor
     scores: torch.Tensor | None = None
-    fresh: list[tuple[torch.Tensor, torch.Tensor]] | None = None
+    fresh: ModuleKV | None = None
 
     def __len__(self) -> int:
         return int(self.indices.numel())
@@ -159,22 +156,6 @@ def top_k_by_score(scores: torch.Tensor, k: int) -> torch.Tensor:
     return order[:k].sort().values
 
 
-def decoder_layers(model: nn.Module) -> nn.ModuleList:
-    """The model's list of decoder blocks (``layers``/``h``/``blocks`` of its base model)."""
-    base = model.base_model
-    base = getattr(base, "language_model", base)  # multimodal wrappers (e.g. Gemma 3)
-    for name in ("layers", "h", "blocks"):
-        layers = getattr(base, name, None)
-        if isinstance(layers, nn.ModuleList):
-            return layers
-    raise TypeError(f"cannot find the decoder layers of {type(model).__name__} "
-                    "(looked for layers/h/blocks on its base model)")
-
-
-class _StopForward(Exception):
-    """Raised by a pre-hook to end a forward after the layers it needed."""
-
-
 def _interleaved(past_pos: torch.Tensor, computed: tuple[Sequence[int], Sequence[int]] | None,
                  before: int) -> tuple[list[int], list[int]]:
     """Uncached prompt tokens (ids, positions) at positions below ``before``."""
@@ -196,9 +177,15 @@ def _merge(cached_ids: list[int], cached_pos: list[int], other_ids: list[int], o
     return [r[3] for r in rows], [r[0] for r in rows], where
 
 
-def check_pass(pc: "PromptCache", spans: Sequence[CachedSpan], past_pos: torch.Tensor,
-               computed: tuple[Sequence[int], Sequence[int]] | None,
-               last_layer: int) -> list[tuple[torch.Tensor, torch.Tensor]]:
+def past_positions(pieces: Sequence[ModuleKV], device: torch.device) -> torch.Tensor:
+    """The cached tokens' layout positions, laid end to end."""
+    if not pieces:
+        return torch.zeros(0, dtype=torch.long, device=device)
+    return torch.cat([p.positions.to(device) for p in pieces])
+
+
+def check_pass(runner: ModelRunner, spans: Sequence[CachedSpan], past_pos: torch.Tensor,
+               computed: tuple[Sequence[int], Sequence[int]] | None, last_layer: int) -> ModuleKV:
     """Full-context KV of layers ``0..last_layer`` for every cached token (forward stops there).
 
     Runs the cached tokens (and the uncached ones interleaved with them) causally by position
@@ -208,32 +195,21 @@ def check_pass(pc: "PromptCache", spans: Sequence[CachedSpan], past_pos: torch.T
     pos = past_pos.tolist()
     other_ids, other_pos = _interleaved(past_pos, computed, max(pos) + 1)
     q_ids, q_list, where = _merge(ids, pos, other_ids, other_pos)
-    q_pos = torch.tensor(q_list, dtype=torch.long, device=pc.device)
-    visible = q_pos[None, :] <= q_pos[:, None]
-    cache = DynamicCache()
-    layers = decoder_layers(pc.model)
-    hook = None
-    if last_layer + 1 < len(layers):
-        def stop(module, args, kwargs):  # noqa: ARG001
-            raise _StopForward
-        hook = layers[last_layer + 1].register_forward_pre_hook(stop, with_kwargs=True)
-    try:
-        pc._forward(q_ids, q_pos, q_pos[:0], visible, cache, logits=False)
-    except _StopForward:
-        pass
-    finally:
-        if hook is not None:
-            hook.remove()
-    idx = torch.tensor(where, dtype=torch.long, device=pc.device)
-    return [(cache.layers[i].keys[0].index_select(1, idx), cache.layers[i].values[0].index_select(1, idx))
-            for i in range(last_layer + 1)]
+    q_pos = runner.positions(q_list)
+    _, cache = runner.prefill([], q_ids, q_pos, q_pos[None, :] <= q_pos[:, None], reserve=0,
+                              logits=False, last_layer=last_layer)
+    idx = torch.tensor(where, dtype=torch.long, device=runner.device)
+    return ModuleKV([cache.layers[i].keys[0].index_select(1, idx) for i in range(last_layer + 1)],
+                    [cache.layers[i].values[0].index_select(1, idx) for i in range(last_layer + 1)],
+                    past_pos)
 
 
-def choose(pc: "PromptCache", pieces: Sequence[ModuleKV], past_pos: torch.Tensor,
-           spans: Sequence[CachedSpan], policy: str | RecomputePolicy,
-           computed: tuple[Sequence[int], Sequence[int]] | None = None) -> Selection:
-    """The cached tokens ``policy`` recomputes, for the engine's hook inputs (deterministic)."""
+def choose(runner: ModelRunner, pieces: Sequence[ModuleKV], spans: Sequence[CachedSpan],
+           policy: str | RecomputePolicy, computed: tuple[Sequence[int], Sequence[int]] | None = None
+           ) -> Selection:
+    """The cached tokens ``policy`` recomputes, for the request's cached pieces (deterministic)."""
     pol = parse_policy(policy)
+    past_pos = past_positions(pieces, runner.device)
     n = int(past_pos.numel())
     scores, fresh = None, None
     if pol.kind == "none" or n == 0:
@@ -243,10 +219,10 @@ def choose(pc: "PromptCache", pieces: Sequence[ModuleKV], past_pos: torch.Tensor
     elif pol.kind == "boundary":
         idx = boundary_indices(spans, pol.k)
     else:
-        c = min(CHECK_LAYER, pc.num_layers - 1)
-        fresh = check_pass(pc, spans, past_pos, computed, c)
-        old_v = torch.cat([p.values[c].to(pc.device) for p in pieces], dim=1)
-        scores = ((fresh[c][1].float() - old_v.float()) ** 2).mean(dim=(0, 2))
+        c = min(CHECK_LAYER, runner.num_layers - 1)
+        fresh = check_pass(runner, spans, past_pos, computed, c)
+        old_v = torch.cat([p.values[c].to(runner.device) for p in pieces], dim=1)
+        scores = ((fresh.values[c].float() - old_v.float()) ** 2).mean(dim=(0, 2))
         k = min(n, max(1, math.ceil(round(pol.ratio * n, 9))))
         idx = top_k_by_score(scores, k)
     idx = torch.as_tensor(idx, dtype=torch.long).reshape(-1)
@@ -255,36 +231,32 @@ def choose(pc: "PromptCache", pieces: Sequence[ModuleKV], past_pos: torch.Tensor
 
 # ------------------------------------------------------------------ recompute
 
-def with_fresh_layers(pieces: Sequence[ModuleKV], spans: Sequence[CachedSpan],
-                      fresh: Sequence[tuple[torch.Tensor, torch.Tensor]]) -> list[ModuleKV]:
-    """The pieces with layers ``0..len(fresh)-1`` taken from the check pass (views, no copy)."""
-    out = []
-    for piece, span in zip(pieces, spans):
-        cut = slice(span.offset, span.offset + span.length)
-        out.append(ModuleKV([k[:, cut] for k, _ in fresh] + piece.keys[len(fresh):],
-                            [v[:, cut] for _, v in fresh] + piece.values[len(fresh):]))
-    return out
+def with_fresh_layers(pieces: Sequence[ModuleKV], spans: Sequence[CachedSpan], fresh: ModuleKV
+                      ) -> list[ModuleKV]:
+    """The pieces with layers ``0..fresh.num_layers-1`` taken from the check pass (views, no copy)."""
+    return [piece.with_layers(fresh.slice(span.offset, span.offset + span.length))
+            for piece, span in zip(pieces, spans)]
 
 
-def prepare(pc: "PromptCache", pieces: list[ModuleKV], past_pos: torch.Tensor, spans: list[CachedSpan],
+def prepare(runner: ModelRunner, pieces: list[ModuleKV], spans: list[CachedSpan],
             policy: str | RecomputePolicy, computed: tuple[Sequence[int], Sequence[int]] | None = None
             ) -> tuple[list[ModuleKV], Selection]:
     """Choose the tokens to recompute; returns the pieces to splice (check layers fresh) and them.
 
     Stored caches are never modified: fresh layers are new tensors, the rest are the same views.
     """
-    if len(spans) != len(pieces) or sum(s.length for s in spans) != int(past_pos.numel()):
-        raise ValueError(f"recompute: {len(pieces)} pieces, {len(spans)} spans and {past_pos.numel()} "
-                         "positions do not describe the same cached tokens")
-    selection = choose(pc, pieces, past_pos, spans, policy, computed)
+    n = sum(p.length for p in pieces)
+    if len(spans) != len(pieces) or sum(s.length for s in spans) != n:
+        raise ValueError(f"recompute: {len(pieces)} pieces of {n} tokens and {len(spans)} spans do not "
+                         "describe the same cached tokens")
+    selection = choose(runner, pieces, spans, policy, computed)
     if selection.fresh is not None:
         pieces = with_fresh_layers(pieces, spans, selection.fresh)
     return list(pieces), selection
 
 
-def prefill_with_recompute(pc: "PromptCache", pieces: Sequence[ModuleKV], past_pos: torch.Tensor,
-                           spans: Sequence[CachedSpan], selection: Selection,
-                           computed_ids: Sequence[int], computed_pos: Sequence[int]
+def prefill_with_recompute(runner: ModelRunner, pieces: Sequence[ModuleKV], spans: Sequence[CachedSpan],
+                           selection: Selection, computed_ids: Sequence[int], computed_pos: Sequence[int]
                            ) -> tuple[torch.Tensor, SplicedCache]:
     """ONE forward that recomputes the selected cached tokens and prefills the uncached ones.
 
@@ -300,16 +272,16 @@ def prefill_with_recompute(pc: "PromptCache", pieces: Sequence[ModuleKV], past_p
     """
     if not computed_ids:
         raise ValueError("recompute needs at least one uncached prompt token to predict from")
-    dev = pc.device
-    n = int(past_pos.numel())
+    dev = runner.device
+    all_pos = past_positions(pieces, dev)
+    n = int(all_pos.numel())
     everything = len(selection) == n
-    cache = SplicedCache([] if everything else list(pieces), pc.num_layers, dev, pc.reserve_tokens)
     sel = selection.indices.to(dev)
     flat_ids = [t for s in spans for t in s.token_ids]
     q_ids, q_list, where = _merge([flat_ids[i] for i in selection.indices.tolist()],
-                                  past_pos.cpu()[selection.indices].tolist(), list(computed_ids), list(computed_pos))
-    q_pos = torch.tensor(q_list, dtype=torch.long, device=dev)
-    past_pos = past_pos.to(dev)[:0] if everything else past_pos.to(dev)
+                                  all_pos.cpu()[selection.indices].tolist(), list(computed_ids), list(computed_pos))
+    q_pos = runner.positions(q_list)
+    past_pos = all_pos[:0] if everything else all_pos
     stale = torch.zeros(len(past_pos), dtype=torch.bool, device=dev)
     if not everything:
         stale[sel] = True
@@ -320,25 +292,8 @@ def prefill_with_recompute(pc: "PromptCache", pieces: Sequence[ModuleKV], past_p
     is_sel[sel_rows] = True
     comp_rows = (~is_sel).nonzero().flatten()
     last = int(comp_rows[-1])
-    set_key_positions(cache, past_pos[None])
-    logits = pc._forward(q_ids, q_pos, past_pos, visible, cache, keep=len(q_ids) - last)
+    logits, cache = runner.prefill([] if everything else list(pieces), q_ids, q_pos, visible,
+                                   keep=len(q_ids) - last)
     if not everything:  # ``everything``: the cache already holds every token once, positions recorded
         cache.settle(n, sel, sel_rows, comp_rows)
-        set_key_positions(cache, torch.cat([past_pos, q_pos[comp_rows]])[None])
     return logits, cache
-
-
-@torch.inference_mode()
-def select_tokens(pc: "PromptCache", prompt, policy: str | RecomputePolicy) -> Selection:
-    """What ``policy`` would recompute for ``prompt`` (for inspection and tests).
-
-    Builds the hook's inputs exactly as ``PromptCache._prefill_cached`` does.
-    """
-    state, request = pc._request(prompt)
-    segs = state.layout.segments
-    pieces = [state.kv[i].slice(n) if n < state.kv[i].length else state.kv[i] for i, n in request.cached_spans]
-    if not pieces:
-        return choose(pc, [], torch.zeros(0, dtype=torch.long), [], policy)
-    past_pos = torch.cat([state.positions[i][:n] for i, n in request.cached_spans])
-    return choose(pc, pieces, past_pos, cached_spans(segs, request.cached_spans), policy,
-                  (request.computed_ids, request.computed_pos))

@@ -15,12 +15,14 @@ from typing import Any
 
 SENTINEL = "\u2063PCX{}\u2063"  # invisible separator + tag: never produced by a template itself
 
-# Plain-text markers for models without a chat template: role -> (open, close), plus the
-# text that asks the model to answer.
+# THE generic plain-text markers, for tokenizers without a chat template whose model family has
+# no markers of its own (Falcon, MPT, and renderers made without an adapter): role -> (open,
+# close), plus the text that asks the model to answer. One newline ends a turn, the dialogue
+# format of Falcon's instruct checkpoints (``promptcache.models`` adapters default to this table).
 GENERIC_ROLES: dict[str, Any] = {
-    "system": ("System: ", "\n\n"),
-    "user": ("User: ", "\n\n"),
-    "assistant": ("Assistant: ", "\n\n"),
+    "system": ("System: ", "\n"),
+    "user": ("User: ", "\n"),
+    "assistant": ("Assistant: ", "\n"),
     "generation": "Assistant:",
 }
 

@@ -9,7 +9,7 @@ from __future__ import annotations
 import pytest
 import torch
 
-from promptcache.engine import oracle_forward
+from promptcache.runtime.runner import oracle_forward
 from engine_fixtures import (DEFAULT_PATH_PROMPT, DEFAULT_PATH_SCHEMA, FULL_PROMPTS, FULL_SCHEMA,
                              extend_plan, make_cache)
 from tiny_models import FAMILIES

@@ -8,7 +8,7 @@ import pytest
 import torch
 
 from engine_fixtures import FULL_PROMPTS, FULL_SCHEMA, make_cache
-from promptcache.module_keys import module_keys
+from promptcache.modules.keys import module_keys
 from promptcache.plan import encoding_contexts, stored_segments
 from promptcache.store import CacheEntry, StoreWarning, open_store
 from single_thread import one_torch_thread  # noqa: F401  (autouse fixture)
@@ -44,7 +44,7 @@ def test_same_module_same_context_is_stored_once(encoding):
     # B reused m and the root text before it from memory (one copy held), encoded only the rest.
     assert rep.memory_hits >= 2 and rep.encoded_segments >= 1
     assert store.counters["puts"] - puts == rep.encoded_segments
-    held = [r for r in pc._modules.residents() if r.key == key_a[seg_m("sa")]]
+    held = [r for r in pc.module_cache.residents() if r.key == key_a[seg_m("sa")]]
     assert len(held) == 1
     # Both schemas answer exactly like the oracle.
     for prompt in (PROMPT_A, PROMPT_B):

@@ -5,7 +5,7 @@ from __future__ import annotations
 import torch
 
 from engine_fixtures import FULL_PROMPTS, FULL_SCHEMA, make_cache
-from promptcache.partial_encode import forwards_needed
+from promptcache.plan import forwards_needed
 from promptcache.plan import EncodeGroup, encode_groups, encoding_contexts, stored_segments
 from single_thread import one_torch_thread  # noqa: F401  (autouse fixture)
 
@@ -68,13 +68,12 @@ def test_engine_re_encodes_one_dropped_module_exactly():
     expected = pc.next_token_logits(prompt)
     state = pc.schemas["t"]
     victim = next(s.index for s in layout.segments if s.kind == "parameter") + 1
-    pc._modules._remove(state.keys[victim].tier_key)  # as if evicted with no store
+    pc.module_cache.drop(state.keys[victim].tier_key)  # as if evicted with no store
     forwards = []
-    real = pc._forward
-    pc._forward = lambda *a, **k: forwards.append(len(a[0])) or real(*a, **k)  # type: ignore[method-assign]
+    pc.runner.forward_hooks.append(forwards.append)  # called with each forward's query count
     got = pc.next_token_logits(prompt)
     assert len(forwards) == 2  # the re-encode run (slot + segment), then the request's prefill
     assert forwards[0] == len(layout.segments[victim - 1].tokens) + len(layout.segments[victim].tokens)
     assert (got - expected).abs().max() < 1e-5
-    assert pc._modules.where(state.keys[victim].tier_key) == "device"
+    assert pc.module_cache.where(state.keys[victim].tier_key) == "device"
     assert torch.equal(pc.next_token_logits(prompt), got)

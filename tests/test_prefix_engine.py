@@ -15,7 +15,7 @@ import torch
 
 from promptcache.pml.errors import PMLError
 from promptcache.pml.parser import parse_prompt
-from promptcache.prefix.engine_glue import CHAT, PML, TEXT, prompt_kind
+from promptcache.prefix.runner import CHAT, PML, TEXT, prompt_kind
 from promptcache.engine import PromptCache
 from engine_fixtures import FULL_PROMPTS, FULL_SCHEMA, OVERRIDES, make_cache
 from tiny_models import tiny_model
@@ -183,9 +183,11 @@ def test_stats_and_stored_values_own_their_memory():
     per_token = pc.bytes_per_token()
     assert s["bytes_held"] == s["tokens_held"] * per_token
     storages = {}
-    for node in tree._iter_nodes():
-        assert len(node.value) == pc.num_layers
-        for k, v in node.value:
+    for node in tree.iter_nodes():
+        assert node.value.num_layers == pc.num_layers
+        assert node.value.positions.tolist() == list(range(len(node.prefix_tokens()) - len(node.key),
+                                                           len(node.prefix_tokens())))
+        for k, v in node.value.pairs():
             assert k.shape == v.shape == (pc.kv_heads, len(node.key), pc.head_dim)
             for t in (k, v):
                 storages[t.untyped_storage().data_ptr()] = t.untyped_storage().nbytes()
@@ -218,14 +220,14 @@ def test_eviction_under_budget_keeps_in_use_nodes():
         if not seen:
             tree.evict(10 ** 12)
             seen["tokens"] = tree.tokens_held
-            seen["locked"] = [n.lock_ref for n in tree._iter_nodes()]
+            seen["locked"] = [n.lock_ref for n in tree.iter_nodes()]
 
     res = pc.generate(held + " more", max_new_tokens=3, stream=during)
     assert res.cached_tokens >= len(held)
     assert seen["tokens"] >= res.cached_tokens and all(seen["locked"])
     base = pc.generate(held + " more", max_new_tokens=3, use_cache=False)
     assert res.token_ids == base.token_ids
-    assert all(n.lock_ref == 0 for n in tree._iter_nodes())  # released after the request
+    assert all(n.lock_ref == 0 for n in tree.iter_nodes())  # released after the request
     tree.evict(10 ** 12)
     assert pc.prefix_stats()["bytes_held"] == 0
 

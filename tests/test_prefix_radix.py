@@ -10,7 +10,7 @@ from hypothesis.stateful import (Bundle, RuleBasedStateMachine, consumes, initia
                                  rule)
 
 from promptcache.prefix import (LFUPolicy, PrefixCacheError, RadixTree, TTLPolicy,
-                                layered_kv_split, make_policy, sequence_split)
+                                make_policy, sequence_split)
 from promptcache.prefix.radix import _common_len
 
 BPT = 3  # bytes per token in these tests: sizes stay exact under proportional splits
@@ -169,23 +169,26 @@ def test_insert_with_explicit_start_trims_what_the_tree_already_holds():
         t.insert([7, 8, 9], [9], BPT, start=2)
 
 
-def test_layered_kv_values_split_along_the_token_axis():
+def test_module_kv_values_split_along_the_token_axis():
     torch = pytest.importorskip("torch")
+    from promptcache.prefix.runner import kv_split
+    from promptcache.runtime.kv import ModuleKV
+
     tokens = [5, 6, 7, 8, 9]
-    # two layers of (k, v) shaped [batch, heads, tokens, head_dim]; entry = token id
-    full = [(torch.tensor(tokens, dtype=torch.float32).view(1, 1, 5, 1).expand(1, 2, 5, 3) + layer,
-             -torch.tensor(tokens, dtype=torch.float32).view(1, 1, 5, 1).expand(1, 2, 5, 3))
-            for layer in (0, 100)]
-    t = RadixTree(split=layered_kv_split)
+    # two layers of keys/values shaped [heads, tokens, head_dim]; entry = token id
+    ids = torch.tensor(tokens, dtype=torch.float32).view(1, 5, 1).expand(2, 5, 3)
+    full = ModuleKV([ids + layer for layer in (0, 100)], [-ids for _ in (0, 100)], torch.arange(5))
+    t = RadixTree(split=kv_split)
     t.insert(tokens, full, 5 * 48)
     t.insert([5, 6, 1], None, 0)  # diverges after 2 tokens: cuts the KV edge
     m = t.match_prefix([5, 6, 7, 0])
     assert m.length == 3 and [n.key for n in m.nodes] == [(5, 6), (7, 8, 9)] and m.partial
     parts = t.gather(m)
     for layer in range(2):
-        k = torch.cat([p[layer][0] for p in parts], dim=-2)
-        assert k.shape == (1, 2, 3, 3)
-        assert torch.equal(k, full[layer][0][..., :3, :])
+        k = torch.cat([p.keys[layer] for p in parts], dim=-2)
+        assert k.shape == (2, 3, 3)
+        assert torch.equal(k, full.keys[layer][:, :3, :])
+    assert torch.cat([p.positions for p in parts]).tolist() == [0, 1, 2]
     assert t.bytes_held == 5 * 48 and m.nodes[0].nbytes == 2 * 48
 
 

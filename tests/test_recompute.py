@@ -22,7 +22,8 @@ from engine_fixtures import (DEFAULT_PATH_PROMPT, DEFAULT_PATH_SCHEMA, FULL_PROM
                              make_cache)
 from promptcache.engine import PromptCache
 from promptcache.recompute import (CHECK_LAYER, RecomputePolicy, boundary_indices, CachedSpan,
-                                   parse_policy, select_tokens, top_k_by_score)
+                                   parse_policy, top_k_by_score)
+from promptcache.runtime.runner import DecodeSequence
 from tiny_models import tiny_model
 from tiny_tokenizer import tiny_tokenizer
 
@@ -179,11 +180,11 @@ def test_boundary_equals_partial_oracle(family, k):
     pc = deep_cache(family, layers=3)
     pc.add_schema(FULL_SCHEMA)
     for name, prompt in FULL_PROMPTS.items():
-        sel = select_tokens(pc, prompt, f"boundary:{k}")
+        sel = pc.select_tokens(prompt, f"boundary:{k}")
         got = pc.next_token_logits(prompt, recompute=f"boundary:{k}")
         assert maxdiff(got, partial_oracle_logits(pc, prompt, sel.indices)) <= TOL, f"{family}/{name}"
     # the oracle is sharp: the spliced logits (nothing recomputed) are far from it
-    sel = select_tokens(pc, MULTI, f"boundary:{k}")
+    sel = pc.select_tokens(MULTI, f"boundary:{k}")
     assert maxdiff(pc.next_token_logits(MULTI), partial_oracle_logits(pc, MULTI, sel.indices)) > 1e-3
 
 
@@ -193,15 +194,15 @@ def test_decoding_after_recompute_matches_partial_oracle(family):
     pc = deep_cache(family, layers=3)
     pc.add_schema(FULL_SCHEMA)
     policy = "boundary:2"
-    chosen = select_tokens(pc, MULTI, policy).indices
-    state, request = pc._request(MULTI)
+    chosen = pc.select_tokens(MULTI, policy).indices
+    state, request = pc.request(MULTI)
     generated: list[int] = []
     with torch.inference_mode():
-        logits, cache, next_pos, recomputed = pc._prefill_cached(state, request, policy)
+        logits, cache, next_pos, recomputed = pc.prefill_cached(state, request, policy)
         assert recomputed == len(chosen) > 0
         for step in range(3):
             generated.append(int(logits.argmax()))
-            logits = pc._decode_step(generated[-1], next_pos + step, cache)
+            logits = pc.runner.decode_step([DecodeSequence(cache, generated[-1], next_pos + step)])[0]
             want = partial_oracle_logits(pc, MULTI, chosen, generated)
             assert maxdiff(logits.float(), want) <= TOL, f"{family} step {step}"
         assert cache.get_seq_length() == request.num_cached + len(request.computed_ids) + 3
@@ -248,20 +249,20 @@ def test_selection_is_deterministic():
     pc = deep_cache("llama")
     pc.add_schema(FULL_SCHEMA)
     for policy in ("deviation:0.3", "deviation:0.05", "boundary:2"):
-        a, b = select_tokens(pc, MULTI, policy), select_tokens(pc, MULTI, policy)
+        a, b = pc.select_tokens(MULTI, policy), pc.select_tokens(MULTI, policy)
         assert torch.equal(a.indices, b.indices)
         assert torch.all(a.indices[1:] > a.indices[:-1])
     other = deep_cache("llama")  # a second engine with the same weights chooses the same tokens
     other.add_schema(FULL_SCHEMA)
-    assert torch.equal(select_tokens(other, MULTI, "deviation:0.3").indices,
-                       select_tokens(pc, MULTI, "deviation:0.3").indices)
+    assert torch.equal(other.select_tokens(MULTI, "deviation:0.3").indices,
+                       pc.select_tokens(MULTI, "deviation:0.3").indices)
 
 
 @pytest.mark.parametrize("ratio", [0.05, 0.3, 0.5, 1.0])
 def test_deviation_count_and_scores(ratio):
     pc = deep_cache("mpt")
     pc.add_schema(FULL_SCHEMA)
-    sel = select_tokens(pc, MULTI, f"deviation:{ratio}")
+    sel = pc.select_tokens(MULTI, f"deviation:{ratio}")
     n = pc.plan(MULTI).num_cached
     assert len(sel) == math.ceil(ratio * n)
     assert pc.generate(MULTI, max_new_tokens=1, recompute=f"deviation:{ratio}").recomputed_tokens == len(sel)

@@ -7,8 +7,8 @@ import torch
 from transformers.models.llama.modeling_llama import apply_rotary_pos_emb
 
 from engine_fixtures import make_cache
-from promptcache.kvcache import ModuleKV
-from promptcache.relocate import Relocation, relocation_for, rotate_keys, rotation
+from promptcache.runtime.kv import ModuleKV
+from promptcache.modules.relocate import Relocation, relocation_for, rotate_keys, rotation
 from promptcache.store import open_store
 from tiny_models import prepared
 from single_thread import one_torch_thread  # noqa: F401  (autouse fixture)

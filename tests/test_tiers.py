@@ -6,11 +6,11 @@ import pytest
 import torch
 
 from engine_fixtures import FULL_PROMPTS, FULL_SCHEMA, make_cache
-from promptcache.kvcache import ModuleKV
-from promptcache.module_keys import ModuleKey
-from promptcache.relocate import Relocation
+from promptcache.runtime.kv import ModuleKV
+from promptcache.modules.keys import ModuleKey
+from promptcache.modules.relocate import Relocation
 from promptcache.store import open_store
-from promptcache.tiers import TieredModuleCache
+from promptcache.modules.tiers import TieredModuleCache
 from single_thread import one_torch_thread  # noqa: F401  (autouse fixture)
 
 PROMPTS = list(FULL_PROMPTS.values())
@@ -90,8 +90,8 @@ def test_store_write_back_when_write_through_failed(reference):
     pc.add_schema(FULL_SCHEMA)
     assert pc.memory_report()["tiers"]["store"]["failed_puts"] == len(pc.schemas["t"].keys)
     store.put = real_put
-    pc._modules.budget["device"] = 0  # now evict everything: device -> host -> store (write-back)
-    pc._modules.enforce()
+    pc.module_cache.budget["device"] = 0  # now evict everything: device -> host -> store (write-back)
+    pc.module_cache.enforce()
     tiers = pc.memory_report()["tiers"]
     assert tiers["store"]["write_backs"] == len(pc.schemas["t"].keys) == len(store.list())
     assert tiers["device"]["entries"] == tiers["host"]["entries"] == 0
@@ -151,15 +151,14 @@ def test_pinned_entries_are_never_evicted_during_a_request(monkeypatch):
     pc = make_cache("llama", "scaffold", max_device_bytes=0, max_host_bytes=0, store=open_store("memory://"))
     pc.add_schema(FULL_SCHEMA)
     seen = []
-    real = pc._prefill_spliced
+    state, request = pc.request(PROMPTS[0])
 
-    def spy(state, request, recompute, kv):
-        pc._modules.enforce()  # eviction pressure in the middle of the request
-        held = {pc._modules.where(state.keys[i].tier_key) for i, _ in request.cached_spans}
+    def spy(n_queries):  # runs before the request's prefill forward, modules fetched and pinned
+        pc.module_cache.enforce()  # eviction pressure in the middle of the request
+        held = {pc.module_cache.where(state.keys[i].tier_key) for i, _ in request.cached_spans}
         seen.append((held, pc.memory_report()["tiers"]["device"]["pinned"]))
-        return real(state, request, recompute, kv)
 
-    monkeypatch.setattr(pc, "_prefill_spliced", spy)
+    monkeypatch.setattr(pc.runner, "forward_hooks", [spy])
     pc.next_token_logits(PROMPTS[0])
     held, pinned = seen[0]
     assert held == {"device"} and pinned > 0
@@ -202,16 +201,14 @@ def test_tier_rejects_bad_budgets():
 
 def test_a_failed_add_schema_leaves_nothing_in_memory(monkeypatch):
     pc = make_cache("llama", "scaffold")
-    real = pc._forward
     calls = []
 
-    def failing(*a, **k):
+    def failing(n_queries):
         calls.append(1)
         if len(calls) == 2:
             raise KeyboardInterrupt
-        return real(*a, **k)
 
-    monkeypatch.setattr(pc, "_forward", failing)
+    monkeypatch.setattr(pc.runner, "forward_hooks", [failing])
     with pytest.raises(KeyboardInterrupt):
         pc.add_schema(FULL_SCHEMA)
     rep = pc.memory_report()

@@ -16,10 +16,12 @@ position, so a contiguous forward is bit-for-bit unchanged:
   folded into the additive mask, as Falcon does (its eager path also adds it a second time inside
   the attention, a transformers quirk that is preserved).
 
-Key positions: the cached keys' positions recorded on the cache (``set_key_positions``; ``0 ..
+Key positions: the cached keys' positions (a ``SplicedCache``'s ``key_positions`` field, set by the
+model runner, or those recorded on another cache with ``set_key_positions``; ``0 ..
 past-1`` when absent, as for an ordinary cache) followed by the forward's ``position_ids``
 (``past .. past+q-1`` when absent, the model's own default). After the forward the cache's
-recorded positions include the new tokens, so step-by-step generation keeps working.
+recorded positions of a plain cache include the new tokens, so step-by-step generation keeps
+working (the runner does the same for its ``SplicedCache``).
 
 The patch only touches THIS model object: ``forward`` of its base model (and, for MPT, of the
 head model, which drops ``position_ids``) and one method per attention module are replaced on the
@@ -38,7 +40,7 @@ from transformers import DynamicCache, PreTrainedModel
 from transformers.masking_utils import create_causal_mask
 from transformers.models.falcon.modeling_falcon import build_alibi_tensor as falcon_alibi_tensor
 
-from .positions import get_key_positions, past_key_positions, set_key_positions
+from .positions import get_key_positions, owns_key_positions, past_key_positions, set_key_positions
 
 _PATCHED = "_promptcache_alibi"
 _POSITION_IDS: contextvars.ContextVar[torch.Tensor | None] = contextvars.ContextVar(
@@ -68,7 +70,8 @@ def key_positions(cache: Any, past_len: int, position_ids: torch.Tensor | None, 
 
 
 def _record(cache: Any, k_pos: torch.Tensor) -> None:
-    if cache is not None:
+    """Remember the keys' positions on a plain cache (a ``SplicedCache``'s runner sets its own)."""
+    if cache is not None and not owns_key_positions(cache):
         same = k_pos.shape[0] == 1 or bool((k_pos == k_pos[:1]).all())
         set_key_positions(cache, k_pos[:1] if same else k_pos)
 

@@ -2,7 +2,9 @@
 
 The engine never looks at a model's internals: it asks the adapter how big a layer's K/V is,
 what to pass as ``attention_mask`` for an arbitrary visibility pattern at arbitrary layout
-positions, and which role markers to use when the tokenizer has no chat template. ``prepare``
+positions, whether layers have a sliding window, where the decoder layers are, how cached modules
+relocate (when the family decides it), and which role markers to use when the tokenizer has no
+chat template. ``prepare``
 installs whatever the family needs so that ONE ordinary forward with explicit ``position_ids``
 and the adapter's mask is the exact reference (the "oracle") for the spliced-cache path.
 """
@@ -13,7 +15,10 @@ import warnings
 from typing import Any
 
 import torch
+from torch import nn
 from transformers import PreTrainedConfig, PreTrainedModel
+
+from ..roles import GENERIC_ROLES
 
 # Attention implementations whose kernels take an arbitrary 4-D additive float mask. Flash
 # attention (varlen kernels, 2-D padding masks only) and paged/kernel back-ends do not.
@@ -21,13 +26,6 @@ MASK_4D_IMPLEMENTATIONS = ("eager", "sdpa")
 
 Roles = dict[str, Any]  # {"system": (open, close), "user": ..., "assistant": ..., "generation": str}
 
-# "System: ..." lines, for base models without a chat template (Falcon, MPT).
-PLAIN_ROLES: Roles = {
-    "system": ("System: ", "\n"),
-    "user": ("User: ", "\n"),
-    "assistant": ("Assistant: ", "\n"),
-    "generation": "Assistant:",
-}
 
 
 class UnsupportedModelError(ValueError):
@@ -74,6 +72,7 @@ class ModelAdapter:
 
     family: str = ""
     model_types: tuple[str, ...] = ()
+    roles: Roles = GENERIC_ROLES  # fallback role markers (tokenizers without a chat template)
 
     def __init__(self, config: PreTrainedConfig) -> None:
         self.config = config
@@ -140,10 +139,27 @@ class ModelAdapter:
         """The sliding window of the model's windowed layers, or ``None`` when it has none."""
         return None
 
+    def decoder_layers(self, model: PreTrainedModel) -> nn.ModuleList:
+        """The model's list of decoder blocks (``layers``/``h``/``blocks`` of its base model)."""
+        base = model.base_model
+        base = getattr(base, "language_model", base)  # multimodal wrappers (e.g. Gemma 3)
+        for name in ("layers", "h", "blocks"):
+            layers = getattr(base, name, None)
+            if isinstance(layers, nn.ModuleList):
+                return layers
+        raise TypeError(f"cannot find the decoder layers of {type(model).__name__} "
+                        "(looked for layers/h/blocks on its base model)")
+
+    def fixed_relocation(self, model: PreTrainedModel) -> tuple[str, str] | None:
+        """``(mode, reason)`` when the family decides how cached modules move between offsets
+        (see :mod:`promptcache.modules.relocate`); ``None``: inspect the model's rotary embedding."""
+        return None
+
     # -- chat roles ---------------------------------------------------------------------------
     def fallback_roles(self) -> Roles:
-        """Role markers for tokenizers without a chat template (see each family's docstring)."""
-        raise NotImplementedError
+        """Role markers for tokenizers without a chat template: the class's ``roles`` table
+        (see each family's docstring), :data:`promptcache.roles.GENERIC_ROLES` by default."""
+        return dict(self.roles)
 
 
 def check_mask_args(visible: torch.Tensor, q_pos: torch.Tensor, k_pos: torch.Tensor) -> None:

@@ -23,7 +23,7 @@ from transformers import PreTrainedModel
 from transformers.models.falcon.modeling_falcon import FalconAttention, FalconFlashAttention2
 
 from . import alibi
-from .base import PLAIN_ROLES, ModelAdapter, Roles
+from .base import ModelAdapter
 
 
 class FalconAdapter(ModelAdapter):
@@ -57,5 +57,8 @@ class FalconAdapter(ModelAdapter):
         if self.text_config.alibi:
             alibi.install_falcon(model)
 
-    def fallback_roles(self) -> Roles:
-        return dict(PLAIN_ROLES)
+    def fixed_relocation(self, model: PreTrainedModel) -> tuple[str, str] | None:
+        if alibi.is_patched(model):
+            return "absolute", "Falcon ALiBi computes its bias from absolute positions in bfloat16"
+        return None
+

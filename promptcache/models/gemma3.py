@@ -46,6 +46,12 @@ class Gemma3Adapter(LayerTypedAdapter):
 
     family = "gemma3"
     model_types = ("gemma3_text", "gemma3")
+    roles: Roles = {
+        "system": ("<start_of_turn>user\n", "<end_of_turn>\n"),
+        "user": ("<start_of_turn>user\n", "<end_of_turn>\n"),
+        "assistant": ("<start_of_turn>model\n", "<end_of_turn>\n"),
+        "generation": "<start_of_turn>model\n",
+    }
 
     def prepare(self, model: PreTrainedModel) -> PreTrainedModel:
         if getattr(self.text_config, "use_bidirectional_attention", False):
@@ -53,10 +59,3 @@ class Gemma3Adapter(LayerTypedAdapter):
                 "Gemma 3 with use_bidirectional_attention (an embedding model) is not a causal decoder")
         return super().prepare(model)
 
-    def fallback_roles(self) -> Roles:
-        return {
-            "system": ("<start_of_turn>user\n", "<end_of_turn>\n"),
-            "user": ("<start_of_turn>user\n", "<end_of_turn>\n"),
-            "assistant": ("<start_of_turn>model\n", "<end_of_turn>\n"),
-            "generation": "<start_of_turn>model\n",
-        }

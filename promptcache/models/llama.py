@@ -29,11 +29,10 @@ class LlamaAdapter(RopeAdapter):
 
     family = "llama"
     model_types = ("llama",)
+    roles: Roles = {
+        "system": ("<<SYS>>\n", "\n<</SYS>>\n\n"),
+        "user": ("[INST] ", " [/INST]"),
+        "assistant": (" ", " </s>"),
+        "generation": "",
+    }
 
-    def fallback_roles(self) -> Roles:
-        return {
-            "system": ("<<SYS>>\n", "\n<</SYS>>\n\n"),
-            "user": ("[INST] ", " [/INST]"),
-            "assistant": (" ", " </s>"),
-            "generation": "",
-        }

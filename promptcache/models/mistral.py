@@ -27,6 +27,12 @@ class MistralAdapter(RopeAdapter):
 
     family = "mistral"
     model_types = ("mistral",)
+    roles: Roles = {
+        "system": ("", "\n\n"),
+        "user": ("[INST] ", " [/INST]"),
+        "assistant": ("", "</s>"),
+        "generation": "",
+    }
 
     def sliding_window(self) -> int | None:
         return getattr(self.text_config, "sliding_window", None)
@@ -39,10 +45,3 @@ class MistralAdapter(RopeAdapter):
             visible = window_visible(visible, q_pos, k_pos, window)
         return additive_mask(visible, dtype)
 
-    def fallback_roles(self) -> Roles:
-        return {
-            "system": ("", "\n\n"),
-            "user": ("[INST] ", " [/INST]"),
-            "assistant": ("", "</s>"),
-            "generation": "",
-        }

@@ -14,7 +14,7 @@ from __future__ import annotations
 from transformers import PreTrainedModel
 
 from . import alibi
-from .base import PLAIN_ROLES, ModelAdapter, Roles
+from .base import ModelAdapter
 
 
 class MptAdapter(ModelAdapter):
@@ -40,5 +40,6 @@ class MptAdapter(ModelAdapter):
     def _patch(self, model: PreTrainedModel) -> None:
         alibi.install_mpt(model)
 
-    def fallback_roles(self) -> Roles:
-        return dict(PLAIN_ROLES)
+    def fixed_relocation(self, model: PreTrainedModel) -> tuple[str, str] | None:
+        return "none", "MPT ALiBi: the bias depends on key distances only"
+

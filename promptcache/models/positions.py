@@ -4,7 +4,10 @@ A spliced cache holds keys encoded at arbitrary layout positions (gaps between m
 parameter slots), while transformers only knows the cache *length*. RoPE families do not care:
 their keys are rotated once, when encoded. Position-faithful ALiBi (promptcache.models.alibi)
 does care: the bias between a query and a key is a function of the key's layout position, so
-the positions travel with the cache object as a plain attribute.
+the positions travel with the cache object. The engine's own cache
+(:class:`promptcache.runtime.kv.SplicedCache`) has them as a field, ``key_positions`` (``[n]``),
+which its model runner sets; these helpers read that field, and keep positions for any other
+``Cache`` (one a caller or the model itself made) as a plain attribute, recorded by the ALiBi patch.
 """
 
 from __future__ import annotations
@@ -23,13 +26,23 @@ def set_key_positions(cache: object, positions: torch.Tensor) -> None:
         positions = positions.unsqueeze(0)
     if positions.dim() != 2:
         raise ValueError(f"key positions must be [batch, n], got shape {tuple(positions.shape)}")
-    setattr(cache, _ATTR, positions.to(torch.long))
+    if owns_key_positions(cache):
+        cache.key_positions = positions[0].to(torch.long)  # type: ignore[attr-defined]
+    else:
+        setattr(cache, _ATTR, positions.to(torch.long))
+
+
+def owns_key_positions(cache: object | None) -> bool:
+    """Whether ``cache`` carries its key positions as a field its runner sets (``SplicedCache``)."""
+    return isinstance(getattr(cache, "key_positions", None), torch.Tensor)
 
 
 def get_key_positions(cache: object | None) -> torch.Tensor | None:
     """The positions recorded by :func:`set_key_positions`, or ``None`` when none were."""
     if cache is None:
         return None
+    if owns_key_positions(cache):
+        return cache.key_positions[None]  # type: ignore[attr-defined]
     return getattr(cache, _ATTR, None)
 
 

@@ -42,11 +42,10 @@ class Qwen2Adapter(LayerTypedAdapter):
 
     family = "qwen2"
     model_types = ("qwen2",)
+    roles: Roles = {
+        "system": ("<|im_start|>system\n", "<|im_end|>\n"),
+        "user": ("<|im_start|>user\n", "<|im_end|>\n"),
+        "assistant": ("<|im_start|>assistant\n", "<|im_end|>\n"),
+        "generation": "<|im_start|>assistant\n",
+    }
 
-    def fallback_roles(self) -> Roles:
-        return {
-            "system": ("<|im_start|>system\n", "<|im_end|>\n"),
-            "user": ("<|im_start|>user\n", "<|im_end|>\n"),
-            "assistant": ("<|im_start|>assistant\n", "<|im_end|>\n"),
-            "generation": "<|im_start|>assistant\n",
-        }

@@ -7,11 +7,10 @@ prefix caching would save on a batch of prompts without running a model.
 from .analyze import AnalysisReport, analyze, analyze_main
 from .eviction import EvictionPolicy, LFUPolicy, LRUPolicy, TTLPolicy, make_policy
 from .radix import (InsertResult, MatchResult, PrefixCacheError, RadixNode, RadixTree, TreeStats,
-                    layered_kv_split, sequence_split)
+                    sequence_split)
 
 __all__ = [
     "AnalysisReport", "analyze", "analyze_main",
     "EvictionPolicy", "LFUPolicy", "LRUPolicy", "TTLPolicy", "make_policy", "InsertResult",
     "MatchResult", "PrefixCacheError", "RadixNode", "RadixTree", "TreeStats", "sequence_split",
-    "layered_kv_split",
 ]

@@ -163,17 +163,6 @@ def sequence_split(value: Any, at: int) -> tuple[Any, Any]:
     return value[:at], value[at:]
 
 
-def layered_kv_split(value: Sequence[tuple[Any, Any]], at: int) -> tuple[list, list]:
-    """Split callback for per-layer ``(k, v)`` pairs with tokens on axis -2.
-
-    That is the transformers layout ``[batch, heads, tokens, head_dim]``; slices are views, so
-    cutting an edge copies nothing.
-    """
-    left = [(k[..., :at, :], v[..., :at, :]) for k, v in value]
-    right = [(k[..., at:, :], v[..., at:, :]) for k, v in value]
-    return left, right
-
-
 def _common_len(edge: tuple, key: tuple, i: int, limit: int) -> int:
     """Length of the common prefix of ``edge`` and ``key[i:]``, at most ``limit``.
 
@@ -426,13 +415,13 @@ class RadixTree:
     def _enqueue(self, node: RadixNode) -> None:
         queue = self._queue
         if len(queue) > 2 * self._nodes + 256:  # mostly stale entries: start afresh
-            queue.rebuild(self._iter_nodes())
+            queue.rebuild(self.iter_nodes())
         else:
             queue.push(node)
 
     def _live_queue(self) -> LeafQueue:
         if not self._queue_live:
-            self._queue.rebuild(self._iter_nodes())
+            self._queue.rebuild(self.iter_nodes())
             self._queue_live = True
         return self._queue
 
@@ -519,7 +508,8 @@ class RadixTree:
             return target.node
         raise TypeError(f"expected a RadixNode, MatchResult or InsertResult, got {type(target)}")
 
-    def _iter_nodes(self) -> Iterator[RadixNode]:
+    def iter_nodes(self) -> Iterator[RadixNode]:
+        """Every node but the root (depth first, no order promised)."""
         stack = list(self._root.children.values())
         while stack:
             node = stack.pop()
@@ -547,7 +537,7 @@ class RadixTree:
 
     def sequences(self) -> list[tuple[int, ...]]:
         """Every cached root-to-leaf token sequence (for debugging and tests; walks the tree)."""
-        return [n.prefix_tokens() for n in self._iter_nodes() if not n.children]
+        return [n.prefix_tokens() for n in self.iter_nodes() if not n.children]
 
     def reset_stats(self) -> None:
         self._lookups = self._hits = self._looked_up = self._reused = 0

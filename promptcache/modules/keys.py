@@ -12,7 +12,7 @@ two schemas that contain the same module with the same context therefore share o
 different context (other text, other positions, another policy) gives another key. Nothing else
 is trusted: no module names, no schema names.
 
-Positions: for models whose modules can be relocated (:mod:`promptcache.relocate`), positions
+Positions: for models whose modules can be relocated (:mod:`promptcache.modules.relocate`), positions
 are made relative to ``base``, the first position of the context plus the segment, so the same
 content at another offset has the same key; the absolute offset at which the stored tensors were
 encoded goes into the entry's meta (``offset``), and the engine relocates on load. Otherwise
@@ -27,8 +27,8 @@ from typing import Sequence
 
 import numpy as np
 
-from .pml.layout import Layout, Segment
-from .store import make_key
+from ..pml.layout import Layout, Segment
+from ..store import make_key
 
 KEY_SCHEME = "promptcache-module-v1"
 

@@ -4,7 +4,7 @@ A module's KV depends on positions only through *relative* distances when (a) at
 depend on ``q - k`` alone and (b) the cached tensors carry either no position or one that can be
 changed after the fact. Then a module encoded with its whole context at offset ``p`` can be moved
 to ``p + d`` without a forward, and the store can key it by content with positions made relative
-(:mod:`promptcache.module_keys`). Three cases:
+(:mod:`promptcache.modules.keys`). Three cases:
 
 * ``rotate`` -- RoPE families whose frequencies do not depend on sequence length. A cached key is
   ``R(p*theta) k`` (HF convention ``k*cos + rotate_half(k)*sin``), so ``R(d*theta)`` applied to it
@@ -32,9 +32,9 @@ from dataclasses import dataclass, field
 
 import torch
 
-from .kvcache import ModuleKV
-from .models import alibi
-from .models.base import text_config
+from ..models import alibi
+from ..models.base import text_config
+from ..runtime.kv import ModuleKV
 
 ROTATABLE_ROPE_TYPES = ("default", "linear", "llama3")
 
@@ -71,7 +71,7 @@ class Relocation:
             if cs is None:
                 cs = cache[id(inv)] = rotation(inv, delta, k.device)
             keys.append(rotate_keys(k, *cs))
-        return ModuleKV(keys, list(kv.values))
+        return ModuleKV(keys, list(kv.values), kv.positions)
 
 
 def rotation(inv_freq: torch.Tensor, delta: int, device: torch.device) -> tuple[torch.Tensor, torch.Tensor]:
@@ -91,10 +91,11 @@ def rotate_keys(k: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.
 
 def relocation_for(model, adapter) -> Relocation:
     """Inspect ``model`` (already prepared by ``adapter``) and decide how its modules relocate."""
+    fixed = adapter.fixed_relocation(model)  # the family knows (ALiBi: MPT "none", Falcon "absolute")
+    if fixed is not None:
+        return Relocation(*fixed)
     if alibi.is_patched(model):
-        if adapter.family == "mpt":
-            return Relocation("none", "MPT ALiBi: the bias depends on key distances only")
-        return Relocation("absolute", "Falcon ALiBi computes its bias from absolute positions in bfloat16")
+        return Relocation("absolute", "ALiBi without a family rule")
     rotaries = [m for m in model.modules() if type(m).__name__.endswith("RotaryEmbedding")]
     if len(rotaries) != 1:
         return Relocation("absolute", f"{len(rotaries)} rotary embedding modules (expected one)")

@@ -15,10 +15,10 @@ entry a running request has *pinned* is never evicted. Budgets are enforced betw
 working set exceeds a budget runs, then the tier shrinks back.
 
 A lookup that misses every tier returns ``None``; the engine then re-encodes (see
-:mod:`promptcache.partial_encode`). Entries are shared: two schemas that need the same content
+:func:`promptcache.plan.forwards_needed`). Entries are shared: two schemas that need the same content
 key hold one copy (reference-counted per schema; dropped from memory when no schema needs it).
 Entries loaded from the store, or found in memory at another offset, are relocated
-(:mod:`promptcache.relocate`) when their offset differs.
+(:mod:`promptcache.modules.relocate`) when their offset differs.
 """
 
 from __future__ import annotations
@@ -31,10 +31,10 @@ from typing import Callable, Iterable, Iterator, Mapping
 
 import torch
 
-from .kvcache import ModuleKV
-from .module_keys import ModuleKey
+from ..runtime.kv import ModuleKV
+from ..store import CacheEntry, CacheStore, StoreWarning
+from .keys import ModuleKey
 from .relocate import Relocation
-from .store import CacheEntry, CacheStore, StoreWarning
 
 TIERS = ("device", "host")
 
@@ -168,7 +168,7 @@ class TieredModuleCache:
                           "it will be recomputed", StoreWarning, stacklevel=4)
             return None
         self.stats["store"]["hits"] += 1
-        kv = ModuleKV([k for k, _ in entry.tensors], [v for _, v in entry.tensors])
+        kv = ModuleKV.from_pairs(entry.tensors)
         offset = int(entry.meta["offset"])
         if offset != key.base:
             self.relocations += 1
@@ -214,7 +214,7 @@ class TieredModuleCache:
             return res.kv
 
     def _store_put(self, key: ModuleKey, kv: ModuleKV, meta: dict) -> bool:
-        ok = self.store.put(key.store_key, CacheEntry(list(zip(kv.keys, kv.values)), dict(meta)))
+        ok = self.store.put(key.store_key, CacheEntry(kv.pairs(), dict(meta)))
         self.stats["store"]["puts" if ok else "failed_puts"] += 1
         return ok
 
@@ -241,6 +241,14 @@ class TieredModuleCache:
                     del self.refs[tk]
                     if self.where(tk) is not None:
                         self._remove(tk)
+
+    def drop(self, tier_key: str) -> bool:
+        """Forget the memory copy of ``tier_key`` (as if evicted with no store); False if none held."""
+        with self._lock:
+            if self.where(tier_key) is None:
+                return False
+            self._remove(tier_key)
+            return True
 
     def drop_unreferenced(self, tier_keys: Iterable[str]) -> None:
         """Forget entries of these keys that no schema references (an ``add_schema`` that failed)."""

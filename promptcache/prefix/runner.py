@@ -1,5 +1,8 @@
 """Automatic prefix caching in the engine, for prompts written without PML.
 
+:class:`PrefixRunner` gets the model runner, the tokenizer and renderer and the EOS ids from the
+engine; it never imports the engine.
+
 Dispatch (:func:`prompt_kind`; ``PromptCache.generate`` and ``next_token_logits`` call it first):
 
 * a :class:`~promptcache.pml.model.Prompt`, an ``os.PathLike``, a string naming an existing file
@@ -15,9 +18,9 @@ One request with ``use_cache=True`` (see docs/prefix.md):
 1. Look up the longest cached prefix of the prompt's first ``n - 1`` tokens: the last prompt
    token is always computed, its logits being the first answer token's distribution.
 2. Lock the matched path for the request, so eviction never drops KV a request is using.
-3. Assemble a :class:`~promptcache.kvcache.SplicedCache` whose pieces ARE the tree's values
-   (views; a match ending inside an edge is trimmed with ``layered_kv_split``, also views) and
-   prefill the rest at positions ``m..n-1``. Positions are contiguous from 0, so this is exactly
+3. Prefill the rest at positions ``m..n-1`` with the model runner over a spliced cache whose
+   pieces ARE the tree's values (:class:`~promptcache.runtime.kv.ModuleKV` with positions; a match
+   ending inside an edge is trimmed with ``ModuleKV.split``, also views). Positions are contiguous from 0, so this is exactly
    the baseline computation, split at ``m``.
 4. Decode as usual; then insert the prompt AND the generated tokens whose KV exists (all but the
    last one, which was never fed back), so that the next turn of a chat, which repeats the
@@ -35,18 +38,17 @@ from typing import Any, Callable, Sequence
 
 import torch
 
-from ..generation import SamplingOptions
-from ..kvcache import ModuleKV, SplicedCache
-from ..models.positions import set_key_positions
 from ..pml.model import Prompt
-from .radix import MatchResult, RadixTree, layered_kv_split
+from ..results import GenerationResult
+from ..runtime.kv import ModuleKV
+from ..runtime.runner import ModelRunner
+from ..runtime.sampling import SamplingOptions
+from .radix import MatchResult, RadixTree
 
 PML, CHAT, TEXT = "pml", "chat", "text"
 # Optional XML declaration and comments, then the <prompt element itself.
 _PML_START = re.compile(r"\s*(?:<\?xml\b.*?\?>\s*)?(?:<!--.*?-->\s*)*<prompt(?![\w.:-])", re.S)
 _MAX_PATH_CHARS = 4096
-
-LayeredKV = list  # [(keys, values)] per layer, each [kv_heads, tokens, head_dim]
 
 
 def prompt_kind(prompt: Any) -> str:
@@ -92,8 +94,9 @@ def chat_token_ids(tokenizer, renderer, messages: Sequence[Mapping]) -> list[int
     return ids + renderer.generation_prompt()
 
 
-def kv_nbytes(value: LayeredKV) -> int:
-    return sum(t.numel() * t.element_size() for pair in value for t in pair)
+def kv_split(value: ModuleKV, at: int) -> tuple[ModuleKV, ModuleKV]:
+    """The tree's split callback: a value cut at token ``at`` (views)."""
+    return value.split(at)
 
 
 @dataclass
@@ -109,20 +112,23 @@ class _Lease:
 
 
 class PrefixRunner:
-    """Serves plain-text and chat prompts for a ``PromptCache`` with an optional prefix tree.
+    """Serves plain-text and chat prompts over a model runner with an optional prefix tree.
 
     ``enabled=False`` keeps no tree: every such request runs the baseline prefill.
     Not thread-safe (nor is the engine).
     """
 
-    def __init__(self, pc, *, enabled: bool = True, max_bytes: int | None = None,
-                 policy: str = "lru", ttl_s: float | None = None) -> None:
-        self.pc = pc
+    def __init__(self, runner: ModelRunner, tokenizer, renderer, eos_ids: set[int], *,
+                 enabled: bool = True, max_bytes: int | None = None, policy: str = "lru",
+                 ttl_s: float | None = None) -> None:
+        self.runner = runner
+        self.tokenizer = tokenizer
+        self.renderer = renderer
+        self.eos_ids = eos_ids
         self.tree: RadixTree | None = None
         if enabled:
             try:
-                self.tree = RadixTree(max_bytes=max_bytes, policy=policy, ttl=ttl_s,
-                                      split=layered_kv_split)
+                self.tree = RadixTree(max_bytes=max_bytes, policy=policy, ttl=ttl_s, split=kv_split)
             except ValueError as err:  # name the engine's options, not the tree's
                 raise ValueError(f"prefix_policy={policy!r}, prefix_ttl_s={ttl_s!r}, "
                                  f"prefix_max_bytes={max_bytes!r}: {err}") from None
@@ -135,11 +141,11 @@ class PrefixRunner:
 
     def token_ids(self, prompt: str | Sequence[Mapping], kind: str | None = None) -> list[int]:
         kind = kind or prompt_kind(prompt)
-        tok = self.pc.tokenizer
+        tok = self.tokenizer
         if kind == TEXT:
             ids = list(tok(prompt)["input_ids"])
         elif kind == CHAT:
-            ids = chat_token_ids(tok, self.pc.renderer, prompt)
+            ids = chat_token_ids(tok, self.renderer, prompt)
         else:
             raise ValueError("PML prompts are served by the engine's module cache, not the prefix tree")
         if not ids:
@@ -150,9 +156,9 @@ class PrefixRunner:
 
     def _prefill(self, ids: list[int], use_cache: bool):
         """``(first-token logits, cache, lease)``; the caller must :meth:`_release` the lease."""
-        pc = self.pc
+        runner = self.runner
         if not use_cache or self.tree is None:
-            logits, cache, _ = pc._prefill_baseline(ids)
+            logits, cache = runner.prefill_baseline(ids)
             return logits, cache, _Lease(None, 0)
         tree = self.tree
         match = tree.match_prefix(ids[:-1])
@@ -160,13 +166,8 @@ class PrefixRunner:
         lease = _Lease(match, match.length)
         try:
             m, n = match.length, len(ids)
-            pieces = [ModuleKV([k for k, _ in value], [v for _, v in value]) for value in tree.gather(match)]
-            cache = SplicedCache(pieces, pc.num_layers, pc.device, pc.reserve_tokens)
-            past_pos = torch.arange(m, device=pc.device)
-            q_pos = torch.arange(m, n, device=pc.device)
-            visible = torch.ones(n - m, n, dtype=torch.bool, device=pc.device).tril(diagonal=m)
-            set_key_positions(cache, past_pos[None])
-            logits = pc._forward(ids[m:], q_pos, past_pos, visible, cache)
+            # Positions are contiguous from 0: exactly the baseline computation, split at m.
+            logits, cache = runner.prefill(tree.gather(match), ids[m:], torch.arange(m, n, device=runner.device))
         except BaseException:
             self._release(lease)
             raise
@@ -188,16 +189,17 @@ class PrefixRunner:
             return
         # Views into the request buffer; the tree trims what it already holds, then the stored
         # leaf gets its own copy so the request's buffer is not kept alive.
-        value = [(layer.keys[0, :, start:kv_len], layer.values[0, :, start:kv_len])
-                 for layer in cache.layers]
-        nbytes = kv_nbytes(value)
+        value = ModuleKV([layer.keys[0, :, start:kv_len] for layer in cache.layers],
+                         [layer.values[0, :, start:kv_len] for layer in cache.layers],
+                         cache.key_positions[start:kv_len])
+        nbytes = value.nbytes
         if tree.max_bytes is not None and nbytes > tree.max_bytes:
             self.inserts_skipped += 1  # would evict everything, itself included
             return
         res = tree.insert(ids[:kv_len], value, nbytes, start=start)
         node = res.node
         if res.added_tokens and node is not None and node.alive:
-            node.value = [(k.clone(), v.clone()) for k, v in node.value]
+            node.value = node.value.clone()
 
     # ---------------------------------------------------------------- requests
 
@@ -212,25 +214,24 @@ class PrefixRunner:
         return logits.float()
 
     def generate(self, prompt, max_new_tokens: int, use_cache: bool, insert: bool,
-                 options: SamplingOptions, stream: Callable[[str], None] | None):
+                 options: SamplingOptions, stream: Callable[[str], None] | None) -> GenerationResult:
         """Same contract and TTFT definition as ``PromptCache.generate`` (tokenization timed)."""
-        from ..engine import GenerationResult  # the engine imports this module
-
-        pc = self.pc
-        pc._sync()
+        runner = self.runner
+        runner.sync()
         t0 = time.perf_counter()
         ids = self.token_ids(prompt)
         logits, cache, lease = self._prefill(ids, use_cache)
         try:
-            pc._sync()
+            runner.sync()
             ttft = time.perf_counter() - t0
             first_logits = logits.float().cpu()
-            generated, text = pc.decode(logits, cache, ids, options, max_new_tokens, stream, len(ids))
+            generated, text = runner.decode(logits, cache, ids, options, max_new_tokens, stream, len(ids),
+                                            self.eos_ids, self.renderer.decode)
             if insert and lease.cached:
                 self._insert(ids + generated, cache, lease.reused)
         finally:
             self._release(lease)
-        pc._sync()
+        runner.sync()
         reused, consulted = lease.reused, use_cache and self.tree is not None
         return GenerationResult(text, generated, ttft, time.perf_counter() - t0, len(ids), reused,
                                 len(ids) - reused, consulted, 0, first_logits)

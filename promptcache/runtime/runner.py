@@ -1,0 +1,214 @@
+"""The model runner: the ONE place that turns KV pieces, new tokens, positions and visibility into
+logits and an updated cache.
+
+Every forward of the package goes through :class:`ModelRunner`: module encoding
+(:mod:`promptcache.modules.encoder`), the spliced and the baseline prefill of a request
+(:mod:`promptcache.engine`), selective recompute's check pass and fused prefill
+(:mod:`promptcache.recompute`), prefix caching (:mod:`promptcache.prefix.runner`), the decode loop
+and the one-forward oracle. The caches it builds are :class:`~promptcache.runtime.kv.SplicedCache`
+objects (also for the baseline: a cache with no pieces), whose ``key_positions`` field it sets
+after every forward; ALiBi and sliding windows read that field.
+
+Visibility is a ``[q, past + q]`` boolean matrix (query i sees key j). When it is the model's own
+causal pattern (contiguous positions after every past key, all past visible) the runner passes a
+2-D mask and lets the model take its fast path; otherwise the adapter builds a 4-D mask from
+layout positions (:meth:`ModelRunner.index_causal`).
+
+Decoding is batch-ready: :meth:`ModelRunner.decode_step` takes a list of
+:class:`DecodeSequence` (each with its own cache, token and position) and returns one logits row
+per sequence. It still runs them one at a time (batch 1 per forward); batching them into one
+forward is the server's job and changes nothing in this interface.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Callable, Sequence
+
+import torch
+
+from .kv import ModuleKV, SplicedCache
+from .sampling import SamplingOptions, StopChecker, TokenChooser
+
+ForwardHook = Callable[[int], None]  # called before every forward with its number of query tokens
+
+
+class _StopForward(Exception):
+    """Raised by a pre-hook to end a forward after the layers it needed."""
+
+
+@dataclass
+class DecodeSequence:
+    """One sequence of a decode step: its cache, the token to feed and that token's position."""
+
+    cache: SplicedCache
+    token: int
+    position: int
+
+
+class ModelRunner:
+    """Forwards of one transformers causal LM prepared by its family adapter (module docstring).
+
+    ``reserve_tokens``: room preallocated after a prefill for generated tokens.
+    ``forward_hooks``: callables run before every forward with its query count (tests count
+    forwards with them, or raise to interrupt one).
+    """
+
+    def __init__(self, model, adapter, device: torch.device, dtype: torch.dtype,
+                 reserve_tokens: int = 256) -> None:
+        self.model = model
+        self.adapter = adapter
+        self.device = device
+        self.dtype = dtype
+        self.reserve_tokens = reserve_tokens
+        self.num_layers, self.kv_heads, self.head_dim = adapter.kv_shape(model)
+        self.window = adapter.sliding_window()  # windows are by position: never the index fast path
+        self.forward_hooks: list[ForwardHook] = []
+
+    # ------------------------------------------------------------------ caches
+
+    def positions(self, values: Sequence[int] | range) -> torch.Tensor:
+        return torch.as_tensor(list(values), dtype=torch.long, device=self.device)
+
+    def new_cache(self, pieces: Sequence[ModuleKV] = (), reserve: int | None = None) -> SplicedCache:
+        """A cache spliced from ``pieces`` (each with ``positions``), keys at their positions."""
+        if any(p.positions is None for p in pieces):
+            raise ValueError("every piece of a spliced cache needs its layout positions")
+        past = (torch.cat([p.positions.to(self.device) for p in pieces]) if pieces
+                else torch.zeros(0, dtype=torch.long, device=self.device))
+        return SplicedCache(list(pieces), self.num_layers, self.device,
+                            self.reserve_tokens if reserve is None else reserve, past)
+
+    @staticmethod
+    def causal_visible(past_pos: torch.Tensor, q_pos: torch.Tensor) -> torch.Tensor:
+        """The request rule: a query sees every key at an earlier position, and itself."""
+        return torch.cat([past_pos[None, :] < q_pos[:, None], q_pos[None, :] <= q_pos[:, None]], dim=1)
+
+    # ------------------------------------------------------------------ forwards
+
+    def index_causal(self, past_pos: torch.Tensor, q_pos: torch.Tensor, visible: torch.Tensor) -> bool:
+        """Can the model's own 2-D-mask causal path stand in for ``visible``? (faster, no 4-D mask)"""
+        if self.window is not None:
+            return False
+        n = len(q_pos)
+        contiguous = n == 1 or bool((q_pos[1:] - q_pos[:-1] == 1).all())
+        if not contiguous or (len(past_pos) and int(past_pos.max()) >= int(q_pos[0])):
+            return False
+        return bool(visible[:, : len(past_pos)].all())
+
+    def forward(self, cache: SplicedCache, ids: Sequence[int], q_pos: torch.Tensor,
+                visible: torch.Tensor | None = None, keep: int = 1, logits: bool = True,
+                last_layer: int | None = None) -> torch.Tensor | None:
+        """One forward of ``ids`` at ``q_pos`` over ``cache``; ``visible`` ``[q, past + q]``
+        (default :meth:`causal_visible`). Appends the new keys to ``cache`` and their positions
+        to ``cache.key_positions``.
+
+        Returns the logits of query ``len(ids) - keep`` (default: the last one), or ``None`` with
+        ``logits=False``. ``last_layer``: stop after that decoder layer (layers above it leave no
+        KV; the cache is then only good for reading layers ``0..last_layer``).
+        """
+        for hook in self.forward_hooks:
+            hook(len(ids))
+        past_pos = cache.key_positions
+        if visible is None:
+            visible = self.causal_visible(past_pos, q_pos)
+        input_ids = torch.tensor([list(ids)], dtype=torch.long, device=self.device)
+        if self.index_causal(past_pos, q_pos, visible):
+            mask = torch.ones(1, len(past_pos) + len(ids), dtype=torch.long, device=self.device)
+        else:
+            mask = self.adapter.attention_mask(visible, q_pos, torch.cat([past_pos, q_pos]), self.dtype)
+        stop = None
+        layers = self.adapter.decoder_layers(self.model) if last_layer is not None else []
+        if last_layer is not None and last_layer + 1 < len(layers):
+            def raise_stop(module, args, kwargs):  # noqa: ARG001
+                raise _StopForward
+            stop = layers[last_layer + 1].register_forward_pre_hook(raise_stop, with_kwargs=True)
+        try:
+            out = self.model(input_ids=input_ids, position_ids=q_pos[None], attention_mask=mask,
+                             past_key_values=cache, use_cache=True, logits_to_keep=keep)
+        except _StopForward:
+            out = None
+        finally:
+            if stop is not None:
+                stop.remove()
+        cache.key_positions = torch.cat([past_pos, q_pos])
+        return out.logits[0, 0] if logits and out is not None else None
+
+    def prefill(self, pieces: Sequence[ModuleKV], ids: Sequence[int], q_pos: torch.Tensor,
+                visible: torch.Tensor | None = None, reserve: int | None = None, keep: int = 1,
+                logits: bool = True, last_layer: int | None = None
+                ) -> tuple[torch.Tensor | None, SplicedCache]:
+        """Splice ``pieces`` into a new cache and run ``ids`` at ``q_pos`` over it.
+
+        Returns ``(logits of query len(ids) - keep, cache)``; the rest as in :meth:`forward`.
+        """
+        cache = self.new_cache(pieces, reserve)
+        out = self.forward(cache, ids, q_pos, visible, keep=keep, logits=logits, last_layer=last_layer)
+        return out, cache
+
+    def prefill_baseline(self, ids: Sequence[int]) -> tuple[torch.Tensor, SplicedCache]:
+        """The no-cache baseline: ``ids`` at positions ``0..n-1``, one causal prefill."""
+        logits, cache = self.prefill([], ids, torch.arange(len(ids), device=self.device))
+        return logits, cache
+
+    def oracle_forward(self, plan) -> torch.Tensor:
+        """ONE forward over ``plan`` (positions and 4-D mask); see :func:`oracle_forward`."""
+        return oracle_forward(self.model, self.adapter, plan, self.device, self.dtype)
+
+    # ------------------------------------------------------------------ decoding
+
+    def decode_step(self, batch: Sequence[DecodeSequence]) -> list[torch.Tensor]:
+        """One generated token per sequence, attending to everything in its cache.
+
+        Returns each sequence's next-token logits. Runs the sequences one forward each (batch 1);
+        the interface is the batched one.
+        """
+        out = []
+        for seq in batch:
+            q_pos = torch.tensor([seq.position], dtype=torch.long, device=self.device)
+            visible = torch.ones(1, len(seq.cache.key_positions) + 1, dtype=torch.bool, device=self.device)
+            out.append(self.forward(seq.cache, [seq.token], q_pos, visible))
+        return out
+
+    def decode(self, logits: torch.Tensor, cache: SplicedCache, prompt_ids: list[int],
+               options: SamplingOptions, max_new_tokens: int, stream: Callable[[str], None] | None,
+               next_pos: int, eos_ids: set[int], detokenize: Callable[[list[int]], str]
+               ) -> tuple[list[int], str]:
+        """The token loop after a prefill: choose, stop, feed back at consecutive positions.
+
+        Returns the generated ids and the text kept (cut at a stop string or before EOS).
+        """
+        chooser = TokenChooser(options, prompt_ids, self.device)
+        stopper = StopChecker(eos_ids, options.stop, detokenize)
+        generated: list[int] = []
+        text, shown = "", 0
+        for step in range(max_new_tokens):
+            token = chooser(logits)
+            generated.append(token)
+            finished, text = stopper.done(generated)
+            if stream is not None and len(text) > shown:
+                stream(text[shown:])
+                shown = len(text)
+            if finished or step == max_new_tokens - 1:
+                break
+            logits = self.decode_step([DecodeSequence(cache, token, next_pos)])[0]
+            next_pos += 1
+        return generated, text
+
+    def sync(self) -> None:
+        """Wait for the device (CUDA) so that wall-clock times are honest."""
+        if self.device.type == "cuda":
+            torch.cuda.synchronize(self.device)
+
+
+def oracle_forward(model, adapter, plan, device: torch.device, dtype: torch.dtype) -> torch.Tensor:
+    """ONE forward over ``plan.token_ids`` at ``plan.position_ids`` with a 4-D mask of ``plan.visible``.
+
+    Returns the logits of the last prompt token (the highest position): what the cached path must match.
+    """
+    ids = plan.token_ids.to(device)
+    pos = plan.position_ids.to(device)
+    mask = adapter.attention_mask(plan.visible.to(device), pos, pos, dtype)
+    out = model(input_ids=ids[None], position_ids=pos[None], attention_mask=mask, use_cache=False)
+    last = int(torch.nonzero(plan.in_prompt).max())
+    return out.logits[0, last].float()

@@ -240,28 +240,13 @@ class RadixTree:
             now = self._clock()
             if self._ttl is not None:
                 self._expire(now)
-        node = self._root
-        nodes: list[RadixNode] = []
-        values: list[Any] = []
         n = len(key)
-        i = used = 0
+        values: list[Any] = []
+        nodes: list[RadixNode] = []
+        _, i, child, j = self._descend(key, now, nodes, values)
+        used = len(nodes[-1].key) if nodes else 0
         partial = False
-        while i < n:
-            child = node.children.get(key[i])
-            if child is None:
-                break
-            edge = child.key
-            m = len(edge)
-            child.stamp = now
-            child.hits += 1
-            if key[i:i + m] == edge:
-                nodes.append(child)
-                values.append(child.value)
-                i += m
-                used = m
-                node = child
-                continue
-            j = _common_len(edge, key, i, min(m, n - i))
+        if child is not None:  # the match ends inside this edge, after j of its tokens
             i += j
             if split:
                 child = self._split(child, j)
@@ -270,13 +255,44 @@ class RadixTree:
                 used, partial = j, True
             nodes.append(child)
             values.append(child.value)
-            break
         self._lookups += 1
         self._looked_up += n
         if i:
             self._hits += 1
             self._reused += i
         return _new_tuple(MatchResult, (i, nodes, values, used, partial))
+
+    def _descend(self, key: tuple, now: float, nodes: list | None, values: list | None
+                 ) -> tuple[RadixNode, int, RadixNode | None, int]:
+        """The edge walk shared by lookups and inserts: follow the edges ``key`` matches whole.
+
+        Returns ``(last node matched whole (the root if none), tokens matched so far, the child
+        whose edge the key leaves inside or None, how many of that edge's tokens match)``. Every
+        edge entered gets ``now`` as its stamp. A lookup passes the lists ``nodes`` and ``values``
+        (filled with the nodes matched whole and their values) and counts a hit on every edge
+        entered; an insert passes ``None`` for both.
+        """
+        node = self._root
+        n = len(key)
+        i = 0
+        while i < n:
+            child = node.children.get(key[i])
+            if child is None:
+                break
+            edge = child.key
+            m = len(edge)
+            child.stamp = now
+            if nodes is not None:
+                child.hits += 1
+            if key[i:i + m] == edge:
+                if nodes is not None:
+                    nodes.append(child)
+                    values.append(child.value)
+                i += m
+                node = child
+                continue
+            return node, i, child, _common_len(edge, key, i, min(m, n - i))
+        return node, i, None, 0
 
     def gather(self, result: MatchResult) -> list[Any]:
         """Values covering exactly ``result.length`` tokens: the last one trimmed if partial."""
@@ -303,25 +319,12 @@ class RadixTree:
             self._tick = now = self._tick + 1
         else:
             now = self._clock()
-        node = self._root
         n = len(key)
-        i = 0
-        while i < n:
-            child = node.children.get(key[i])
-            if child is None:
-                break
-            edge = child.key
-            m = len(edge)
-            child.stamp = now
-            if key[i:i + m] == edge:
-                i += m
-                node = child
-                continue
-            j = _common_len(edge, key, i, min(m, n - i))
+        node, i, child, j = self._descend(key, now, None, None)
+        if child is not None:  # diverges (or ends) inside this edge, after j of its tokens
             i += j
             # Ending inside the edge needs no cut: the edge already covers the whole sequence.
             node = child if i == n else self._split(child, j)
-            break
         self._inserts += 1
         added = n - i
         if added:

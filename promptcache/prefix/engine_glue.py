@@ -8,7 +8,8 @@ Dispatch (:func:`prompt_kind`; ``PromptCache.generate`` and ``next_token_logits`
 * a list of message dicts (``{"role", "content"}``): **chat**, the token ids of
   ``tokenizer.apply_chat_template(messages, add_generation_prompt=True)`` (without a template:
   the engine renderer's role markers, as PML uses them);
-* any other string: **plain text**, tokenized with the tokenizer's default special tokens.
+* any other string: **plain text**, tokenized with the tokenizer's default special tokens (its own
+  BOS/EOS; special-token text inside the string stays literal text).
 
 One request with ``use_cache=True`` (see docs/prefix.md):
 
@@ -39,6 +40,7 @@ from ..generation import SamplingOptions
 from ..kvcache import ModuleKV, SplicedCache
 from ..models.positions import set_key_positions
 from ..pml.model import Prompt
+from ..roles import SENTINEL, encode_literal
 from .radix import MatchResult, RadixTree, layered_kv_split
 
 PML, CHAT, TEXT = "pml", "chat", "text"
@@ -74,14 +76,16 @@ def _names_a_file(text: str) -> bool:
 
 
 def chat_token_ids(tokenizer, renderer, messages: Sequence[Mapping]) -> list[int]:
-    """Token ids of ``messages`` plus the generation prompt, as the model is served them."""
+    """Token ids of ``messages`` plus the generation prompt, as the model is served them.
+
+    Message contents are literal text: special-token text in a content never becomes a control
+    token (issue 12, item 1); see :func:`_template_ids`.
+    """
     for i, m in enumerate(messages):
         if not isinstance(m.get("role"), str) or not isinstance(m.get("content"), str):
             raise ValueError(f"message {i} needs string 'role' and 'content' fields, got {dict(m)!r}")
     if getattr(tokenizer, "chat_template", None):
-        out = tokenizer.apply_chat_template([dict(m) for m in messages], add_generation_prompt=True,
-                                            tokenize=True)
-        return list(out["input_ids"] if isinstance(out, Mapping) else out)
+        return _template_ids(tokenizer, renderer, [dict(m) for m in messages])
     ids = renderer.bos()
     for i, m in enumerate(messages):
         role = m["role"]
@@ -90,6 +94,48 @@ def chat_token_ids(tokenizer, renderer, messages: Sequence[Mapping]) -> list[int
                              f"(known: {', '.join(renderer.markers.close)})")
         ids += renderer.role_open(role, i == 0) + renderer.encode(m["content"]) + renderer.role_close(role)
     return ids + renderer.generation_prompt()
+
+
+def _render(tokenizer, messages: list[dict]) -> str:
+    return tokenizer.apply_chat_template(messages, tokenize=False, add_generation_prompt=True)
+
+
+def _template_ids(tokenizer, renderer, messages: list[dict]) -> list[int]:
+    """``apply_chat_template`` ids when the contents add no control token, else a piecewise encoding.
+
+    Benign contents (the usual case) give exactly ``apply_chat_template(..., tokenize=True)``: the
+    rendered text tokenized as the template meant it. The control tokens in it must be those of
+    the same conversation with every content replaced by a sentinel (the template's own). When a
+    content adds one (its text spells ``<|im_end|>`` and the like), the template is rendered with
+    sentinels, cut at them, and its pieces are tokenized as template text while every content is
+    tokenized literally: token boundaries next to a content may then differ from
+    ``apply_chat_template``, but no content ever becomes a control token.
+    """
+    controls = renderer.controls
+    ids = list(tokenizer(_render(tokenizer, messages), add_special_tokens=False)["input_ids"])
+    sentinels = [SENTINEL.format(i) for i in range(len(messages))]
+    probe = _render(tokenizer, [{**m, "content": s} for m, s in zip(messages, sentinels)])
+    expected = [i for i in tokenizer(probe, add_special_tokens=False)["input_ids"] if i in controls]
+    if [i for i in ids if i in controls] == expected:
+        return ids
+    pieces = _cut_at(probe, sentinels)
+    out = renderer.encode_trusted(pieces[0])
+    for m, piece in zip(messages, pieces[1:]):
+        out += renderer.encode(m["content"]) + renderer.encode_trusted(piece)
+    return out
+
+
+def _cut_at(text: str, sentinels: list[str]) -> list[str]:
+    """``text`` cut at each sentinel, which must appear once each, in order."""
+    pieces, rest = [], text
+    for s in sentinels:
+        if rest.count(s) != 1:
+            raise ValueError("a message contains special-token text and the chat template does not "
+                             "render each message content exactly once, so the contents cannot be "
+                             "kept literal; remove the special-token text from the messages")
+        before, rest = rest.split(s)
+        pieces.append(before)
+    return pieces + [rest]
 
 
 def kv_nbytes(value: LayeredKV) -> int:
@@ -137,7 +183,8 @@ class PrefixRunner:
         kind = kind or prompt_kind(prompt)
         tok = self.pc.tokenizer
         if kind == TEXT:
-            ids = list(tok(prompt)["input_ids"])
+            # The tokenizer's own BOS/EOS only: the text itself never becomes a control token.
+            ids = encode_literal(tok, prompt, add_special_tokens=True, controls=self.pc.renderer.controls)
         elif kind == CHAT:
             ids = chat_token_ids(tok, self.pc.renderer, prompt)
         else:

@@ -55,9 +55,12 @@ def register_validate(sub: argparse._SubParsersAction) -> None:
                     "position table (every module, union, parameter and text run with its token "
                     "range). With --prompt, also parse the prompt and check it against the schema "
                     "(modules exist, at most one member per union, arguments fit their parameters).",
-        epilog="Errors are printed as FILE:LINE: message and exit with status 2.")
+        epilog="Errors are printed as FILE:LINE: message and exit with status 2. Files are read "
+               "only if they are regular files within the size limits of docs/security.md.")
     p.add_argument("schema", metavar="SCHEMA.xml", help="the schema file")
     p.add_argument("--prompt", metavar="PROMPT.xml", help="a prompt file to check against the schema")
+    p.add_argument("--allowed-root", metavar="DIR", default=None,
+                   help="folder that src= includes must lie in (default: the schema's own folder)")
     p.add_argument("--tokenizer", metavar="NAME_OR_PATH", default=None,
                    help=f"tokenizer used for the layout (default: {DEFAULT_TOKENIZER})")
     p.add_argument("--toy-tokenizer", action="store_true", help=argparse.SUPPRESS)
@@ -68,7 +71,7 @@ def run_validate(args: argparse.Namespace, ctx: Context) -> int:
     from .pml.layout import build_layout
     from .pml.parser import load_prompt, load_schema
 
-    schema = load_schema(args.schema)
+    schema = load_schema(args.schema, allowed_root=args.allowed_root)
     try:
         renderer = ctx.get_renderer(args.tokenizer, args.toy_tokenizer)
     except (OSError, ValueError, RuntimeError) as e:  # loading.ModelLoadError is a RuntimeError

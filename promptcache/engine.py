@@ -10,6 +10,7 @@ Module caches are keyed by content and held in device/host tiers over an optiona
 
 from __future__ import annotations
 
+import numbers
 import os
 import time
 from dataclasses import dataclass, field
@@ -27,7 +28,7 @@ from .partial_encode import forwards_needed
 from .plan import (POLICIES, Plan, Request, build_plan, encode_groups, encoding_contexts,
                    make_request, stored_segments)
 from .pml.binding import bind
-from .pml.errors import PromptError
+from .pml.errors import PromptError, SchemaError
 from .pml.layout import Layout, build_layout
 from .pml.model import Prompt, Schema
 from .pml.parser import load_prompt, load_schema, parse_prompt, parse_schema
@@ -44,6 +45,8 @@ class GenerationResult:
 
     ``ttft_s`` runs from the call (the prompt PML text not yet parsed) to the first token's logits,
     including parsing, cache assembly and host-to-device copies, with CUDA synchronised.
+    ``window_full``: generation stopped before ``max_new_tokens`` (and before EOS or a stop string)
+    because the next token would not fit in the model's context window (``max_positions``).
     """
 
     text: str
@@ -56,6 +59,7 @@ class GenerationResult:
     use_cache: bool
     recomputed_tokens: int = 0
     first_token_logits: torch.Tensor | None = field(default=None, repr=False)
+    window_full: bool = False
 
 
 @dataclass
@@ -118,6 +122,10 @@ class PromptCache:
         prefix_cache, prefix_max_bytes, prefix_policy, prefix_ttl_s: automatic prefix caching of
             plain-text and chat prompts (a radix tree of KV on the device; byte budget, ``"lru"``,
             ``"lfu"`` or ``"ttl"`` eviction with ``prefix_ttl_s`` seconds); see docs/prefix.md.
+        max_positions: the context window: a schema laid out past it, or a prompt whose positions
+            exceed it, is refused before any tensor is allocated, and generation stops at it.
+            ``None`` (default): the model's own (:meth:`ModelAdapter.max_positions`), which may be
+            unknown (ALiBi Falcon: no check). A smaller value tightens the limit.
     """
 
     def __init__(self, model, tokenizer, *, encoding: str = "scaffold", placement: str = "device",
@@ -125,7 +133,8 @@ class PromptCache:
                  progress: bool = True, recompute: str = "none", store=None,
                  max_device_bytes: int | None = None, max_host_bytes: int | None = None,
                  prefix_cache: bool = True, prefix_max_bytes: int | None = None,
-                 prefix_policy: str = "lru", prefix_ttl_s: float | None = None) -> None:
+                 prefix_policy: str = "lru", prefix_ttl_s: float | None = None,
+                 max_positions: int | None = None) -> None:
         if encoding not in POLICIES:
             raise ValueError(f"encoding must be one of {', '.join(POLICIES)}, not {encoding!r}")
         if placement not in ("device", "host"):
@@ -134,6 +143,7 @@ class PromptCache:
         self.tokenizer = tokenizer
         self.adapter = adapter_for(model)
         self.adapter.prepare(model)
+        self.max_positions = _window(max_positions, self.adapter.max_positions())
         self.device = torch.device(device) if device is not None else next(model.parameters()).device
         if self.device != next(model.parameters()).device:
             model.to(self.device)
@@ -164,17 +174,21 @@ class PromptCache:
 
     # ------------------------------------------------------------------ schemas
 
-    def add_schema(self, schema: str | os.PathLike | Schema) -> EncodeReport:
+    def add_schema(self, schema: str | os.PathLike | Schema, *, base_dir: str | os.PathLike | None = None,
+                   allowed_root: str | os.PathLike | None = None) -> EncodeReport:
         """Parse (a file path, PML text or a ``Schema``), lay out and encode every cacheable module.
 
-        Re-adding a schema of the same name replaces it.
+        Schemas are trusted within their folder (docs/security.md): a file's ``src=`` includes
+        resolve inside its folder, or inside ``allowed_root``; PML text includes files only when
+        given ``base_dir`` (confined to it, or to ``allowed_root``). Re-adding a schema of the
+        same name replaces it.
         """
         if isinstance(schema, Schema):
             parsed = schema
         elif isinstance(schema, str) and _looks_like_xml(schema):
-            parsed = parse_schema(schema)
+            parsed = parse_schema(schema, base_dir=base_dir, allowed_root=allowed_root)
         else:
-            parsed = load_schema(schema)
+            parsed = load_schema(schema, allowed_root=allowed_root)
         layout = build_layout(parsed, self.renderer)
         contexts = encoding_contexts(layout, self.encoding)
         state = self._encode(layout, contexts)
@@ -202,6 +216,8 @@ class PromptCache:
     def _encode(self, layout: Layout, contexts: list[list[int]]) -> SchemaState:
         """Key every stored segment, take what the tiers/store hold, encode only the rest."""
         from .store import dtype_name, model_fingerprint
+
+        self._check_schema_window(layout)  # before any tensor of this schema exists
 
         segs = layout.segments
         keep = stored_segments(layout)
@@ -233,6 +249,30 @@ class PromptCache:
                                     counts["forwards"], counts["encode_s"], nbytes, counts["load_s"],
                                     counts["store_hits"], counts["memory_hits"], counts["encoded"])
         return state
+
+    def _check_schema_window(self, layout: Layout) -> None:
+        """Refuse a layout whose positions run past the model's context window."""
+        limit = self.max_positions
+        if limit is not None and layout.length > limit:
+            schema = layout.schema
+            raise SchemaError(f"schema {schema.name!r} lays out {layout.length} positions (0..{layout.length - 1}), "
+                              f"more than this model's context window of {limit} positions "
+                              f"({self.adapter.family}); shorten its modules or parameter lengths",
+                              schema.file, schema.root.loc.line)
+
+    def check_prompt_window(self, needed: int, what: str, file: str | None = None,
+                            line: int | None = None) -> None:
+        """Refuse a request needing ``needed`` positions (``0..needed-1``) past the context window.
+
+        PML prompts get a :class:`PromptError` naming the prompt file (``file`` given); plain-text
+        and chat prompts a ``ValueError``.
+        """
+        limit = self.max_positions
+        if limit is None or needed <= limit:
+            return
+        msg = (f"{what} needs {needed} positions, more than this model's context window of {limit} "
+               f"positions ({self.adapter.family})")
+        raise PromptError(msg, file, line) if file is not None or line is not None else ValueError(msg)
 
     def _module_kv(self, state: SchemaState, i: int) -> ModuleKV:
         """One stored segment's KV (not pinned): from the tiers or the store, else re-encoded."""
@@ -352,17 +392,30 @@ class PromptCache:
     # ------------------------------------------------------------------ requests
 
     def _parse_prompt(self, prompt: str | os.PathLike | Prompt) -> Prompt:
+        """A ``Prompt``; PML text (a ``str`` is never opened as a file); a ``Path`` is loaded.
+
+        Prompts are untrusted: naming a file in a ``str`` must neither read it nor reveal whether
+        it exists, so file loading is explicit (``load_prompt(path)`` or a ``pathlib.Path``)."""
         if isinstance(prompt, Prompt):
             return prompt
-        if isinstance(prompt, str) and _looks_like_xml(prompt):
+        if isinstance(prompt, (str, bytes)):
+            if isinstance(prompt, str) and not _looks_like_xml(prompt):
+                raise PromptError("a str prompt given here must be PML text (<prompt schema=...>); a "
+                                  "str is never opened as a file: to use a prompt file, pass "
+                                  "promptcache.load_prompt(path) or a pathlib.Path")
             return parse_prompt(prompt)
-        return load_prompt(prompt)
+        if isinstance(prompt, os.PathLike):
+            return load_prompt(prompt)
+        raise TypeError(f"a PML prompt is a Prompt, PML text or a pathlib.Path, not {type(prompt).__name__}")
 
     def _request(self, prompt) -> tuple[SchemaState, Request]:
         parsed = self._parse_prompt(prompt)
         state = self._state(parsed.schema, parsed)
         bound = bind(parsed, state.layout, self.renderer)
-        return state, make_request(bound, state.contexts)
+        request = make_request(bound, state.contexts)
+        needed = max(request.computed_pos, default=-1) + 1  # the last prompt token is always computed
+        self.check_prompt_window(needed, f"prompt for schema {parsed.schema!r}", parsed.file, parsed.loc.line)
+        return state, request
 
     def plan(self, prompt) -> Plan:
         """The dense plan of a prompt: tokens, positions, origin and visibility (the oracle's input)."""
@@ -455,7 +508,15 @@ class PromptCache:
         ``prompt`` is PML, plain text or a list of chat messages (dispatch rules:
         :func:`promptcache.prefix.engine_glue.prompt_kind`). The last two reuse the longest cached
         prefix and, with ``insert_prefix``, cache the prompt and generated tokens for next time.
+
+        ``max_new_tokens``: at most this many tokens are generated; ``0`` means *prefill only*: the
+        prompt is computed and the result holds ``first_token_logits`` (and the timings) with no
+        text and no token ids. A negative value (or a non-integer) raises ``ValueError``.
+        Generation also stops at the model's context window (``max_positions``): the prompt plus
+        the generated tokens never use more positions; ``result.window_full`` then says so. A
+        prompt that alone does not fit is refused (``PromptError`` for PML, ``ValueError`` otherwise).
         """
+        check_max_new_tokens(max_new_tokens)
         if not is_pml_prompt(prompt):
             options = SamplingOptions(temperature, top_p, top_k, repetition_penalty, list(stop or []), seed)
             return self.prefix.generate(prompt, max_new_tokens, use_cache, insert_prefix, options, stream)
@@ -477,34 +538,41 @@ class PromptCache:
             cached, computed = 0, len(prompt_ids)
         first_logits = logits.float().cpu()
         options = SamplingOptions(temperature, top_p, top_k, repetition_penalty, list(stop or []), seed)
-        generated, text = self.decode(logits, cache, prompt_ids, options, max_new_tokens, stream, next_pos)
+        generated, text, window_full = self.decode(logits, cache, prompt_ids, options, max_new_tokens,
+                                                   stream, next_pos)
         self._sync()
         return GenerationResult(text, generated, ttft, time.perf_counter() - t0, len(prompt_ids), cached,
-                                computed, use_cache, recomputed, first_logits)
+                                computed, use_cache, recomputed, first_logits, window_full)
 
     def decode(self, logits: torch.Tensor, cache, prompt_ids: list[int], options: SamplingOptions,
                max_new_tokens: int, stream: Callable[[str], None] | None, next_pos: int
-               ) -> tuple[list[int], str]:
+               ) -> tuple[list[int], str, bool]:
         """The token loop after a prefill: choose, stop, feed back at consecutive positions.
 
-        Returns the generated ids and the text kept (cut at a stop string or before EOS).
+        Generated token ``k`` sits at position ``next_pos + k``, which must lie inside the context
+        window. Returns the generated ids, the text kept (cut at a stop string or before EOS) and
+        whether the window cut generation short of ``max_new_tokens``.
         """
         chooser = TokenChooser(options, prompt_ids, self.device)
         stopper = StopChecker(self._eos, options.stop, self.renderer.decode)
         generated: list[int] = []
         text, shown = "", 0
-        for step in range(max_new_tokens):
+        budget = max_new_tokens
+        if self.max_positions is not None:
+            budget = max(0, min(max_new_tokens, self.max_positions - next_pos))
+        finished = False
+        for step in range(budget):
             token = chooser(logits)
             generated.append(token)
             finished, text = stopper.done(generated)
             if stream is not None and len(text) > shown:
                 stream(text[shown:])
                 shown = len(text)
-            if finished or step == max_new_tokens - 1:
+            if finished or step == budget - 1:
                 break
             logits = self._decode_step(token, next_pos, cache)
             next_pos += 1
-        return generated, text
+        return generated, text, budget < max_new_tokens and not finished
 
     def _decode_step(self, token: int, position: int, cache) -> torch.Tensor:
         """One generated token at ``position``, attending to everything in ``cache``."""
@@ -569,6 +637,41 @@ class PromptCache:
         if self.store is None:
             return None
         return dict(self._store_counts)
+
+    def check_prompt(self, prompt, schema: Schema | None = None) -> Prompt:
+        """Parse ``prompt`` and bind it to ``schema`` laid out but not encoded; return the parsed prompt.
+
+        Why: encoding a schema takes seconds to minutes, and a misspelled module or two members of
+        one union would otherwise be reported only when the prompt is first used. With ``schema``
+        ``None`` the prompt is checked against the added schema it names. Raises the PML error.
+        """
+        parsed = self._parse_prompt(prompt)
+        if schema is None:
+            layout = self._state(parsed.schema, parsed).layout
+        elif parsed.schema != schema.name:
+            raise PromptError(f"the prompt is for schema {parsed.schema!r}, but the schema is {schema.name!r}",
+                              parsed.file, parsed.loc.line)
+        else:
+            layout = build_layout(schema, self.renderer)
+        bind(parsed, layout, self.renderer)
+        return parsed
+
+
+def check_max_new_tokens(max_new_tokens: int) -> None:
+    """``max_new_tokens`` must be an integer >= 0 (0: prefill only)."""
+    if isinstance(max_new_tokens, bool) or not isinstance(max_new_tokens, numbers.Integral):
+        raise ValueError(f"max_new_tokens must be an integer >= 0, got {max_new_tokens!r}")
+    if max_new_tokens < 0:
+        raise ValueError(f"max_new_tokens must be >= 0 (0 = prefill only), got {max_new_tokens}")
+
+
+def _window(override: int | None, model_limit: int | None) -> int | None:
+    """The context window in force: ``override`` (at most the model's), else the model's."""
+    if override is None:
+        return model_limit
+    if isinstance(override, bool) or not isinstance(override, int) or override <= 0:
+        raise ValueError(f"max_positions must be a positive integer or None, got {override!r}")
+    return override if model_limit is None else min(override, model_limit)
 
 
 def oracle_forward(model, adapter, plan: Plan, device: torch.device, dtype: torch.dtype) -> torch.Tensor:

@@ -2,9 +2,10 @@
 
 Dispatch (:func:`prompt_kind`; ``PromptCache.generate`` and ``next_token_logits`` call it first):
 
-* a :class:`~promptcache.pml.model.Prompt`, an ``os.PathLike``, a string naming an existing file
-  or a one-line string ending in ``.xml``, or a string whose first element (after an optional XML
-  declaration and comments) is ``<prompt``: **PML**, handled as before;
+* a :class:`~promptcache.pml.model.Prompt`, an ``os.PathLike`` (a prompt file, loaded with the
+  bounded reader), or a string whose first element (after an optional XML declaration and
+  comments) is ``<prompt``: **PML**, handled as before. A string is never opened as a file, even
+  when it names one (docs/security.md): file loading is explicit (``load_prompt`` or a ``Path``);
 * a list of message dicts (``{"role", "content"}``): **chat**, the token ids of
   ``tokenizer.apply_chat_template(messages, add_generation_prompt=True)`` (without a template:
   the engine renderer's role markers, as PML uses them);
@@ -44,9 +45,10 @@ from ..roles import SENTINEL, encode_literal
 from .radix import MatchResult, RadixTree, layered_kv_split
 
 PML, CHAT, TEXT = "pml", "chat", "text"
-# Optional XML declaration and comments, then the <prompt element itself.
-_PML_START = re.compile(r"\s*(?:<\?xml\b.*?\?>\s*)?(?:<!--.*?-->\s*)*<prompt(?![\w.:-])", re.S)
-_MAX_PATH_CHARS = 4096
+# Optional XML declaration and comments, then the <prompt element itself. A comment's body may not
+# contain "-->" (a lazy ".*?" could span several comments: exponential backtracking on text).
+_PML_START = re.compile(r"\s*(?:<\?xml\b(?:(?!\?>).)*\?>\s*)?(?:<!--(?:(?!-->).)*-->\s*)*<prompt(?![\w.:-])",
+                        re.S)
 
 LayeredKV = list  # [(keys, values)] per layer, each [kv_heads, tokens, head_dim]
 
@@ -56,23 +58,17 @@ def prompt_kind(prompt: Any) -> str:
     if isinstance(prompt, (Prompt, os.PathLike)):
         return PML
     if isinstance(prompt, str):
-        if _PML_START.match(prompt) or _names_a_file(prompt):
+        if _PML_START.match(prompt):
             return PML
         return TEXT
     if isinstance(prompt, (list, tuple)) and prompt and all(isinstance(m, Mapping) for m in prompt):
         return CHAT
-    raise TypeError("a prompt is PML (a Prompt, a path, or text starting with <prompt), a "
+    raise TypeError("a prompt is PML (a Prompt, a pathlib.Path, or text starting with <prompt), a "
                     f"plain string, or a non-empty list of message dicts; got {type(prompt).__name__}")
 
 
 def is_pml_prompt(prompt: Any) -> bool:
     return prompt_kind(prompt) == PML
-
-
-def _names_a_file(text: str) -> bool:
-    if len(text) > _MAX_PATH_CHARS or "\n" in text or not text.strip():
-        return False
-    return text.strip().endswith(".xml") or os.path.isfile(text)
 
 
 def chat_token_ids(tokenizer, renderer, messages: Sequence[Mapping]) -> list[int]:
@@ -191,6 +187,7 @@ class PrefixRunner:
             raise ValueError("PML prompts are served by the engine's module cache, not the prefix tree")
         if not ids:
             raise ValueError("the prompt has no tokens")
+        self.pc.check_prompt_window(len(ids), f"{kind} prompt of {len(ids)} tokens")
         return ids
 
     # ----------------------------------------------------------------- prefill
@@ -261,8 +258,9 @@ class PrefixRunner:
     def generate(self, prompt, max_new_tokens: int, use_cache: bool, insert: bool,
                  options: SamplingOptions, stream: Callable[[str], None] | None):
         """Same contract and TTFT definition as ``PromptCache.generate`` (tokenization timed)."""
-        from ..engine import GenerationResult  # the engine imports this module
+        from ..engine import GenerationResult, check_max_new_tokens  # the engine imports this module
 
+        check_max_new_tokens(max_new_tokens)
         pc = self.pc
         pc._sync()
         t0 = time.perf_counter()
@@ -272,7 +270,8 @@ class PrefixRunner:
             pc._sync()
             ttft = time.perf_counter() - t0
             first_logits = logits.float().cpu()
-            generated, text = pc.decode(logits, cache, ids, options, max_new_tokens, stream, len(ids))
+            generated, text, window_full = pc.decode(logits, cache, ids, options, max_new_tokens,
+                                                     stream, len(ids))
             if insert and lease.cached:
                 self._insert(ids + generated, cache, lease.reused)
         finally:
@@ -280,7 +279,7 @@ class PrefixRunner:
         pc._sync()
         reused, consulted = lease.reused, use_cache and self.tree is not None
         return GenerationResult(text, generated, ttft, time.perf_counter() - t0, len(ids), reused,
-                                len(ids) - reused, consulted, 0, first_logits)
+                                len(ids) - reused, consulted, 0, first_logits, window_full)
 
     # ------------------------------------------------------------------- stats
 

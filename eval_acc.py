@@ -49,7 +49,8 @@ def build_parser() -> argparse.ArgumentParser:
         formatter_class=argparse.RawDescriptionHelpFormatter)
     runner.add_common_arguments(parser, DEFAULT_OUTPUT)
     mode = parser.add_mutually_exclusive_group()
-    mode.add_argument("--recompute", type=runner.check_policy, default="none", metavar="POLICY",
+    # default None, not "none": argparse would run the (torch-importing) check on a string default
+    mode.add_argument("--recompute", type=runner.check_policy, default=None, metavar="POLICY",
                       help="selective-recompute policy for the cached run: none (default), full, "
                            "boundary:K, deviation:R")
     # const stays a string (argparse does not apply `type` to it): validating it here would import
@@ -64,8 +65,10 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def parse_args(argv: list[str] | None) -> argparse.Namespace:
-    """Parse the flags; a bare ``--recompute-sweep`` becomes the default sweep's policy list."""
+    """Parse the flags (no torch import); a bare ``--recompute-sweep`` becomes the default sweep's list."""
     args = build_parser().parse_args(argv)
+    if args.recompute is None:
+        args.recompute = "none"
     if isinstance(args.recompute_sweep, str):
         args.recompute_sweep = runner.policy_list(args.recompute_sweep)
     return args

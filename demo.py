@@ -4,6 +4,7 @@
     python demo.py                      # default model, persona example, cache on
     python demo.py --compare            # both modes, both answers, the TTFT speedup
     python demo.py --no-use-cache       # the baseline: full prefill of the same tokens
+    python demo.py --threads 0          # torch's own thread count (default 1: cannot stall)
     python demo.py --schema examples/code_generation_game.xml \
                    --prompt examples/code_generation_game.prompt.xml --max-new-tokens 128
 """
@@ -21,17 +22,40 @@ DEFAULT_SCHEMA = HERE / "examples" / "persona.xml"
 DEFAULT_PROMPT = HERE / "examples" / "persona.prompt.xml"
 
 
+class _HelpFormatter(argparse.ArgumentDefaultsHelpFormatter):
+    """Shows ``(default: X)`` only where there is a default worth showing (not None, not off flags)."""
+
+    def _get_help_string(self, action: argparse.Action) -> str | None:
+        if action.default in (None, []) or (action.nargs == 0 and action.default is False):
+            return action.help
+        return super()._get_help_string(action)
+
+
+def non_negative_int(text: str) -> int:
+    try:
+        value = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected a whole number >= 0, got {text!r}") from None
+    if value < 0:
+        raise argparse.ArgumentTypeError(f"expected a whole number >= 0, got {text!r}")
+    return value
+
+
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
+    from promptcache.loading import DEFAULT_THREADS, THREADS_HELP  # light: no torch
+
     p = argparse.ArgumentParser(
         description="Run one PML prompt against its schema with Prompt Cache (module KV caches encoded "
-                    "once, spliced per request) and print the answer and the time to first token.",
-        formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+                    "once, spliced per request) and print the answer and the time to first token. "
+                    "Progress goes to stderr; the answers and measurements to stdout.",
+        formatter_class=_HelpFormatter)
     p.add_argument("--schema", default=str(DEFAULT_SCHEMA), help="PML schema file")
     p.add_argument("--prompt", default=str(DEFAULT_PROMPT),
                    help="PML prompt: a file, or inline PML text starting with '<prompt'")
     p.add_argument("--model", default="smollm2",
                    help="'smollm2' (bundled default), 'gemma3-270m', a local folder or a Hugging Face id")
-    p.add_argument("--device", default=None, help="cpu, cuda, cuda:1 ... (default: cuda if available)")
+    p.add_argument("--device", default=None, help="cpu, cuda, cuda:1 ... (default: cuda if available, else cpu)")
+    p.add_argument("--threads", type=non_negative_int, default=DEFAULT_THREADS, metavar="N", help=THREADS_HELP)
     p.add_argument("--dtype", default=None, choices=["float32", "bfloat16", "float16"],
                    help="default: float32 on CPU, bfloat16 on CUDA")
     p.add_argument("--use-cache", action=argparse.BooleanOptionalAction, default=True,
@@ -45,16 +69,16 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
                    help="selective recompute policy: none, boundary:K, deviation:R, full")
     p.add_argument("--store", default=None,
                    help="persistent module-cache store: a directory or redis://host:port/db")
-    p.add_argument("--max-new-tokens", type=int, default=64)
+    p.add_argument("--max-new-tokens", type=int, default=64, help="generated tokens at most")
     p.add_argument("--temperature", type=float, default=0.0, help="0 = greedy")
-    p.add_argument("--top-p", type=float, default=1.0)
-    p.add_argument("--top-k", type=int, default=0)
-    p.add_argument("--repetition-penalty", type=float, default=1.0)
+    p.add_argument("--top-p", type=float, default=1.0, help="nucleus sampling (with --temperature)")
+    p.add_argument("--top-k", type=int, default=0, help="0 = no top-k cut (with --temperature)")
+    p.add_argument("--repetition-penalty", type=float, default=1.0, help="1 = none")
     p.add_argument("--seed", type=int, default=None, help="sampling seed (same seed, same sample)")
     p.add_argument("--stop", action="append", default=[], help="stop string (repeatable)")
     p.add_argument("--no-stream", action="store_true", help="print the answer only when complete")
     p.add_argument("--json", action="store_true",
-                   help="make the last line of output one JSON object with the measurements")
+                   help="no streaming; the last line of stdout is one JSON object with the measurements")
     return p.parse_args(argv)
 
 
@@ -69,9 +93,27 @@ def _result_json(res, encode_ms: float, store_stats: dict | None) -> dict:
     return out
 
 
+class Progress:
+    """One-line status messages on stderr with the seconds since start, so no phase is silent."""
+
+    def __init__(self) -> None:
+        self.t0 = time.perf_counter()
+
+    def __call__(self, message: str) -> None:
+        print(f"[{time.perf_counter() - self.t0:6.1f} s] {message}", file=sys.stderr, flush=True)
+
+
+def _mode_message(use_cache: bool, max_new_tokens: int) -> str:
+    how = ("with cache: splicing module caches, prefill of the new text" if use_cache
+           else "without cache (baseline): full prefill of the whole prompt")
+    return f"{how}, then up to {max_new_tokens} generated tokens..."
+
+
 def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
     from promptcache import ModelLoadError, PMLError, PromptCache, load_model
+    from promptcache.loading import check_device, set_threads
+    from promptcache.pml.parser import load_schema
 
     prompt: str | Path = args.prompt
     if not args.prompt.lstrip().startswith("<"):
@@ -79,16 +121,23 @@ def main(argv: list[str] | None = None) -> int:
         if not prompt.is_file():
             print(f"error: prompt file {prompt} does not exist", file=sys.stderr)
             return 2
+    progress = Progress()
     try:
+        set_threads(args.threads)
+        device = check_device(args.device)  # a missing CUDA is one line, before any loading
+        schema = load_schema(args.schema)   # PML errors of the schema before the model loads
+        progress(f"loading model {args.model} on {device}...")
         t0 = time.perf_counter()
-        model, tokenizer = load_model(args.model, device=args.device, dtype=args.dtype)
+        model, tokenizer = load_model(args.model, device=device, dtype=args.dtype)
         print(f"model {args.model} on {model.device} ({model.dtype}) loaded in "
               f"{time.perf_counter() - t0:.1f} s", flush=True)
         kwargs = {"encoding": args.encoding, "placement": args.placement, "recompute": args.recompute}
         if args.store:
             kwargs["store"] = args.store
         pc = PromptCache(model, tokenizer, **kwargs)
-        report = pc.add_schema(args.schema)
+        pc.check_prompt(prompt, schema)  # a prompt that does not fit fails now, not after encoding
+        progress(f"encoding schema {schema.name!r} (every cacheable module, once)...")
+        report = pc.add_schema(schema)
         print(f"schema {report.schema!r}: {report.stored_tokens} tokens cached in {report.segments} "
               f"segments, encoded in {report.encode_s * 1000:.0f} ms", flush=True)
         modes = [True, False] if args.compare else [args.use_cache]
@@ -96,6 +145,7 @@ def main(argv: list[str] | None = None) -> int:
         for use_cache in modes:
             label = "with cache" if use_cache else "without cache (baseline)"
             print(f"\n--- {label} ---", flush=True)
+            progress(_mode_message(use_cache, args.max_new_tokens))
             stream = None if args.no_stream or args.json else (lambda s: print(s, end="", flush=True))
             res = pc.generate(prompt, max_new_tokens=args.max_new_tokens, use_cache=use_cache,
                               temperature=args.temperature, top_p=args.top_p, top_k=args.top_k,
@@ -105,6 +155,8 @@ def main(argv: list[str] | None = None) -> int:
                 print(res.text)
             else:
                 print()
+            progress(f"{label}: first token after {res.ttft_s * 1000:.0f} ms, "
+                     f"{len(res.token_ids)} tokens in {res.total_s:.1f} s")
             print(f"TTFT {res.ttft_s * 1000:.1f} ms | prompt {res.prompt_tokens} tokens, "
                   f"{res.cached_tokens} from cache, {res.computed_tokens} computed"
                   + (f", {res.recomputed_tokens} recomputed" if res.recomputed_tokens else ""), flush=True)
@@ -124,10 +176,18 @@ def main(argv: list[str] | None = None) -> int:
         if args.json:
             print(json.dumps({"cached": _result_json(results[True], encode_ms, store_stats),
                               "baseline": _result_json(results[False], encode_ms, store_stats),
-                              "speedup": round(speedup, 3), "identical": same}))
+                              "speedup": round(speedup, 3), "identical": same,
+                              "threads": _torch_threads()}))
     elif args.json:
-        print(json.dumps(_result_json(results[args.use_cache], encode_ms, store_stats)))
+        print(json.dumps({**_result_json(results[args.use_cache], encode_ms, store_stats),
+                          "threads": _torch_threads()}))
     return 0
+
+
+def _torch_threads() -> int:
+    import torch
+
+    return torch.get_num_threads()
 
 
 if __name__ == "__main__":

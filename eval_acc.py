@@ -49,16 +49,29 @@ def build_parser() -> argparse.ArgumentParser:
         formatter_class=argparse.RawDescriptionHelpFormatter)
     runner.add_common_arguments(parser, DEFAULT_OUTPUT)
     mode = parser.add_mutually_exclusive_group()
-    mode.add_argument("--recompute", type=runner.check_policy, default="none", metavar="POLICY",
+    # default None, not "none": argparse would run the (torch-importing) check on a string default
+    mode.add_argument("--recompute", type=runner.check_policy, default=None, metavar="POLICY",
                       help="selective-recompute policy for the cached run: none (default), full, "
                            "boundary:K, deviation:R")
-    mode.add_argument("--recompute-sweep", type=runner.policy_list, nargs="?", const=runner.policy_list(DEFAULT_SWEEP),
+    # const stays a string (argparse does not apply `type` to it): validating it here would import
+    # torch (via the engine's policy parser) and make `--help` take seconds; parse_args() converts it.
+    mode.add_argument("--recompute-sweep", type=runner.policy_list, nargs="?", const=DEFAULT_SWEEP,
                       default=None, metavar="LIST",
                       help=f"comma list of policies, each one cached run per sample (default {DEFAULT_SWEEP})")
     parser.add_argument("--plot", default=None, metavar="PNG",
                         help="sweep plot path (default <output>.sweep.png; sweep mode only)")
     parser.add_argument("--no-warmup", action="store_true", help="skip the untimed warm-up run")
     return parser
+
+
+def parse_args(argv: list[str] | None) -> argparse.Namespace:
+    """Parse the flags (no torch import); a bare ``--recompute-sweep`` becomes the default sweep's list."""
+    args = build_parser().parse_args(argv)
+    if args.recompute is None:
+        args.recompute = "none"
+    if isinstance(args.recompute_sweep, str):
+        args.recompute_sweep = runner.policy_list(args.recompute_sweep)
+    return args
 
 
 def output_paths(args: argparse.Namespace) -> dict[str, Path]:
@@ -175,7 +188,7 @@ def write_summaries(records: list[dict], paths: dict[str, Path], args: argparse.
 
 
 def main(argv: list[str] | None = None) -> int:
-    args = build_parser().parse_args(argv)
+    args = parse_args(argv)
     policies = args.recompute_sweep if args.recompute_sweep is not None else [args.recompute]
     data_dir = runner.resolve_data_dir(args.data_dir)
     tasks = runner.resolve_tasks(args.tasks, data_dir)

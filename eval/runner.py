@@ -28,7 +28,8 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Callable, Iterable, Iterator, Sequence
 
-from .data import EvalDataError, Sample, available_tasks, default_data_dir, load_task, truncate_middle
+from .data import (DATA_DIR_ENV, REQUIRED_FIELDS, EvalDataError, Sample, available_tasks, default_data_dir,
+                   load_task, truncate_middle)
 from .schemas import module_texts, sample_to_pml, schema_name
 from .tasks import TASK_NAMES, TaskSpec, get_task
 
@@ -37,6 +38,11 @@ WINDOW_CAP = 8192                  # LongBench-style cap on the prompt window, w
 MULTI_DOC_TASKS = tuple(n for n in TASK_NAMES if get_task(n).multi_doc)
 _TRUNCATION_TRIES = 6              # re-tokenizing a decoded cut can add a token or two; retry tighter
 MIN_CONTEXT_TOKENS = 32            # below this a truncated context is no test of the task or the cache
+DATA_DIR_FALLBACK = "shared/longbench-mini inside the repository if it exists, else ../shared/longbench-mini"
+DATA_DIR_HELP = f"${DATA_DIR_ENV}, else {DATA_DIR_FALLBACK}"
+DATA_LAYOUT = (f"Expected layout: one LongBench JSONL file per task, named <task>.jsonl (e.g. hotpotqa.jsonl, "
+               f"lcc.jsonl; the 16 English LongBench tasks), one JSON object a line with the fields "
+               f"{', '.join(REQUIRED_FIELDS)} (all_classes too for trec), as in THUDM/LongBench's data")
 
 
 class UserError(Exception):
@@ -114,8 +120,7 @@ def add_common_arguments(parser: argparse.ArgumentParser, default_output: str) -
                         help="one task, a comma list, or 'all' (= every task with a file in --data-dir; "
                              "default). With explicit names a missing file is an error.")
     parser.add_argument("--data-dir", default=None,
-                        help="folder of LongBench JSONL files (<task>.jsonl); default: "
-                             "$PROMPTCACHE_LONGBENCH_DIR or shared/longbench-mini")
+                        help=f"folder of LongBench JSONL files (<task>.jsonl); default: {DATA_DIR_HELP}")
     parser.add_argument("--limit", type=positive_int, default=None,
                         help="at most this many samples per task (file order)")
     parser.add_argument("--model", default=DEFAULT_MODEL,
@@ -154,9 +159,12 @@ def split_commas(text: str) -> list[str]:
 
 
 def resolve_data_dir(arg: str | None) -> Path:
+    """The LongBench folder to read; a missing one is an error that says how to provide it."""
     directory = Path(arg) if arg else default_data_dir()
     if not directory.exists():
-        raise UserError(f"data directory not found: {directory}")
+        given = "--data-dir" if arg else (f"${DATA_DIR_ENV}" if os.environ.get(DATA_DIR_ENV) else "the default")
+        raise UserError(f"data directory not found: {directory} (from {given}). Pass --data-dir DIR or set "
+                        f"{DATA_DIR_ENV}=DIR (without either: {DATA_DIR_FALLBACK}). {DATA_LAYOUT}")
     if not directory.is_dir():
         raise UserError(f"data directory is not a folder: {directory}")
     return directory
@@ -357,10 +365,10 @@ def engine_kwargs(args: argparse.Namespace, max_new_tokens: int) -> dict[str, An
 
 
 def set_threads(threads: int | None) -> None:
-    if threads is not None:
-        import torch  # noqa: PLC0415
+    """``--threads``: the same rule as demo.py and the CLI (:func:`promptcache.loading.set_threads`)."""
+    from promptcache.loading import set_threads as set_torch_threads  # noqa: PLC0415
 
-        torch.set_num_threads(threads)
+    set_torch_threads(threads)
 
 
 def check_device(device: str | None) -> str:

@@ -1,10 +1,10 @@
 """promptcache: modular attention reuse (Prompt Cache) for transformers models.
 
-    from promptcache import PromptCache, load_model
+    from promptcache import PromptCache, load_model, load_prompt
     model, tokenizer = load_model("smollm2")
     pc = PromptCache(model, tokenizer)
     pc.add_schema("examples/persona.xml")
-    res = pc.generate(open("examples/persona.prompt.xml").read(), max_new_tokens=64)
+    res = pc.generate(load_prompt("examples/persona.prompt.xml"), max_new_tokens=64)
 
 Names are imported lazily, so ``promptcache.pml`` and the CLI's ``validate`` do not load torch.
 """
@@ -19,7 +19,8 @@ _EXPORTS = {
     "PromptCache": "engine", "GenerationResult": "results", "EncodeReport": "results",
     "oracle_forward": "runtime.runner", "Plan": "plan", "load_model": "loading", "load_tokenizer": "loading",
     "ModelLoadError": "loading", "PMLError": "pml.errors", "PMLSyntaxError": "pml.errors",
-    "PromptError": "pml.errors", "SchemaError": "pml.errors",
+    "PromptError": "pml.errors", "SchemaError": "pml.errors", "load_prompt": "pml.parser",
+    "load_schema": "pml.parser",
 }
 __all__ = sorted(_EXPORTS)
 

@@ -55,9 +55,12 @@ def register_validate(sub: argparse._SubParsersAction) -> None:
                     "position table (every module, union, parameter and text run with its token "
                     "range). With --prompt, also parse the prompt and check it against the schema "
                     "(modules exist, at most one member per union, arguments fit their parameters).",
-        epilog="Errors are printed as FILE:LINE: message and exit with status 2.")
+        epilog="Errors are printed as FILE:LINE: message and exit with status 2. Files are read "
+               "only if they are regular files within the size limits of docs/security.md.")
     p.add_argument("schema", metavar="SCHEMA.xml", help="the schema file")
     p.add_argument("--prompt", metavar="PROMPT.xml", help="a prompt file to check against the schema")
+    p.add_argument("--allowed-root", metavar="DIR", default=None,
+                   help="folder that src= includes must lie in (default: the schema's own folder)")
     p.add_argument("--tokenizer", metavar="NAME_OR_PATH", default=None,
                    help=f"tokenizer used for the layout (default: {DEFAULT_TOKENIZER})")
     p.add_argument("--toy-tokenizer", action="store_true", help=argparse.SUPPRESS)
@@ -68,7 +71,7 @@ def run_validate(args: argparse.Namespace, ctx: Context) -> int:
     from .pml.layout import build_layout
     from .pml.parser import load_prompt, load_schema
 
-    schema = load_schema(args.schema)
+    schema = load_schema(args.schema, allowed_root=args.allowed_root)
     try:
         renderer = ctx.get_renderer(args.tokenizer, args.toy_tokenizer)
     except (OSError, ValueError, RuntimeError) as e:  # loading.ModelLoadError is a RuntimeError
@@ -76,8 +79,8 @@ def run_validate(args: argparse.Namespace, ctx: Context) -> int:
         message = str(e) if name in str(e) else f"cannot load tokenizer {name!r}: {e}"
         raise CommandError(message) from e
     layout = build_layout(schema, renderer)
-    print(layout.table())
-    if args.prompt:
+    prompt = None
+    if args.prompt:  # bound before the table is printed: on error only the error shows
         from .pml.binding import bind
         prompt = load_prompt(args.prompt)
         try:
@@ -86,6 +89,8 @@ def run_validate(args: argparse.Namespace, ctx: Context) -> int:
             if e.file is None:
                 e.file = args.prompt
             raise
+    print(layout.table())
+    if prompt is not None:
         print(f"prompt {args.prompt}: OK, {summarize_prompt(prompt)}")
     return EXIT_OK
 
@@ -147,11 +152,31 @@ def register_encode(sub: argparse._SubParsersAction) -> None:
                    help=f"model alias, local folder or Hugging Face id (default: {DEFAULT_TOKENIZER})")
     p.add_argument("--encoding", choices=["scaffold", "independent"], default="scaffold",
                    help="encoding policy (default: scaffold)")
-    p.add_argument("--device", default=None, help="cpu, cuda, ... (default: cuda if available)")
+    p.add_argument("--device", default=None, help="cpu, cuda, ... (default: cuda if available, else cpu)")
     p.add_argument("--dtype", default=None, choices=["float32", "bfloat16", "float16"],
                    help="default: float32 on CPU, bfloat16 on CUDA")
-    p.add_argument("--json", action="store_true", help="print the report as one JSON object")
+    add_threads_argument(p)
+    p.add_argument("--json", action="store_true",
+                   help="print the report as one JSON object (progress still goes to stderr)")
     p.set_defaults(func=run_encode)
+
+
+def add_threads_argument(p: argparse.ArgumentParser) -> None:
+    """``--threads N`` for commands that run the model (same rule as demo.py and the eval scripts)."""
+    from .loading import DEFAULT_THREADS, THREADS_HELP  # light: no torch
+
+    p.add_argument("--threads", type=_non_negative_int, default=DEFAULT_THREADS, metavar="N", help=THREADS_HELP)
+
+
+def _non_negative_int(text: str) -> int:
+    if not text.strip().isdigit():
+        raise argparse.ArgumentTypeError(f"expected a whole number >= 0, got {text!r}")
+    return int(text)
+
+
+def status(command: str, message: str) -> None:
+    """A progress line on stderr, so that no phase of a long command is silent (stdout stays the result)."""
+    print(f"promptcache {command}: {message}", file=sys.stderr, flush=True)
 
 
 def run_encode(args: argparse.Namespace, ctx: Context) -> int:
@@ -159,10 +184,17 @@ def run_encode(args: argparse.Namespace, ctx: Context) -> int:
     import time
 
     from .engine import PromptCache
-    from .loading import load_model
+    from .loading import ModelLoadError, check_device, load_model, set_threads
     from .pml.parser import load_schema
     from .store import StoreError, open_store
 
+    if not args.store.strip():  # open_store("") would make a store in the current folder
+        raise CommandError("--store is empty: give a directory, file:///DIR, redis://HOST:PORT/DB or memory://")
+    try:
+        device = check_device(args.device)  # before anything is created or loaded
+    except ModelLoadError as e:
+        raise CommandError(str(e)) from e
+    set_threads(args.threads)
     schema = load_schema(args.schema)  # PML errors first, before the model is loaded
     try:
         store = open_store(args.store)
@@ -172,12 +204,14 @@ def run_encode(args: argparse.Namespace, ctx: Context) -> int:
         raise CommandError(f"store {store.url} is unreachable")
     name = args.model or DEFAULT_TOKENIZER
     t0 = time.perf_counter()
+    status("encode", f"loading model {name} on {device}...")
     try:
-        model, tokenizer = load_model(name, device=args.device, dtype=args.dtype)
+        model, tokenizer = load_model(name, device=device, dtype=args.dtype)
     except (OSError, ValueError, RuntimeError) as e:  # ModelLoadError is a RuntimeError
         raise CommandError(str(e) if name in str(e) else f"cannot load model {name!r}: {e}") from e
     load_s = time.perf_counter() - t0
     pc = PromptCache(model, tokenizer, encoding=args.encoding, store=store, progress=not args.json)
+    status("encode", f"encoding schema {schema.name!r} into {store.url}...")
     report = pc.add_schema(schema)
     tiers = pc.memory_report()["tiers"]["store"]
     out = {"schema": report.schema, "store": store.url, "model": name, "encoding": report.policy,

@@ -27,7 +27,7 @@ from .modules.relocate import relocation_for
 from .modules.tiers import TieredModuleCache
 from .plan import POLICIES, Plan, Request, build_plan, encoding_contexts, make_request
 from .pml.binding import bind
-from .pml.errors import PromptError
+from .pml.errors import PromptError, SchemaError
 from .pml.layout import Layout, build_layout
 from .pml.model import Prompt, Schema
 from .pml.parser import load_prompt, load_schema, parse_prompt, parse_schema
@@ -37,9 +37,10 @@ from .results import EncodeReport, GenerationResult
 from .roles import ChatRenderer
 from .runtime.kv import ModuleKV, SplicedCache
 from .runtime.runner import ModelRunner, oracle_forward
-from .runtime.sampling import SamplingOptions, eos_token_ids
+from .runtime.sampling import SamplingOptions, check_max_new_tokens, eos_token_ids
 
-__all__ = ["PromptCache", "GenerationResult", "EncodeReport", "SchemaState", "oracle_forward"]
+__all__ = ["PromptCache", "GenerationResult", "EncodeReport", "SchemaState", "oracle_forward",
+           "check_max_new_tokens"]
 
 
 def _looks_like_xml(text: str) -> bool:
@@ -67,6 +68,10 @@ class PromptCache:
         prefix_cache, prefix_max_bytes, prefix_policy, prefix_ttl_s: automatic prefix caching of
             plain-text and chat prompts (a radix tree of KV on the device; byte budget, ``"lru"``,
             ``"lfu"`` or ``"ttl"`` eviction with ``prefix_ttl_s`` seconds); see docs/prefix.md.
+        max_positions: the context window: a schema laid out past it, or a prompt whose positions
+            exceed it, is refused before any tensor is allocated, and generation stops at it.
+            ``None`` (default): the model's own (:meth:`ModelAdapter.max_positions`), which may be
+            unknown (ALiBi Falcon: no check). A smaller value tightens the limit.
     """
 
     def __init__(self, model, tokenizer, *, encoding: str = "scaffold", placement: str = "device",
@@ -74,7 +79,8 @@ class PromptCache:
                  progress: bool = True, recompute: str = "none", store=None,
                  max_device_bytes: int | None = None, max_host_bytes: int | None = None,
                  prefix_cache: bool = True, prefix_max_bytes: int | None = None,
-                 prefix_policy: str = "lru", prefix_ttl_s: float | None = None) -> None:
+                 prefix_policy: str = "lru", prefix_ttl_s: float | None = None,
+                 max_positions: int | None = None) -> None:
         if encoding not in POLICIES:
             raise ValueError(f"encoding must be one of {', '.join(POLICIES)}, not {encoding!r}")
         if placement not in ("device", "host"):
@@ -83,6 +89,7 @@ class PromptCache:
         self.tokenizer = tokenizer
         self.adapter = adapter_for(model)
         self.adapter.prepare(model)
+        self.max_positions = _window(max_positions, self.adapter.max_positions())
         self.device = torch.device(device) if device is not None else next(model.parameters()).device
         if self.device != next(model.parameters()).device:
             model.to(self.device)
@@ -94,7 +101,8 @@ class PromptCache:
         self.recompute = recompute
         self.progress = progress
         self.renderer = ChatRenderer(tokenizer, self.adapter.fallback_roles())
-        self.runner = ModelRunner(model, self.adapter, self.device, self.dtype, reserve_tokens)
+        self.runner = ModelRunner(model, self.adapter, self.device, self.dtype, reserve_tokens,
+                                  self.max_positions)
         self.num_layers, self.kv_heads, self.head_dim = self.runner.num_layers, self.runner.kv_heads, \
             self.runner.head_dim
         self.schemas: dict[str, SchemaState] = {}
@@ -116,18 +124,23 @@ class PromptCache:
 
     # ------------------------------------------------------------------ schemas
 
-    def add_schema(self, schema: str | os.PathLike | Schema) -> EncodeReport:
+    def add_schema(self, schema: str | os.PathLike | Schema, *, base_dir: str | os.PathLike | None = None,
+                   allowed_root: str | os.PathLike | None = None) -> EncodeReport:
         """Parse (a file path, PML text or a ``Schema``), lay out and encode every cacheable module.
 
-        Re-adding a schema of the same name replaces it.
+        Schemas are trusted within their folder (docs/security.md): a file's ``src=`` includes
+        resolve inside its folder, or inside ``allowed_root``; PML text includes files only when
+        given ``base_dir`` (confined to it, or to ``allowed_root``). Re-adding a schema of the
+        same name replaces it.
         """
         if isinstance(schema, Schema):
             parsed = schema
         elif isinstance(schema, str) and _looks_like_xml(schema):
-            parsed = parse_schema(schema)
+            parsed = parse_schema(schema, base_dir=base_dir, allowed_root=allowed_root)
         else:
-            parsed = load_schema(schema)
+            parsed = load_schema(schema, allowed_root=allowed_root)
         layout = build_layout(parsed, self.renderer)
+        self._check_schema_window(layout)  # before any tensor of this schema exists
         contexts = encoding_contexts(layout, self.encoding)
         state = self.encoder.encode(layout, contexts, replaces=self.schemas.get(parsed.name))
         self.schemas[parsed.name] = state
@@ -137,6 +150,22 @@ class PromptCache:
         if name not in self.schemas:
             raise KeyError(f"no schema named {name!r} (have: {', '.join(self.schemas) or 'none'})")
         self.encoder.remove(self.schemas.pop(name))
+
+    def _check_schema_window(self, layout: Layout) -> None:
+        """Refuse a layout whose positions run past the model's context window."""
+        limit = self.max_positions
+        if limit is not None and layout.length > limit:
+            schema = layout.schema
+            raise SchemaError(f"schema {schema.name!r} lays out {layout.length} positions (0..{layout.length - 1}), "
+                              f"more than this model's context window of {limit} positions "
+                              f"({self.adapter.family}); shorten its modules or parameter lengths",
+                              schema.file, schema.root.loc.line)
+
+    def check_prompt_window(self, needed: int, what: str, file: str | None = None,
+                            line: int | None = None) -> None:
+        """Refuse a request needing ``needed`` positions past the context window
+        (:meth:`ModelRunner.check_window`)."""
+        self.runner.check_window(needed, what, file, line)
 
     def layout(self, name: str) -> Layout:
         return self._state(name).layout
@@ -153,18 +182,49 @@ class PromptCache:
     # ------------------------------------------------------------------ requests
 
     def _parse_prompt(self, prompt: str | os.PathLike | Prompt) -> Prompt:
+        """A ``Prompt``; PML text (a ``str`` is never opened as a file); a ``Path`` is loaded.
+
+        Prompts are untrusted: naming a file in a ``str`` must neither read it nor reveal whether
+        it exists, so file loading is explicit (``load_prompt(path)`` or a ``pathlib.Path``)."""
         if isinstance(prompt, Prompt):
             return prompt
-        if isinstance(prompt, str) and _looks_like_xml(prompt):
+        if isinstance(prompt, (str, bytes)):
+            if isinstance(prompt, str) and not _looks_like_xml(prompt):
+                raise PromptError("a str prompt given here must be PML text (<prompt schema=...>); a "
+                                  "str is never opened as a file: to use a prompt file, pass "
+                                  "promptcache.load_prompt(path) or a pathlib.Path")
             return parse_prompt(prompt)
-        return load_prompt(prompt)
+        if isinstance(prompt, os.PathLike):
+            return load_prompt(prompt)
+        raise TypeError(f"a PML prompt is a Prompt, PML text or a pathlib.Path, not {type(prompt).__name__}")
 
     def request(self, prompt) -> tuple[SchemaState, Request]:
         """A PML prompt parsed, bound to its schema and turned into a request: ``(schema state, request)``."""
         parsed = self._parse_prompt(prompt)
         state = self._state(parsed.schema, parsed)
         bound = bind(parsed, state.layout, self.renderer)
-        return state, make_request(bound, state.contexts)
+        request = make_request(bound, state.contexts)
+        needed = max(request.computed_pos, default=-1) + 1  # the last prompt token is always computed
+        self.check_prompt_window(needed, f"prompt for schema {parsed.schema!r}", parsed.file, parsed.loc.line)
+        return state, request
+
+    def check_prompt(self, prompt, schema: Schema | None = None) -> Prompt:
+        """Parse ``prompt`` and bind it to ``schema`` laid out but not encoded; return the parsed prompt.
+
+        Why: encoding a schema takes seconds to minutes, and a misspelled module or two members of
+        one union would otherwise be reported only when the prompt is first used. With ``schema``
+        ``None`` the prompt is checked against the added schema it names. Raises the PML error.
+        """
+        parsed = self._parse_prompt(prompt)
+        if schema is None:
+            layout = self._state(parsed.schema, parsed).layout
+        elif parsed.schema != schema.name:
+            raise PromptError(f"the prompt is for schema {parsed.schema!r}, but the schema is {schema.name!r}",
+                              parsed.file, parsed.loc.line)
+        else:
+            layout = build_layout(schema, self.renderer)
+        bind(parsed, layout, self.renderer)
+        return parsed
 
     def plan(self, prompt) -> Plan:
         """The dense plan of a prompt: tokens, positions, origin and visibility (the oracle's input)."""
@@ -250,7 +310,15 @@ class PromptCache:
         ``prompt`` is PML, plain text or a list of chat messages (dispatch rules:
         :func:`promptcache.prefix.runner.prompt_kind`). The last two reuse the longest cached
         prefix and, with ``insert_prefix``, cache the prompt and generated tokens for next time.
+
+        ``max_new_tokens``: at most this many tokens are generated; ``0`` means *prefill only*: the
+        prompt is computed and the result holds ``first_token_logits`` (and the timings) with no
+        text and no token ids. A negative value (or a non-integer) raises ``ValueError``.
+        Generation also stops at the model's context window (``max_positions``): the prompt plus
+        the generated tokens never use more positions; ``result.window_full`` then says so. A
+        prompt that alone does not fit is refused (``PromptError`` for PML, ``ValueError`` otherwise).
         """
+        check_max_new_tokens(max_new_tokens)
         options = SamplingOptions(temperature, top_p, top_k, repetition_penalty, list(stop or []), seed)
         if not is_pml_prompt(prompt):
             return self.prefix.generate(prompt, max_new_tokens, use_cache, insert_prefix, options, stream)
@@ -273,11 +341,11 @@ class PromptCache:
             ttft = time.perf_counter() - t0
             cached, computed = 0, len(prompt_ids)
         first_logits = logits.float().cpu()
-        generated, text = runner.decode(logits, cache, prompt_ids, options, max_new_tokens, stream,
-                                        next_pos, self.eos_ids, self.renderer.decode)
+        generated, text, window_full = runner.decode(logits, cache, prompt_ids, options, max_new_tokens,
+                                                     stream, next_pos, self.eos_ids, self.renderer.decode)
         runner.sync()
         return GenerationResult(text, generated, ttft, time.perf_counter() - t0, len(prompt_ids), cached,
-                                computed, use_cache, recomputed, first_logits)
+                                computed, use_cache, recomputed, first_logits, window_full)
 
     def prefix_stats(self) -> dict:
         """Prefix caching counters: hits, misses, hit rate, tokens reused/computed, bytes, evictions."""
@@ -326,3 +394,12 @@ class PromptCache:
         if self.store is None:
             return None
         return dict(self.encoder.store_counts)
+
+
+def _window(override: int | None, model_limit: int | None) -> int | None:
+    """The context window in force: ``override`` (at most the model's), else the model's."""
+    if override is None:
+        return model_limit
+    if isinstance(override, bool) or not isinstance(override, int) or override <= 0:
+        raise ValueError(f"max_positions must be a positive integer or None, got {override!r}")
+    return override if model_limit is None else min(override, model_limit)

@@ -6,10 +6,16 @@ hand. Templates that inject text on their own (e.g. a default system prompt when
 does not start with one) are reproduced: the first role's opening marker is cut from a conversation
 that starts with that role. For tokenizers without a template, :data:`GENERIC_ROLES` (or the model
 family's own markers, passed as ``fallback``) are used; see docs/engine.md.
+
+Special tokens (issue 12, item 1): text, whether a schema's or a prompt's, is tokenized literally
+(:meth:`ChatRenderer.encode`, ``split_special_tokens=True``), so the text ``<|im_end|>`` never becomes
+the control token. Special tokens come only from the role markers, the BOS and the generation prompt,
+i.e. from PML role tags and the chat template (:meth:`ChatRenderer.encode_trusted`).
 """
 
 from __future__ import annotations
 
+from collections import Counter
 from dataclasses import dataclass
 from typing import Any
 
@@ -88,14 +94,54 @@ def _markers_from_template(tokenizer) -> RoleMarkers:
     return RoleMarkers(open_first, open_later, close, generation, from_template=True)
 
 
+class SpecialTokenInjection(ValueError):
+    """Literal text came out of the tokenizer as a control token (a tokenizer ignoring the flag)."""
+
+
+def control_token_ids(tokenizer) -> frozenset[int]:
+    """Ids of the tokenizer's special tokens that steer the model (all but ``unk``).
+
+    ``unk`` is left out: it stands for text the vocabulary lacks, not for a control token.
+    """
+    ids = set(getattr(tokenizer, "all_special_ids", None) or [])
+    decoder = getattr(tokenizer, "added_tokens_decoder", None) or {}
+    ids |= {int(i) for i, tok in decoder.items() if getattr(tok, "special", False)}
+    ids.discard(getattr(tokenizer, "unk_token_id", None))
+    return frozenset(ids)
+
+
+def encode_literal(tokenizer, text: str, add_special_tokens: bool = False,
+                   controls: frozenset[int] | None = None) -> list[int]:
+    """Token ids of ``text`` in which no special-token text becomes a special token.
+
+    ``add_special_tokens=True`` lets the tokenizer add its own BOS/EOS around the text (plain-text
+    prompts): those, and only those, may appear, as often as the tokenizer adds them to ``""``.
+    """
+    ids = list(tokenizer(text, add_special_tokens=add_special_tokens,
+                         split_special_tokens=True)["input_ids"])
+    allowed = Counter(tokenizer("", add_special_tokens=True)["input_ids"]) if add_special_tokens else Counter()
+    controls = control_token_ids(tokenizer) if controls is None else controls
+    extra = Counter(i for i in ids if i in controls) - allowed
+    if extra:
+        raise SpecialTokenInjection(
+            f"the tokenizer turned text into special token(s) {sorted(extra)} despite "
+            f"split_special_tokens=True (text starts {text[:60]!r}); refusing to serve it")
+    return ids
+
+
 class ChatRenderer:
-    """Implements the layout's ``TokenRenderer`` protocol with a Hugging Face tokenizer."""
+    """Implements the layout's ``TokenRenderer`` protocol with a Hugging Face tokenizer.
+
+    :meth:`encode` is for text (schema and prompt alike: never a special token);
+    :meth:`encode_trusted` only for the markers cut from the chat template.
+    """
 
     def __init__(self, tokenizer, fallback_roles: dict[str, Any] | None = None) -> None:
         self.tokenizer = tokenizer
         self.markers = derive_markers(tokenizer, fallback_roles)
         self._bos = self._default_bos()
         self._cache: dict[str, list[int]] = {}
+        self.controls = control_token_ids(tokenizer)
 
     def _default_bos(self) -> list[int]:
         """BOS when the tokenizer itself adds one to plain text (Llama 2 style), else nothing."""
@@ -106,13 +152,20 @@ class ChatRenderer:
         return [bos_id] if ids and ids[0] == bos_id else []
 
     def encode(self, text: str) -> list[int]:
+        """Ids of literal text: ``<|im_start|>`` written in text stays characters, never a control token."""
+        if not text:
+            return []
+        return encode_literal(self.tokenizer, text, controls=self.controls)
+
+    def encode_trusted(self, text: str) -> list[int]:
+        """Ids of template text (role markers): its special-token text becomes special tokens."""
         if not text:
             return []
         return list(self.tokenizer(text, add_special_tokens=False)["input_ids"])
 
     def _marker(self, text: str) -> list[int]:
         if text not in self._cache:
-            self._cache[text] = self.encode(text)
+            self._cache[text] = self.encode_trusted(text)
         return self._cache[text]
 
     def bos(self) -> list[int]:

@@ -145,13 +145,21 @@ def test_cli_reports_bad_input_with_file_and_line(tmp_path, capsys):
         read_prompts(write_jsonl(tmp_path / "y.jsonl", [[1, 2]]))
 
 
-def test_cli_tokenizer_load_failure_is_exit_1(tmp_path, capsys):
+def test_cli_tokenizer_load_failure_is_exit_2(tmp_path, capsys):
+    """Issue 12 item 15: exit 2 like every CLI failure (was 1), one line, the prefix not doubled."""
     def loader(name):
         raise RuntimeError("no such model")
 
     f = write_jsonl(tmp_path / "e.jsonl", [{"prompt": "a"}])
-    assert analyze_main([f, "--tokenizer", "nope"], load_tokenizer=loader) == 1
-    assert "cannot load tokenizer 'nope': no such model" in capsys.readouterr().err
+    assert analyze_main([f, "--tokenizer", "nope"], load_tokenizer=loader) == 2
+    assert capsys.readouterr().err == "promptcache analyze: cannot load tokenizer 'nope': no such model\n"
+
+    def project_loader(name):  # the project's loader already says "cannot load tokenizer ..."
+        raise RuntimeError(f"cannot load tokenizer {name!r}: no such folder\n(second line)")
+
+    assert analyze_main([f, "--tokenizer", "/nonexistent"], load_tokenizer=project_loader) == 2
+    err = capsys.readouterr().err
+    assert err == "promptcache analyze: cannot load tokenizer '/nonexistent': no such folder (second line)\n"
 
 
 def test_cli_defaults_to_the_project_tokenizer_loaded_lazily(tmp_path, monkeypatch):

@@ -118,11 +118,11 @@ def test_dispatch_rules(tmp_path):
     prompt_file = Path(__file__).resolve().parents[1] / "examples" / "persona.prompt.xml"
     assert prompt_kind(parse_prompt('<prompt schema="s"/>')) == PML
     assert prompt_kind(prompt_file) == PML
-    assert prompt_kind(str(prompt_file)) == PML
+    assert prompt_kind(str(prompt_file)) == TEXT  # issue 12 item 3: a str is never opened as a file
     assert prompt_kind(prompt_file.read_text()) == PML  # starts with a comment
     assert prompt_kind('<?xml version="1.0"?>\n<prompt schema="s"/>') == PML
     assert prompt_kind('  <prompt schema="s">x</prompt>') == PML
-    assert prompt_kind("missing/file.prompt.xml") == PML  # so the error names the missing file
+    assert prompt_kind("missing/file.prompt.xml") == TEXT
     assert prompt_kind("Hello there") == TEXT
     assert prompt_kind("<b>bold</b> and <prompts> are plain text") == TEXT
     assert prompt_kind("Summarise examples/persona.prompt.xml please\n") == TEXT
@@ -142,7 +142,7 @@ def test_pml_requests_do_not_touch_the_tree():
     stats = pc.prefix_stats()
     assert stats["requests"] == stats["bytes_held"] == stats["hits"] + stats["misses"] == 0
     with pytest.raises(PMLError):
-        pc.generate("missing/file.prompt.xml")
+        pc.plan("missing/file.prompt.xml")
 
 
 def test_options_use_cache_insert_and_disabled():

@@ -135,6 +135,16 @@ class ModelAdapter:
         check_mask_args(visible, q_pos, k_pos)
         return additive_mask(visible, dtype)
 
+    def max_positions(self) -> int | None:
+        """How many positions (``0 .. n-1``) the model can take: its context window, or ``None``.
+
+        Rotary families (Llama, Qwen2, Mistral, Gemma 3, Falcon with RoPE) read
+        ``config.max_position_embeddings`` (with RoPE scaling it is already the extended window).
+        Families whose config names it otherwise override this; ``None`` means the model has no
+        positional limit of its own (see :meth:`FalconAdapter.max_positions`).
+        """
+        return _positive_int(getattr(self.text_config, "max_position_embeddings", None))
+
     def sliding_window(self) -> int | None:
         """The sliding window of the model's windowed layers, or ``None`` when it has none."""
         return None
@@ -160,6 +170,13 @@ class ModelAdapter:
         """Role markers for tokenizers without a chat template: the class's ``roles`` table
         (see each family's docstring), :data:`promptcache.roles.GENERIC_ROLES` by default."""
         return dict(self.roles)
+
+
+def _positive_int(value: Any) -> int | None:
+    """``value`` as a window size, or ``None`` when it is missing or not a positive integer."""
+    if isinstance(value, bool) or not isinstance(value, int) or value <= 0:
+        return None
+    return value
 
 
 def check_mask_args(visible: torch.Tensor, q_pos: torch.Tensor, k_pos: torch.Tensor) -> None:

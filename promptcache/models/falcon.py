@@ -47,6 +47,17 @@ class FalconAdapter(ModelAdapter):
     def head_dim(self) -> int:
         return self.text_config.hidden_size // self.text_config.num_attention_heads
 
+    def max_positions(self) -> int | None:
+        """``config.max_position_embeddings`` with RoPE; ``None`` with ALiBi.
+
+        ALiBi Falcon (Falcon-RW) has no position table: its bias is computed from positions for any
+        length, and ``max_position_embeddings`` is a config default the model never reads, so no
+        limit is known. Pass ``PromptCache(max_positions=...)`` to impose the training length.
+        """
+        if self.text_config.alibi:
+            return None
+        return super().max_positions()
+
     def _switch_attention(self, model: PreTrainedModel, target: str) -> None:
         super()._switch_attention(model, target)
         for module in model.modules():

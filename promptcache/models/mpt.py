@@ -14,7 +14,7 @@ from __future__ import annotations
 from transformers import PreTrainedModel
 
 from . import alibi
-from .base import ModelAdapter
+from .base import ModelAdapter, _positive_int
 
 
 class MptAdapter(ModelAdapter):
@@ -36,6 +36,10 @@ class MptAdapter(ModelAdapter):
 
     def head_dim(self) -> int:
         return self.text_config.d_model // self.text_config.n_heads
+
+    def max_positions(self) -> int | None:
+        """``config.max_seq_len``: MPT builds its ALiBi table and trains for that many positions."""
+        return _positive_int(getattr(self.text_config, "max_seq_len", None))
 
     def _patch(self, model: PreTrainedModel) -> None:
         alibi.install_mpt(model)

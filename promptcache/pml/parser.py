@@ -34,10 +34,19 @@ Prompt suffix: plain text gets a leading separator (rule 2) only when it directl
 selection and the source had whitespace between them; it gets none at the very start, or after
 a turn (rule 5). Turn texts never get a separator; they are normalised by rule 1. Attribute
 values (arguments, scaffolds) are only stripped.
+
+Names: module and parameter names follow ONE rule, :func:`is_pml_name` (an XML name without a
+colon), in schemas and prompts alike, so every module a schema declares can be selected.
+
+Files and trust (docs/security.md): a schema's ``src=`` resolves inside the schema's folder (or an
+explicit ``allowed_root``), after resolving symlinks; a schema given as text resolves ``src=`` only
+when given ``base_dir``. Every file is read through :func:`.files.read_bounded` (regular files
+only, capped), and every document is bounded (:mod:`.limits`).
 """
 
 from __future__ import annotations
 
+import os
 import re
 from dataclasses import dataclass
 from pathlib import Path
@@ -45,29 +54,42 @@ from typing import Callable, Iterator
 
 from lxml import etree
 
+from . import limits
 from .errors import PMLError, PromptError, SchemaError
+from .files import FileRefused, read_bounded
 from .model import (ROLES, Location, Module, Node, Parameter, Prompt, RoleBlock, Schema, Selection,
                     Text, Turn, UnionBlock)
 from .whitespace import is_blank, normalize_text, separator, split_blank
-from .xmlsafe import parse_xml
+from .xmlsafe import attributes, parse_xml
 
-__all__ = ["parse_schema", "load_schema", "parse_prompt", "load_prompt", "RESERVED_NAMES",
-           "MAX_PARAMETER_LENGTH", "MAX_DEPTH", "MAX_INCLUDE_BYTES"]
+__all__ = ["parse_schema", "load_schema", "parse_prompt", "load_prompt", "is_pml_name",
+           "RESERVED_NAMES", "MAX_PARAMETER_LENGTH", "MAX_DEPTH", "MAX_INCLUDE_BYTES"]
 
 XML_SPACE = "{http://www.w3.org/XML/1998/namespace}space"
 #: Element names of PML itself; a module cannot take them because prompts select by element name.
 RESERVED_NAMES = frozenset({"system", "user", "assistant", "module", "union", "parameter",
                             "schema", "prompt"})
-#: Upper bound of ``<parameter length=...>``: far beyond any real slot, but keeps a typo (or a
-#: hostile schema) from asking the layout for billions of padding positions.
-MAX_PARAMETER_LENGTH = 131072
-#: Largest ``src=`` file read (a module of 16 MiB of text is far beyond any context window).
-MAX_INCLUDE_BYTES = 16 * 1024 * 1024
-#: Deepest element nesting accepted; keeps the recursive readers and the layout far from Python's
-#: recursion limit whatever the input.
-MAX_DEPTH = 64
-_NAME = re.compile(r"[^\W\d][\w.\-]*\Z")
+# The defaults, for reading; to change a limit assign to promptcache.pml.limits (read at call time).
+MAX_PARAMETER_LENGTH = limits.MAX_PARAMETER_LENGTH
+MAX_INCLUDE_BYTES = limits.MAX_INCLUDE_BYTES
+MAX_DEPTH = limits.MAX_DEPTH
+# XML 1.0 (fifth edition) NameStartChar / NameChar without ':' (an NCName), which is what libxml2
+# accepts as an element or attribute name: a prompt can write <name/> and name="..." exactly when
+# the name matches. tests/test_security_pml.py checks the agreement with lxml character by character.
+_START = ("A-Z_a-z\u00c0-\u00d6\u00d8-\u00f6\u00f8-\u02ff\u0370-\u037d\u037f-\u1fff\u200c-\u200d"
+          "\u2070-\u218f\u2c00-\u2fef\u3001-\ud7ff\uf900-\ufdcf\ufdf0-\ufffd\U00010000-\U000effff")
+_NAME = re.compile(f"[{_START}][{_START}\\-.0-9\u00b7\u0300-\u036f\u203f-\u2040]*\\Z")
 _POSITIVE_INT = re.compile(r"[0-9]+\Z")
+NAME_RULE = ("an XML name without ':': a letter or '_' first, then letters, digits, '_', '-', '.' "
+             "or '\u00b7'")
+
+
+def is_pml_name(name: str) -> bool:
+    """The one name rule of modules and parameters, in schemas and in prompts (an XML NCName).
+
+    A module is selected by an element named like it and an argument is an attribute named like
+    its parameter, so a name is valid exactly when it can be such an element or attribute name."""
+    return bool(_NAME.match(name))
 
 
 @dataclass
@@ -120,7 +142,7 @@ class _Reader:
               space: bool = True) -> dict[str, str]:
         """Plain attributes of ``el``; unknown or missing ones are errors naming the line."""
         out: dict[str, str] = {}
-        for key, value in el.attrib.items():
+        for key, value in attributes(el):
             if key == XML_SPACE and space:
                 continue
             if key not in allowed:
@@ -186,9 +208,8 @@ class _Reader:
 
     def name(self, raw: str, el: etree._Element, what: str) -> str:
         name = raw.strip()
-        if not _NAME.match(name):
-            raise self.fail(f"{what} name {raw!r} is not a valid PML name (letters, digits, '_', '-', "
-                            "'.'; starting with a letter or '_')", el.sourceline)
+        if not is_pml_name(name):
+            raise self.fail(f"{what} name {raw!r} is not a valid PML name ({NAME_RULE})", el.sourceline)
         return name
 
     @staticmethod
@@ -201,9 +222,11 @@ class _Reader:
 class _SchemaReader(_Reader):
     error = SchemaError
 
-    def __init__(self, file: str | None, source: str, base_dir: Path) -> None:
+    def __init__(self, file: str | None, source: str, base_dir: Path | None,
+                 allowed_root: Path | None = None) -> None:
         super().__init__(file, source)
         self.base_dir = base_dir
+        self.allowed_root = allowed_root
         self.union_depth = 0
         self.opened = False  # an open role was read: only (ignored) whitespace may follow
 
@@ -261,8 +284,9 @@ class _SchemaReader(_Reader):
                 params: dict[str, int | None] | None, role: str | None, preserve: bool,
                 depth: int) -> Node:
         tag = self.tag(el)
-        if depth >= MAX_DEPTH:
-            raise self.fail(f"elements are nested more than {MAX_DEPTH} levels deep", el.sourceline)
+        if depth >= limits.MAX_DEPTH:
+            raise self.fail(f"elements are nested more than {limits.MAX_DEPTH} levels deep",
+                            el.sourceline)
         if tag == "module":
             return self.module(el, scope, role, preserve, depth)
         if tag == "union":
@@ -306,26 +330,44 @@ class _SchemaReader(_Reader):
         return Module(name, children, cache, self.loc(el.sourceline))
 
     def include(self, src: str, el: etree._Element) -> str:
-        """Text of an ``src=`` file, relative to the schema's folder; universal newlines."""
+        """Text of an ``src=`` file (UTF-8, universal newlines), confined to the allowed root.
+
+        The path is relative to the schema's folder; after resolving symlinks it must lie inside
+        the allowed root (default: that folder), and it must be a regular file within
+        MAX_INCLUDE_BYTES. Errors name the path, never the file's content."""
         rel = src.strip()
         if not rel:
             raise self.fail("src= must name a file", el.sourceline)
-        path = Path(rel)
-        if not path.is_absolute():
-            path = self.base_dir / path
+        if self.base_dir is None:
+            raise self.fail(f"src={rel!r}: this schema was given as text without a base folder, so "
+                            "it can include no file (pass base_dir=..., or load the schema from a "
+                            "file with load_schema)", el.sourceline)
+        path = self.resolve_include(rel, el)
         try:
-            if not path.is_file():
-                raise self.fail(f"src={rel!r}: {path} is not a readable regular file", el.sourceline)
-            if path.stat().st_size > MAX_INCLUDE_BYTES:
-                raise self.fail(f"src={rel!r}: {path} is larger than {MAX_INCLUDE_BYTES} bytes",
-                                el.sourceline)
-            with open(path, encoding="utf-8-sig") as f:
-                return f.read()
+            data = read_bounded(path, limits.MAX_INCLUDE_BYTES)
+        except FileRefused as e:
+            raise self.fail(f"src={rel!r}: cannot read {path}: {e.reason}", el.sourceline) from None
+        try:
+            text = data.decode("utf-8-sig")
         except UnicodeDecodeError as e:
             raise self.fail(f"src={rel!r}: {path} is not UTF-8 text ({e.reason})", el.sourceline) from None
-        except (OSError, ValueError) as e:
-            reason = getattr(e, "strerror", None) or str(e)
-            raise self.fail(f"src={rel!r}: cannot read {path}: {reason}", el.sourceline) from None
+        return text.replace("\r\n", "\n").replace("\r", "\n")
+
+    def resolve_include(self, rel: str, el: etree._Element) -> Path:
+        """``rel`` resolved (symlinks too) and checked to lie inside the allowed root."""
+        assert self.base_dir is not None
+        root = self.allowed_root if self.allowed_root is not None else self.base_dir
+        try:
+            root = root.resolve(strict=True)
+            path = (self.base_dir / rel).resolve(strict=True)
+        except (OSError, RuntimeError, ValueError) as e:  # missing, a symlink loop, a NUL byte
+            reason = getattr(e, "strerror", None) or "cannot be resolved"
+            raise self.fail(f"src={rel!r}: {reason}", el.sourceline) from None
+        if not path.is_relative_to(root):
+            raise self.fail(f"src={rel!r} resolves outside the allowed folder {root} (a schema may "
+                            "include only files inside its own folder unless the caller passes "
+                            "allowed_root=...)", el.sourceline)
+        return path
 
     def union(self, el: etree._Element, scope: dict[str, int | None], role: str | None,
               preserve: bool, depth: int) -> UnionBlock:
@@ -345,8 +387,8 @@ class _SchemaReader(_Reader):
                 if tag != "module":
                     raise self.fail(f"<union> may contain only <module> elements, not <{tag}>",
                                     item.sourceline)
-                if depth + 1 >= MAX_DEPTH:
-                    raise self.fail(f"elements are nested more than {MAX_DEPTH} levels deep",
+                if depth + 1 >= limits.MAX_DEPTH:
+                    raise self.fail(f"elements are nested more than {limits.MAX_DEPTH} levels deep",
                                     item.sourceline)
                 members.append(self.module(item, scope, role, preserve, depth + 1))
         finally:
@@ -378,9 +420,9 @@ class _SchemaReader(_Reader):
             raise self.fail(f"parameter {name!r}: length must be a positive integer, not "
                             f"{attrs['length']!r}", el.sourceline)
         length = int(raw)
-        if length > MAX_PARAMETER_LENGTH:
+        if length > limits.MAX_PARAMETER_LENGTH:
             raise self.fail(f"parameter {name!r}: length={length} exceeds the maximum "
-                            f"{MAX_PARAMETER_LENGTH}", el.sourceline)
+                            f"{limits.MAX_PARAMETER_LENGTH}", el.sourceline)
         if len(el) or not is_blank(el.text):
             raise self.fail(f"<parameter> {name!r} cannot have content (use scaffold=\"...\" for a "
                             "placeholder)", el.sourceline)
@@ -483,17 +525,23 @@ class _PromptReader(_Reader):
 
     def selection(self, el: etree._Element, depth: int) -> Selection:
         tag = self.tag(el)
-        if depth >= MAX_DEPTH:
-            raise self.fail(f"selections are nested more than {MAX_DEPTH} levels deep", el.sourceline)
+        if depth >= limits.MAX_DEPTH:
+            raise self.fail(f"selections are nested more than {limits.MAX_DEPTH} levels deep",
+                            el.sourceline)
         if tag in RESERVED_NAMES:
             raise self.fail(f"<{tag}> is not a selection: a prompt selects a module by an element "
                             "named like the module", el.sourceline)
+        if not is_pml_name(tag):
+            raise self.fail(f"<{tag}> is not a valid PML name ({NAME_RULE})", el.sourceline)
         args: dict[str, str] = {}
-        for key, value in el.attrib.items():
+        for key, value in attributes(el):
             if key.startswith("{"):
                 shown = "xml:space" if key == XML_SPACE else key
                 raise self.fail(f"attribute {shown!r} on selection <{tag}> is not a parameter name",
                                 el.sourceline)
+            if not is_pml_name(key):
+                raise self.fail(f"attribute {key!r} on selection <{tag}> is not a valid PML name "
+                                f"({NAME_RULE})", el.sourceline)
             args[key] = value.strip()
         children: list[Selection] = []
         for item in self.items(el):
@@ -525,35 +573,52 @@ class _PromptReader(_Reader):
 
 
 def parse_schema(text: str | bytes, file: str | None = None,
-                 base_dir: str | Path | None = None) -> Schema:
-    """Parse a schema document. ``src=`` paths resolve against ``base_dir`` (default: the folder
-    of ``file``, else the current directory). Raises PMLSyntaxError or SchemaError."""
-    if base_dir is None:
-        base_dir = Path(file).parent if file else Path.cwd()
-    root, source = parse_xml(text, file)
-    return _SchemaReader(file, source, Path(base_dir)).read(root)
+                 base_dir: str | os.PathLike | None = None, *,
+                 allowed_root: str | os.PathLike | None = None, max_bytes: int | None = None) -> Schema:
+    """Parse a schema document given as text; raises PMLSyntaxError or SchemaError.
+
+    ``file`` only names the document in errors. ``src=`` paths resolve against ``base_dir`` and
+    must lie inside ``allowed_root`` (default: ``base_dir``) after resolving symlinks; without
+    ``base_dir`` a schema can include no file. ``max_bytes`` defaults to
+    :data:`.limits.MAX_DOCUMENT_BYTES`."""
+    root, source = parse_xml(text, file, _limit(max_bytes, "MAX_DOCUMENT_BYTES"), SchemaError)
+    base = Path(base_dir) if base_dir is not None else None
+    allowed = Path(allowed_root) if allowed_root is not None else None
+    return _SchemaReader(file, source, base, allowed).read(root)
 
 
-def load_schema(path: str | Path) -> Schema:
-    """Read and parse a schema file; ``src=`` paths are relative to its folder."""
-    data = _read(path, SchemaError, "schema")
-    return parse_schema(data, file=str(path), base_dir=Path(path).parent)
+def load_schema(path: str | os.PathLike, *, allowed_root: str | os.PathLike | None = None,
+                max_bytes: int | None = None) -> Schema:
+    """Read and parse a schema file; ``src=`` paths are relative to its folder and confined to
+    it (or to ``allowed_root``)."""
+    data = _read(path, SchemaError, "schema", _limit(max_bytes, "MAX_DOCUMENT_BYTES"))
+    return parse_schema(data, file=str(path), base_dir=Path(path).parent, allowed_root=allowed_root,
+                        max_bytes=len(data))
 
 
-def parse_prompt(text: str | bytes, file: str | None = None) -> Prompt:
-    """Parse a prompt document (shape only; :func:`.binding.bind` checks it against a schema)."""
-    root, source = parse_xml(text, file)
+def parse_prompt(text: str | bytes, file: str | None = None, *, max_bytes: int | None = None) -> Prompt:
+    """Parse a prompt document (shape only; :func:`.binding.bind` checks it against a schema).
+
+    ``max_bytes`` defaults to :data:`.limits.MAX_PROMPT_BYTES`."""
+    root, source = parse_xml(text, file, _limit(max_bytes, "MAX_PROMPT_BYTES"), PromptError)
     return _PromptReader(file, source).read(root)
 
 
-def load_prompt(path: str | Path) -> Prompt:
-    """Read and parse a prompt file."""
-    return parse_prompt(_read(path, PromptError, "prompt"), file=str(path))
+def load_prompt(path: str | os.PathLike, *, max_bytes: int | None = None) -> Prompt:
+    """Read and parse a prompt file: the explicit way to take a prompt from a file (the engine
+    never opens a ``str``)."""
+    data = _read(path, PromptError, "prompt", _limit(max_bytes, "MAX_PROMPT_BYTES"))
+    return parse_prompt(data, file=str(path), max_bytes=len(data))
 
 
-def _read(path: str | Path, error: Callable[..., PMLError], what: str) -> bytes:
+def _limit(value: int | None, name: str) -> int:
+    """``value``, else the current default of :mod:`.limits` (read now, so it can be changed)."""
+    return getattr(limits, name) if value is None else value
+
+
+def _read(path: str | os.PathLike, error: Callable[..., PMLError], what: str, max_bytes: int) -> bytes:
+    """A PML file's bytes through the one bounded reader; failures are ``error`` naming the file."""
     try:
-        return Path(path).read_bytes()
-    except (OSError, ValueError) as e:
-        reason = getattr(e, "strerror", None) or str(e)
-        raise error(f"cannot read {what} file: {reason}", str(path)) from None
+        return read_bounded(path, max_bytes)
+    except FileRefused as e:
+        raise error(f"cannot read {what} file: {e.reason}", str(path)) from None

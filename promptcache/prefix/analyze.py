@@ -183,7 +183,8 @@ def analyze_main(argv: Sequence[str] | None = None, *,
                  out: TextIO | None = None) -> int:
     """``promptcache analyze`` entry point; returns the exit status.
 
-    0: report printed; 1: the tokenizer could not be loaded; 2: unreadable or malformed input.
+    0: report printed; 2: unreadable or malformed input, or a tokenizer that cannot be loaded
+    (one line on stderr, like every other CLI failure).
 
     ``load_tokenizer`` maps ``--tokenizer NAME`` to a tokenizer (default: the project's loader);
     tests inject a fake one.
@@ -216,9 +217,11 @@ def analyze_main(argv: Sequence[str] | None = None, *,
     try:
         tokenizer = (load_tokenizer or _default_loader)(args.tokenizer)
     except (OSError, ValueError, RuntimeError) as err:  # ModelLoadError is a RuntimeError
-        print(f"promptcache analyze: cannot load tokenizer {args.tokenizer!r}: {err}",
-              file=sys.stderr)
-        return 1
+        message = " ".join(str(err).split())  # one line
+        if not message.startswith("cannot load"):  # the loader's own message already says so
+            message = f"cannot load tokenizer {args.tokenizer!r}: {message}"
+        print(f"promptcache analyze: {message}", file=sys.stderr)
+        return 2
     report = analyze(prompts, tokenizer, add_generation_prompt=not args.no_generation_prompt)
     if args.json:
         print(json.dumps(report.as_dict(), indent=2), file=out)

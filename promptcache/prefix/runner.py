@@ -5,13 +5,15 @@ engine; it never imports the engine.
 
 Dispatch (:func:`prompt_kind`; ``PromptCache.generate`` and ``next_token_logits`` call it first):
 
-* a :class:`~promptcache.pml.model.Prompt`, an ``os.PathLike``, a string naming an existing file
-  or a one-line string ending in ``.xml``, or a string whose first element (after an optional XML
-  declaration and comments) is ``<prompt``: **PML**, handled as before;
+* a :class:`~promptcache.pml.model.Prompt`, an ``os.PathLike`` (a prompt file, loaded with the
+  bounded reader), or a string whose first element (after an optional XML declaration and
+  comments) is ``<prompt``: **PML**, handled as before. A string is never opened as a file, even
+  when it names one (docs/security.md): file loading is explicit (``load_prompt`` or a ``Path``);
 * a list of message dicts (``{"role", "content"}``): **chat**, the token ids of
   ``tokenizer.apply_chat_template(messages, add_generation_prompt=True)`` (without a template:
   the engine renderer's role markers, as PML uses them);
-* any other string: **plain text**, tokenized with the tokenizer's default special tokens.
+* any other string: **plain text**, tokenized with the tokenizer's default special tokens (its own
+  BOS/EOS; special-token text inside the string stays literal text).
 
 One request with ``use_cache=True`` (see docs/prefix.md):
 
@@ -40,15 +42,17 @@ import torch
 
 from ..pml.model import Prompt
 from ..results import GenerationResult
+from ..roles import SENTINEL, encode_literal
 from ..runtime.kv import ModuleKV
 from ..runtime.runner import ModelRunner
-from ..runtime.sampling import SamplingOptions
+from ..runtime.sampling import SamplingOptions, check_max_new_tokens
 from .radix import MatchResult, RadixTree
 
 PML, CHAT, TEXT = "pml", "chat", "text"
-# Optional XML declaration and comments, then the <prompt element itself.
-_PML_START = re.compile(r"\s*(?:<\?xml\b.*?\?>\s*)?(?:<!--.*?-->\s*)*<prompt(?![\w.:-])", re.S)
-_MAX_PATH_CHARS = 4096
+# Optional XML declaration and comments, then the <prompt element itself. A comment's body may not
+# contain "-->" (a lazy ".*?" could span several comments: exponential backtracking on text).
+_PML_START = re.compile(r"\s*(?:<\?xml\b(?:(?!\?>).)*\?>\s*)?(?:<!--(?:(?!-->).)*-->\s*)*<prompt(?![\w.:-])",
+                        re.S)
 
 
 def prompt_kind(prompt: Any) -> str:
@@ -56,12 +60,12 @@ def prompt_kind(prompt: Any) -> str:
     if isinstance(prompt, (Prompt, os.PathLike)):
         return PML
     if isinstance(prompt, str):
-        if _PML_START.match(prompt) or _names_a_file(prompt):
+        if _PML_START.match(prompt):
             return PML
         return TEXT
     if isinstance(prompt, (list, tuple)) and prompt and all(isinstance(m, Mapping) for m in prompt):
         return CHAT
-    raise TypeError("a prompt is PML (a Prompt, a path, or text starting with <prompt), a "
+    raise TypeError("a prompt is PML (a Prompt, a pathlib.Path, or text starting with <prompt), a "
                     f"plain string, or a non-empty list of message dicts; got {type(prompt).__name__}")
 
 
@@ -69,21 +73,17 @@ def is_pml_prompt(prompt: Any) -> bool:
     return prompt_kind(prompt) == PML
 
 
-def _names_a_file(text: str) -> bool:
-    if len(text) > _MAX_PATH_CHARS or "\n" in text or not text.strip():
-        return False
-    return text.strip().endswith(".xml") or os.path.isfile(text)
-
-
 def chat_token_ids(tokenizer, renderer, messages: Sequence[Mapping]) -> list[int]:
-    """Token ids of ``messages`` plus the generation prompt, as the model is served them."""
+    """Token ids of ``messages`` plus the generation prompt, as the model is served them.
+
+    Message contents are literal text: special-token text in a content never becomes a control
+    token (issue 12, item 1); see :func:`_template_ids`.
+    """
     for i, m in enumerate(messages):
         if not isinstance(m.get("role"), str) or not isinstance(m.get("content"), str):
             raise ValueError(f"message {i} needs string 'role' and 'content' fields, got {dict(m)!r}")
     if getattr(tokenizer, "chat_template", None):
-        out = tokenizer.apply_chat_template([dict(m) for m in messages], add_generation_prompt=True,
-                                            tokenize=True)
-        return list(out["input_ids"] if isinstance(out, Mapping) else out)
+        return _template_ids(tokenizer, renderer, [dict(m) for m in messages])
     ids = renderer.bos()
     for i, m in enumerate(messages):
         role = m["role"]
@@ -92,6 +92,48 @@ def chat_token_ids(tokenizer, renderer, messages: Sequence[Mapping]) -> list[int
                              f"(known: {', '.join(renderer.markers.close)})")
         ids += renderer.role_open(role, i == 0) + renderer.encode(m["content"]) + renderer.role_close(role)
     return ids + renderer.generation_prompt()
+
+
+def _render(tokenizer, messages: list[dict]) -> str:
+    return tokenizer.apply_chat_template(messages, tokenize=False, add_generation_prompt=True)
+
+
+def _template_ids(tokenizer, renderer, messages: list[dict]) -> list[int]:
+    """``apply_chat_template`` ids when the contents add no control token, else a piecewise encoding.
+
+    Benign contents (the usual case) give exactly ``apply_chat_template(..., tokenize=True)``: the
+    rendered text tokenized as the template meant it. The control tokens in it must be those of
+    the same conversation with every content replaced by a sentinel (the template's own). When a
+    content adds one (its text spells ``<|im_end|>`` and the like), the template is rendered with
+    sentinels, cut at them, and its pieces are tokenized as template text while every content is
+    tokenized literally: token boundaries next to a content may then differ from
+    ``apply_chat_template``, but no content ever becomes a control token.
+    """
+    controls = renderer.controls
+    ids = list(tokenizer(_render(tokenizer, messages), add_special_tokens=False)["input_ids"])
+    sentinels = [SENTINEL.format(i) for i in range(len(messages))]
+    probe = _render(tokenizer, [{**m, "content": s} for m, s in zip(messages, sentinels)])
+    expected = [i for i in tokenizer(probe, add_special_tokens=False)["input_ids"] if i in controls]
+    if [i for i in ids if i in controls] == expected:
+        return ids
+    pieces = _cut_at(probe, sentinels)
+    out = renderer.encode_trusted(pieces[0])
+    for m, piece in zip(messages, pieces[1:]):
+        out += renderer.encode(m["content"]) + renderer.encode_trusted(piece)
+    return out
+
+
+def _cut_at(text: str, sentinels: list[str]) -> list[str]:
+    """``text`` cut at each sentinel, which must appear once each, in order."""
+    pieces, rest = [], text
+    for s in sentinels:
+        if rest.count(s) != 1:
+            raise ValueError("a message contains special-token text and the chat template does not "
+                             "render each message content exactly once, so the contents cannot be "
+                             "kept literal; remove the special-token text from the messages")
+        before, rest = rest.split(s)
+        pieces.append(before)
+    return pieces + [rest]
 
 
 def kv_split(value: ModuleKV, at: int) -> tuple[ModuleKV, ModuleKV]:
@@ -143,13 +185,15 @@ class PrefixRunner:
         kind = kind or prompt_kind(prompt)
         tok = self.tokenizer
         if kind == TEXT:
-            ids = list(tok(prompt)["input_ids"])
+            # The tokenizer's own BOS/EOS only: the text itself never becomes a control token.
+            ids = encode_literal(tok, prompt, add_special_tokens=True, controls=self.renderer.controls)
         elif kind == CHAT:
             ids = chat_token_ids(tok, self.renderer, prompt)
         else:
             raise ValueError("PML prompts are served by the engine's module cache, not the prefix tree")
         if not ids:
             raise ValueError("the prompt has no tokens")
+        self.runner.check_window(len(ids), f"{kind} prompt of {len(ids)} tokens")
         return ids
 
     # ----------------------------------------------------------------- prefill
@@ -216,6 +260,7 @@ class PrefixRunner:
     def generate(self, prompt, max_new_tokens: int, use_cache: bool, insert: bool,
                  options: SamplingOptions, stream: Callable[[str], None] | None) -> GenerationResult:
         """Same contract and TTFT definition as ``PromptCache.generate`` (tokenization timed)."""
+        check_max_new_tokens(max_new_tokens)
         runner = self.runner
         runner.sync()
         t0 = time.perf_counter()
@@ -225,8 +270,8 @@ class PrefixRunner:
             runner.sync()
             ttft = time.perf_counter() - t0
             first_logits = logits.float().cpu()
-            generated, text = runner.decode(logits, cache, ids, options, max_new_tokens, stream, len(ids),
-                                            self.eos_ids, self.renderer.decode)
+            generated, text, window_full = runner.decode(logits, cache, ids, options, max_new_tokens, stream,
+                                                         len(ids), self.eos_ids, self.renderer.decode)
             if insert and lease.cached:
                 self._insert(ids + generated, cache, lease.reused)
         finally:
@@ -234,7 +279,7 @@ class PrefixRunner:
         runner.sync()
         reused, consulted = lease.reused, use_cache and self.tree is not None
         return GenerationResult(text, generated, ttft, time.perf_counter() - t0, len(ids), reused,
-                                len(ids) - reused, consulted, 0, first_logits)
+                                len(ids) - reused, consulted, 0, first_logits, window_full)
 
     # ------------------------------------------------------------------- stats
 

@@ -7,7 +7,10 @@ the bytes live; what they must promise is the same and is enforced here:
 * ``get`` returns bit-exact tensors or ``None`` -- never a truncated, corrupted or foreign entry.
   A bad entry is reported once (a :class:`StoreWarning` naming the key and the cause) and removed
   or quarantined, so the caller simply recomputes it.
-* Every stored entry carries a checksum over its meta and every tensor (name, dtype, shape, bytes).
+* Every stored entry carries a checksum over its key, its meta and every tensor (name, dtype,
+  shape, bytes), so an entry's file or manifest copied under another key is refused even if its
+  recorded key was rewritten (issue 12 item 5). Entries written before the key was bound (format
+  1) are treated as stale: removed and recomputed, with one warning per store instance.
 """
 
 from __future__ import annotations
@@ -27,7 +30,7 @@ from typing import Any, Iterable, Mapping
 import numpy as np
 import torch
 
-FORMAT_VERSION = 1
+FORMAT_VERSION = 2  # 2: the checksum binds the entry key (1 did not)
 CHECKSUM_ALGO = "sha256"
 _KEY_RE = re.compile(r"^[a-z0-9_][a-z0-9_.\-]{0,127}$")
 _pool: tuple[int, ThreadPoolExecutor] | None = None
@@ -218,11 +221,13 @@ def _own(t: torch.Tensor) -> torch.Tensor:
     return t
 
 
-def entry_checksum(named: Mapping[str, torch.Tensor], meta: dict, algo: str = CHECKSUM_ALGO) -> str:
-    """``algo:hex`` over the meta and every tensor's name, dtype, shape and bytes.
+def entry_checksum(named: Mapping[str, torch.Tensor], meta: dict, key: str,
+                   algo: str = CHECKSUM_ALGO) -> str:
+    """``algo:hex`` over the entry key, the meta and every tensor's name, dtype, shape and bytes.
 
-    Per-tensor digests are computed in parallel and then combined in name order, so the result
-    does not depend on how a backend lays the tensors out.
+    The key is bound so that a valid entry cannot be served under another key (its recorded key
+    rewritten). Per-tensor digests are computed in parallel and then combined in name order, so
+    the result does not depend on how a backend lays the tensors out.
     """
     names = sorted(named)
 
@@ -236,18 +241,19 @@ def entry_checksum(named: Mapping[str, torch.Tensor], meta: dict, algo: str = CH
     digests = list(_hash_pool().map(one, names))
     top = hashlib.new(algo)
     top.update(f"promptcache-entry-v{FORMAT_VERSION}|".encode())
-    top.update(canonical_json(meta).encode())
+    top.update(canonical_json([key, meta]).encode())  # one JSON array: unambiguous boundaries
     for d in digests:
         top.update(d)
     return f"{algo}:{top.hexdigest()}"
 
 
-def check_checksum(named: Mapping[str, torch.Tensor], meta: dict, recorded: str) -> str | None:
+def check_checksum(named: Mapping[str, torch.Tensor], meta: dict, key: str,
+                   recorded: str) -> str | None:
     """Return a reason string when the recorded checksum does not match, else ``None``."""
     algo, _, _ = str(recorded).partition(":")
     if algo not in hashlib.algorithms_available:
         return f"unknown checksum algorithm {algo!r}"
-    if entry_checksum(named, meta, algo) != recorded:
+    if entry_checksum(named, meta, key, algo) != recorded:
         return "checksum mismatch (corrupted data)"
     return None
 
@@ -298,7 +304,9 @@ class CacheStore(abc.ABC):
     url: str = "?"
 
     def __init__(self) -> None:
-        self.counters = {"hits": 0, "misses": 0, "puts": 0, "bad": 0, "errors": 0}
+        self.counters = {"hits": 0, "misses": 0, "puts": 0, "bad": 0, "stale": 0, "errors": 0}
+        self.last_error: str | None = None  # the cause of the latest counted error (CLI reports it)
+        self._stale_warned = False
 
     @abc.abstractmethod
     def get(self, key: str, expect: Mapping[str, Any] | None = None) -> CacheEntry | None:
@@ -356,6 +364,22 @@ class CacheStore(abc.ABC):
         self.counters["bad"] += 1
         warnings.warn(f"promptcache store {self.url}: entry {key} is bad ({reason}); "
                       f"{action}, it will be recomputed", StoreWarning, stacklevel=3)
+
+    def _report_stale(self, key: str, found: Any, action: str = "removed") -> None:
+        """An entry in an older format: counted as bad and stale, warned about once per instance."""
+        self.counters["bad"] += 1
+        self.counters["stale"] += 1
+        if not self._stale_warned:
+            self._stale_warned = True
+            warnings.warn(f"promptcache store {self.url}: entry {key} has format {found!r}, this "
+                          f"version reads format {FORMAT_VERSION}; {action}, it will be recomputed "
+                          "(further old entries are handled alike without a warning; see "
+                          "stats()['stale'])", StoreWarning, stacklevel=3)
+
+    def _note_error(self, message: str) -> None:
+        """Count an I/O failure and remember its cause, so a maintenance command can fail on it."""
+        self.counters["errors"] += 1
+        self.last_error = message
 
     def _count(self, entry: CacheEntry | None) -> CacheEntry | None:
         self.counters["hits" if entry is not None else "misses"] += 1

@@ -28,7 +28,8 @@ _UNITS = {"": 1, "B": 1, "K": 1024, "KB": 1024, "KIB": 1024, "M": 1024 ** 2, "MB
 def add_store_subcommands(subparsers: argparse._SubParsersAction) -> argparse.ArgumentParser:
     """Register ``store`` and its sub-commands; each sets ``func(args) -> exit code``."""
     store = subparsers.add_parser("store", help="inspect and maintain a module-cache store",
-                                  description=__doc__.split("\n\n")[0])
+                                  description="Inspect and maintain a module-cache store: "
+                                              "promptcache store ls|stats|verify|rm|gc --store URL.")
     sub = store.add_subparsers(dest="store_command", metavar="COMMAND")
     sub.required = True
     common = argparse.ArgumentParser(add_help=False)

@@ -14,16 +14,26 @@ never a partial one -- and a writer killed mid-write leaves only an invisible ``
 ``sweep()`` removes. Tensors are named ``L{i}.k``/``L{i}.v``; the entry meta, key, layer count
 and checksum live in the safetensors header's string metadata, so one file is self-describing.
 
-Loading uses safetensors' mmap (zero copy, private mapping: an in-place edit of a returned
-tensor never reaches the file), then verifies the checksum. Because the mapping is kept, a
-file must never be truncated in place while in use; this store only ever replaces, renames or
-unlinks files. Pass ``load="pread"`` to copy into memory instead.
+Loading (``load=``): by default (``"pread"``) the tensors are read into the process's own memory
+and then verified, so no later change to the file (bytes flipped in place, truncation) can alter
+what the engine holds. ``load="mmap"`` (``file:///dir?load=mmap``) keeps safetensors' private
+mapping instead: no copy, but the returned tensors still read the file's pages, so an in-place
+edit of the file after the checksum was verified changes them silently and truncating the file
+kills the process with SIGBUS. Use it only when nothing but this store's own writers (which only
+replace, rename or unlink files) can touch the directory. Measured cost of the safe default:
+``benchmarks/store.py`` (``dir`` vs ``dir mmap`` columns, docs/store.md).
+
+Entry files are opened with ``O_NONBLOCK`` and must be regular files (a FIFO, device or socket at
+an entry path is a bad entry, never a blocking or unbounded read), no larger than their declared
+tensor bytes plus :data:`MAX_HEADER_BYTES`.
 """
 
 from __future__ import annotations
 
+import errno
 import json
 import os
+import stat
 import time
 import uuid
 import warnings
@@ -37,6 +47,11 @@ from safetensors.torch import save_file
 from .base import (FORMAT_VERSION, BadEntry, CacheEntry, CacheStore, EntryInfo, StoreError,
                    StoreWarning, canonical_json, check_checksum, check_expect, check_key,
                    check_summary, entry_checksum, normalize_entry, now)
+
+LOAD_MODES = ("pread", "mmap")  # the first is the default: see the module docstring
+DEFAULT_LOAD = LOAD_MODES[0]
+MAX_HEADER_BYTES = 16 * 1024 * 1024  # a file may exceed its declared tensor bytes by this much
+_STALE_FORMATS = {"1"}  # older formats this version recognises and replaces (not "corrupt")
 from .sqlite_index import SqliteIndex
 
 _SUFFIX = ".safetensors"
@@ -56,14 +71,22 @@ class _Bad(Exception):
         self.st = st
 
 
+class _Stale(_Bad):
+    """An intact-looking entry in an older format: removed and recomputed, not quarantined."""
+
+    def __init__(self, found: str, st: os.stat_result) -> None:
+        super().__init__(f"old format {found!r} (this version writes {FORMAT_VERSION}; re-encode)", st)
+        self.found = found
+
+
 class LocalStore(CacheStore):
     """Entries as files under ``root``; see the module docstring for the guarantees."""
 
-    def __init__(self, root: str | os.PathLike, *, fsync: bool = True, load: str = "mmap",
+    def __init__(self, root: str | os.PathLike, *, fsync: bool = True, load: str = DEFAULT_LOAD,
                  create: bool = True) -> None:
         super().__init__()
-        if load not in ("mmap", "pread"):
-            raise StoreError(f"load must be 'mmap' or 'pread', not {load!r}")
+        if load not in LOAD_MODES:
+            raise StoreError(f"load must be one of {', '.join(map(repr, LOAD_MODES))}, not {load!r}")
         self.root = Path(root).expanduser().resolve()
         self.url = f"file://{self.root}"
         self.fsync = fsync
@@ -103,11 +126,15 @@ class LocalStore(CacheStore):
             entry, st = self._load(path, key)
         except FileNotFoundError:
             return self._count(None)
+        except _Stale as old:
+            self._report_stale(key, old.found, self._quarantine(key, old.st, str(old), report=False,
+                                                                 remove=True))
+            return self._count(None)
         except _Bad as bad:
             self._quarantine(key, bad.st, str(bad))
             return self._count(None)
         except OSError as exc:  # permissions, I/O error: a miss, not a crash
-            self.counters["errors"] += 1
+            self._note_error(f"cannot read entry {key}: {exc}")
             warnings.warn(f"promptcache store {self.url}: cannot read entry {key}: {exc}", StoreWarning)
             return self._count(None)
         reason = check_expect(entry, expect)
@@ -131,7 +158,7 @@ class LocalStore(CacheStore):
             _H + "nbytes": str(e.nbytes),
             _H + "created": repr(created),
             _H + "meta": canonical_json(e.meta),
-            _H + "checksum": entry_checksum(named, e.meta),
+            _H + "checksum": entry_checksum(named, e.meta, key),
         }
         path = self._path(key)
         tmp = path.parent / f".{key}.{os.getpid()}.{uuid.uuid4().hex[:8]}.tmp"
@@ -147,7 +174,7 @@ class LocalStore(CacheStore):
                 self._index.upsert(EntryInfo(key, e.nbytes, e.n_layers, e.seq_len, e.dtype,
                                              created, created, e.meta))
         except (OSError, filelock.Timeout, SafetensorError) as exc:  # disk full, lock stuck...
-            self.counters["errors"] += 1
+            self._note_error(f"write of {key} skipped: {exc}")
             warnings.warn(f"promptcache store {self.url}: write of {key} skipped: {exc}", StoreWarning)
             return False
         finally:
@@ -170,7 +197,7 @@ class LocalStore(CacheStore):
                     removed = False
                 self._index.remove([key])
         except (OSError, filelock.Timeout) as exc:
-            self.counters["errors"] += 1
+            self._note_error(f"cannot delete {key}: {exc}")
             warnings.warn(f"promptcache store {self.url}: cannot delete {key}: {exc}", StoreWarning)
             return False
         return removed
@@ -199,11 +226,14 @@ class LocalStore(CacheStore):
             except _Bad as exc:
                 bad.append(BadEntry(key, str(exc)))
                 if remove:
-                    self._quarantine(key, exc.st, str(exc), report=False)
+                    self._quarantine(key, exc.st, str(exc), report=False, remove=isinstance(exc, _Stale))
             except (StoreError, OSError) as exc:  # a stray file name, an unreadable file
                 bad.append(BadEntry(key, str(exc)))
                 if remove:
-                    self._quarantine(key, os.stat(path), str(exc), report=False)
+                    try:
+                        self._quarantine(key, os.stat(path), str(exc), report=False)
+                    except OSError as gone:
+                        self._note_error(f"cannot quarantine {path}: {gone}")
         return bad
 
     def sweep(self, max_age_s: float = 3600.0) -> int:
@@ -215,11 +245,13 @@ class LocalStore(CacheStore):
         n = 0
         for p in victims:
             try:
-                if p.stat().st_mtime <= cutoff:
+                if p.lstat().st_mtime <= cutoff:
                     p.unlink()
                     n += 1
             except FileNotFoundError:
                 pass
+            except OSError as exc:  # read-only store, permissions: the caller must hear of it
+                self._note_error(f"cannot remove {p}: {exc}")
         return n
 
     def close(self) -> None:
@@ -235,14 +267,16 @@ class LocalStore(CacheStore):
         tensors. Opening the file once and handing safe_open that descriptor's /proc (or
         /dev/fd) alias makes every read hit the same inode: a consistent snapshot.
         """
-        fd = os.open(path, os.O_RDONLY)  # FileNotFoundError: a plain miss
+        fd, st = _open_regular(path)  # FileNotFoundError: a plain miss
         try:
-            st = os.fstat(fd)
             try:
                 with safe_open(_fd_alias(fd) or str(path), framework="pt", device="cpu",
                                backend=self.load) as f:
                     header = f.metadata() or {}
+                    _check_size(header, st)
                     named = {name: f.get_tensor(name) for name in f.keys()}
+            except _Bad:
+                raise
             except Exception as exc:  # SafetensorError for truncated/garbled files, OSError
                 raise _Bad(f"unreadable file: {exc}", st) from None
         finally:
@@ -252,14 +286,17 @@ class LocalStore(CacheStore):
     @staticmethod
     def _check(header: dict, named: dict, key: str, st: os.stat_result) -> CacheEntry:
         try:
-            if header.get(_H + "format") != str(FORMAT_VERSION):
-                raise _Bad(f"unknown format {header.get(_H + 'format')!r}", st)
+            found = header.get(_H + "format")
+            if found in _STALE_FORMATS:
+                raise _Stale(found, st)
+            if found != str(FORMAT_VERSION):
+                raise _Bad(f"unknown format {found!r}", st)
             if set(header) != _HEADER_FIELDS:
                 raise _Bad(f"header fields {sorted(set(header) ^ _HEADER_FIELDS)} unexpected", st)
             if header[_H + "key"] != key:
                 raise _Bad(f"stored under key {header[_H + 'key']!r}", st)
             meta = json.loads(header[_H + "meta"])
-            reason = check_checksum(named, meta, header[_H + "checksum"])
+            reason = check_checksum(named, meta, key, header[_H + "checksum"])
             if reason is not None:
                 raise _Bad(reason, st)
             entry = CacheEntry.from_named(named, int(header[_H + "layers"]), meta)
@@ -272,26 +309,33 @@ class LocalStore(CacheStore):
         except (KeyError, ValueError) as exc:
             raise _Bad(f"malformed header or tensor set: {exc!r}", st) from None
 
-    def _quarantine(self, key: str, st: os.stat_result, reason: str, report: bool = True) -> None:
-        """Move the bad file aside, unless a writer replaced it since we looked (then it's new)."""
+    def _quarantine(self, key: str, st: os.stat_result, reason: str, report: bool = True,
+                    remove: bool = False) -> str:
+        """Move the bad file aside (``remove``: delete it), unless a writer replaced it since we
+        looked (then it is new). Returns what was done; a failure is counted as an error."""
         path = self._path(key)
-        action = "quarantined"
+        action = "removed" if remove else "quarantined"
         try:
             with self._lock(key):
                 cur = os.stat(path)
-                if (cur.st_ino, cur.st_dev) == (st.st_ino, st.st_dev):
+                if (cur.st_ino, cur.st_dev) != (st.st_ino, st.st_dev):
+                    action = "skipped (a writer replaced it meanwhile)"
+                elif remove:
+                    os.unlink(path)
+                    self._index.remove([key])
+                else:
                     dest = self.root / "quarantine" / f"{key}.{int(time.time())}.{uuid.uuid4().hex[:6]}{_SUFFIX}"
                     os.replace(path, dest)
                     self._index.remove([key])
                     action = f"moved to {dest}"
-                else:
-                    action = "skipped (a writer replaced it meanwhile)"
         except FileNotFoundError:
             action = "already gone"
         except (OSError, filelock.Timeout) as exc:
-            action = f"could not be quarantined ({exc})"
+            action = f"could not be {'removed' if remove else 'quarantined'} ({exc})"
+            self._note_error(f"bad entry {key} {action}")
         if report:
             self._report_bad(key, reason, action)
+        return action
 
     def _reconcile(self, rows: dict[str, EntryInfo], files: dict[str, Path]) -> list[EntryInfo]:
         """Index rows for existing files; rows for vanished files dropped; missing rows rebuilt.
@@ -317,14 +361,50 @@ class LocalStore(CacheStore):
 def _info_from_header(key: str, path: Path) -> EntryInfo | None:
     """Index data from a file's header only (no tensor bytes); ``None`` if unreadable."""
     try:
-        with safe_open(str(path), framework="pt", device="cpu") as f:
-            h = f.metadata() or {}
-        mtime = path.stat().st_mtime
+        fd, st = _open_regular(path)
+        try:
+            with safe_open(_fd_alias(fd) or str(path), framework="pt", device="cpu") as f:
+                h = f.metadata() or {}
+        finally:
+            os.close(fd)
         return EntryInfo(key, int(h[_H + "nbytes"]), int(h[_H + "layers"]), int(h[_H + "seq_len"]),
-                         h.get(_H + "dtype") or None, float(h[_H + "created"]), mtime,
+                         h.get(_H + "dtype") or None, float(h[_H + "created"]), st.st_mtime,
                          json.loads(h[_H + "meta"]))
     except Exception:  # verify() reports unreadable files; listing stays best effort
         return None
+
+
+def _open_regular(path: Path) -> tuple[int, os.stat_result]:
+    """A read-only descriptor of ``path`` and its stat, for a regular file only.
+
+    ``O_NONBLOCK``: opening a FIFO for reading would otherwise wait for a writer forever; opening
+    a socket fails (``ENXIO``). Anything but a regular file is a bad entry (``_Bad``), so every
+    read is bounded by the file's size. ``FileNotFoundError`` passes through (a plain miss).
+    """
+    try:
+        fd = os.open(path, os.O_RDONLY | os.O_NONBLOCK | getattr(os, "O_CLOEXEC", 0))
+    except OSError as exc:
+        if exc.errno in (errno.ENXIO, errno.EOPNOTSUPP):
+            raise _Bad(f"not a regular file ({exc.strerror})", os.stat(path)) from None
+        raise
+    try:
+        st = os.fstat(fd)
+        if not stat.S_ISREG(st.st_mode):
+            raise _Bad(f"not a regular file (mode {stat.filemode(st.st_mode)})", st)
+    except BaseException:
+        os.close(fd)
+        raise
+    return fd, st
+
+
+def _check_size(header: dict, st: os.stat_result) -> None:
+    """Refuse a file larger than its declared tensor bytes plus a header (before reading tensors)."""
+    declared = str(header.get(_H + "nbytes", ""))
+    if not declared.isdigit():
+        raise _Bad(f"declared size {declared!r:.40} is not a byte count", st)
+    if st.st_size > int(declared) + MAX_HEADER_BYTES:
+        raise _Bad(f"file has {st.st_size} bytes, more than its declared {declared} tensor bytes "
+                   f"plus a {MAX_HEADER_BYTES}-byte header", st)
 
 
 def _fd_alias(fd: int) -> str | None:

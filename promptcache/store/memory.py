@@ -38,7 +38,7 @@ class MemoryStore(CacheStore):
             slot = self._data.get(key)
             if slot is None:
                 return self._count(None)
-            reason = check_checksum(slot.entry.named_tensors(), slot.entry.meta, slot.checksum)
+            reason = check_checksum(slot.entry.named_tensors(), slot.entry.meta, key, slot.checksum)
             if reason is None:
                 reason = check_expect(slot.entry, expect)
             if reason is not None:
@@ -56,7 +56,7 @@ class MemoryStore(CacheStore):
         # normalize_entry may return the caller's own tensors when already compact: copy.
         stored = CacheEntry([(copy_tensor(k), copy_tensor(v)) for k, v in stored.tensors],
                             stored.meta)
-        checksum = entry_checksum(stored.named_tensors(), stored.meta)
+        checksum = entry_checksum(stored.named_tensors(), stored.meta, key)
         t = now()
         with self._lock:
             self._data[key] = _Slot(stored, checksum, t, t)
@@ -85,7 +85,7 @@ class MemoryStore(CacheStore):
         bad = []
         with self._lock:
             for key, slot in list(self._data.items()):
-                reason = check_checksum(slot.entry.named_tensors(), slot.entry.meta, slot.checksum)
+                reason = check_checksum(slot.entry.named_tensors(), slot.entry.meta, key, slot.checksum)
                 if reason is not None:
                     bad.append(BadEntry(key, reason))
                     if remove:

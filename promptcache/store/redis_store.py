@@ -24,7 +24,16 @@ Readers verify the checksum, so even a torn read (an overwrite racing a read) is
 wrong data.
 
 Connection problems never raise: the first failure warns once, then calls behave like misses /
-skipped writes, and the server is retried after ``retry_after`` seconds.
+skipped writes, and the server is retried after ``retry_after`` seconds. Every socket operation
+(connect, each reply) is bounded by ``timeout`` seconds (``?timeout=SECONDS``, default
+:data:`DEFAULT_TIMEOUT_S`), and a timeout is not retried, so a hung server costs one timeout and
+then ``retry_after`` seconds of immediate misses, never minutes.
+
+Manifests are validated before anything is fetched (:func:`parse_manifest`: a JSON object with
+the right types, a tensor layout that adds up to the declared size, a chunk count that matches
+it and at most :data:`MAX_CHUNKS` chunks), so a damaged manifest is a bad entry (removed,
+recomputed, reported once), never a crash or a long stall. A manifest key holding another Redis
+type (a list, a hash) is treated the same way and overwritten by the next ``put``.
 """
 
 from __future__ import annotations
@@ -34,6 +43,7 @@ import itertools
 import json
 import logging
 import math
+import re
 import time
 import uuid
 import warnings
@@ -48,13 +58,26 @@ from .base import (FORMAT_VERSION, BadEntry, CacheEntry, CacheStore, EntryInfo, 
 
 log = logging.getLogger(__name__)
 DEFAULT_CHUNK_BYTES = 4 * 1024 * 1024
+MAX_CHUNK_BYTES = 512 * 1024 * 1024  # Redis' cap on one value
+MAX_CHUNKS = 65536  # per entry; with 4 MiB chunks 256 GiB. A manifest asking for more is bad.
+DEFAULT_TIMEOUT_S = 5.0  # connect and per-reply socket timeout (``?timeout=``)
+_VERSION_RE = re.compile(r"^[0-9a-f]{1,64}$")
+_STALE_FORMATS = {1}  # older manifest formats: removed and recomputed, reported as stale
 TTL_GRACE_S = 60  # chunks outlive their manifest a little, so a TTL expiry is a miss, not "bad"
 _MAX_PUBLISH_TRIES = 50  # WATCH retries when other writers keep publishing the same key
-_OUR_PARAMS = ("prefix", "ttl", "chunk_mb", "chunk_bytes", "pending_ttl", "retry_after")
+_OUR_PARAMS = ("prefix", "ttl", "chunk_mb", "chunk_bytes", "pending_ttl", "retry_after", "timeout")
 
 
 class _Bad(Exception):
     """The entry's stored data is unusable; message is the cause."""
+
+
+class _Stale(_Bad):
+    """A manifest in an older format (its checksum does not bind the key): replace it."""
+
+    def __init__(self, found: Any) -> None:
+        super().__init__(f"old format {found!r} (this version writes {FORMAT_VERSION}; re-encode)")
+        self.found = found
 
 
 class _Raced(Exception):
@@ -62,11 +85,12 @@ class _Raced(Exception):
 
 
 class RedisStore(CacheStore):
-    """``redis://[:password@]host:port/db?prefix=promptcache&ttl=SECONDS&chunk_mb=4``."""
+    """``redis://[:password@]host:port/db?prefix=promptcache&ttl=SECONDS&chunk_mb=4&timeout=5``."""
 
     def __init__(self, url: str = "redis://127.0.0.1:6379/0", *, prefix: str | None = None,
                  ttl: float | None = None, chunk_bytes: int | None = None,
-                 pending_ttl: float = 3600.0, retry_after: float = 5.0, **redis_kwargs: Any) -> None:
+                 pending_ttl: float = 3600.0, retry_after: float = 5.0,
+                 timeout: float | None = None, **redis_kwargs: Any) -> None:
         super().__init__()
         try:
             import redis
@@ -85,8 +109,9 @@ class RedisStore(CacheStore):
             chunk_bytes = (int(ours["chunk_bytes"]) if "chunk_bytes" in ours
                            else int(float(ours["chunk_mb"]) * 1024 * 1024) if "chunk_mb" in ours
                            else DEFAULT_CHUNK_BYTES)
-        if not 1 <= chunk_bytes <= 512 * 1024 * 1024:
+        if not 1 <= chunk_bytes <= MAX_CHUNK_BYTES:
             raise StoreError(f"chunk size must be 1 byte .. 512 MiB, not {chunk_bytes}")
+        self.timeout = _timeout(timeout if timeout is not None else ours.get("timeout"))
         self.chunk_bytes = chunk_bytes
         self.pending_ttl = float(ours.get("pending_ttl", pending_ttl))
         self.retry_after = float(ours.get("retry_after", retry_after))
@@ -96,8 +121,11 @@ class RedisStore(CacheStore):
         self.url = urlunsplit(parts._replace(netloc=netloc, query=""))
         if self.prefix != "promptcache":
             self.url += f"?prefix={self.prefix}"
-        kwargs = {"socket_connect_timeout": 2.0, "socket_timeout": 60.0,
-                  "retry": Retry(NoBackoff(), 1), **redis_kwargs}
+        # One retry for a dropped connection (a restarted server, a stale pooled socket), none for
+        # a timeout: a hung server must cost one ``timeout``, not two.
+        kwargs = {"socket_connect_timeout": self.timeout, "socket_timeout": self.timeout,
+                  "retry": Retry(NoBackoff(), 1, supported_errors=(redis.ConnectionError,)),
+                  **redis_kwargs}
         self._r = redis.Redis.from_url(clean, **kwargs)
         self._down_until = 0.0
         self._warned = False
@@ -114,7 +142,17 @@ class RedisStore(CacheStore):
         return f"{self.prefix}:{{{key}}}:c:{version}:{i}"
 
     def _chunk_keys(self, key: str, man: dict) -> list[str]:
+        """Chunk key names of a manifest validated by :func:`parse_manifest` (bounded count)."""
         return [self._c(key, man["version"], i) for i in range(int(man["n_chunks"]))]
+
+    def _get_manifest(self, client: Any, key: str) -> bytes | None:
+        """The raw manifest, ``None`` if absent; a key of another Redis type raises ``_Bad``."""
+        try:
+            return client.get(self._m(key))
+        except self._redis.ResponseError as exc:
+            if str(exc).startswith("WRONGTYPE"):
+                raise _Bad(f"manifest key holds another Redis type ({exc})") from None
+            raise
 
     # -- connection guard ------------------------------------------------------------------
 
@@ -126,15 +164,15 @@ class RedisStore(CacheStore):
         try:
             result = fn()
         except (redis.ConnectionError, redis.TimeoutError, OSError) as exc:
-            self.counters["errors"] += 1
+            self._note_error(f"Redis unreachable ({exc})")
             self._down_until = time.monotonic() + self.retry_after
             if not self._warned:
                 self._warned = True
                 warnings.warn(f"promptcache store {self.url}: Redis unreachable ({exc}); "
                               "serving misses and skipping writes until it is back", StoreWarning)
             return default
-        except redis.RedisError as exc:  # e.g. OOM on write, wrong type: this call only
-            self.counters["errors"] += 1
+        except redis.RedisError as exc:  # e.g. OOM on write, a read-only replica: this call only
+            self._note_error(f"Redis error: {exc}")
             warnings.warn(f"promptcache store {self.url}: Redis error: {exc}", StoreWarning)
             return default
         if self._warned:
@@ -150,7 +188,12 @@ class RedisStore(CacheStore):
 
     def _get(self, key: str, expect: Mapping[str, Any] | None) -> CacheEntry | None:
         for _ in range(3):
-            raw = self._r.get(self._m(key))
+            try:
+                raw = self._get_manifest(self._r, key)
+            except _Bad as bad:  # another Redis type under the manifest's name: heal it
+                removed = self._delete_wrong_type(key)
+                self._report_bad(key, str(bad), "removed" if removed else "left (it changed meanwhile)")
+                return None
             if raw is None:
                 return None
             try:
@@ -160,6 +203,10 @@ class RedisStore(CacheStore):
                     raise _Bad(reason)
             except _Raced:
                 continue
+            except _Stale as old:
+                removed = self._delete_if(key, raw)
+                self._report_stale(key, old.found, "removed" if removed else "left (it changed meanwhile)")
+                return None
             except _Bad as bad:
                 removed = self._delete_if(key, raw)
                 self._report_bad(key, str(bad), "removed" if removed else "left (it changed meanwhile)")
@@ -170,16 +217,15 @@ class RedisStore(CacheStore):
 
     def _read(self, key: str, raw: bytes) -> CacheEntry:
         """Fetch the chunks of manifest ``raw`` and rebuild a verified entry."""
+        man = parse_manifest(key, raw)
         try:
-            man = json.loads(raw)
-            if man.get("format") != FORMAT_VERSION:
-                raise _Bad(f"unknown format {man.get('format')!r}")
-            if man.get("key") != key:
-                raise _Bad(f"manifest names key {man.get('key')!r}")
-            total = int(man["nbytes"])
+            total = man["nbytes"]
             chunks, size = [], 0
             for ck in self._chunk_keys(key, man):
-                chunk = self._r.get(ck)
+                try:
+                    chunk = self._r.get(ck)
+                except self._redis.ResponseError as exc:  # WRONGTYPE: not our chunk
+                    raise _Bad(f"chunk {ck}: {exc}") from None
                 if chunk is None:
                     if self._r.get(self._m(key)) != raw:
                         raise _Raced()
@@ -193,7 +239,7 @@ class RedisStore(CacheStore):
             data = _ChunkedBytes(chunks)
             named = {name: data.tensor(dtype, shape, int(offset), int(nbytes))
                      for name, dtype, shape, offset, nbytes in man["tensors"]}
-            reason = check_checksum(named, man["meta"], man["checksum"])
+            reason = check_checksum(named, man["meta"], key, man["checksum"])
             if reason is not None:
                 raise _Bad(reason)
             entry = CacheEntry.from_named(named, int(man["n_layers"]), man["meta"])
@@ -203,7 +249,7 @@ class RedisStore(CacheStore):
             return entry
         except (_Bad, _Raced):
             raise
-        except (KeyError, ValueError, TypeError, RuntimeError) as exc:
+        except (KeyError, ValueError, TypeError, RuntimeError, AttributeError) as exc:
             raise _Bad(f"malformed manifest: {exc!r}") from None
 
     def put(self, key: str, entry: CacheEntry) -> bool:
@@ -218,8 +264,14 @@ class RedisStore(CacheStore):
         version = uuid.uuid4().hex
         chunk = aligned_chunk_bytes([n for *_, n in layout], self.chunk_bytes)
         n_chunks = -(-offset // chunk)
+        if n_chunks > MAX_CHUNKS:
+            self._note_error(f"write of {key} skipped: {n_chunks} chunks")
+            warnings.warn(f"promptcache store {self.url}: write of {key} skipped: {offset} bytes need "
+                          f"{n_chunks} chunks of {chunk} bytes, more than {MAX_CHUNKS} (raise chunk_mb)",
+                          StoreWarning)
+            return False
         man = {"format": FORMAT_VERSION, "key": key, "version": version, "created": now(),
-               "meta": e.meta, "checksum": entry_checksum(named, e.meta), "n_layers": e.n_layers,
+               "meta": e.meta, "checksum": entry_checksum(named, e.meta, key), "n_layers": e.n_layers,
                "seq_len": e.seq_len, "dtype": e.dtype, "nbytes": offset,
                "chunk_bytes": chunk, "n_chunks": n_chunks, "tensors": layout}
         ok = self._call(lambda: self._put(key, man, named), False)
@@ -238,7 +290,10 @@ class RedisStore(CacheStore):
             for _ in range(_MAX_PUBLISH_TRIES):
                 try:
                     p.watch(self._m(key))
-                    old = p.get(self._m(key))
+                    try:
+                        old = self._get_manifest(p, key)
+                    except _Bad:  # another Redis type: SET below replaces it (healing)
+                        old = None
                     stale = self._chunk_keys_of(key, old)
                     p.multi()
                     p.set(self._m(key), payload, ex=self.ttl)
@@ -269,12 +324,31 @@ class RedisStore(CacheStore):
         return True
 
     def _chunk_keys_of(self, key: str, raw: bytes | None) -> list[str]:
+        """The chunks a raw manifest names; none if it is not a valid manifest (bounded)."""
         if raw is None:
             return []
         try:
-            return self._chunk_keys(key, json.loads(raw))
-        except (ValueError, KeyError, TypeError):
-            return []  # unparsable manifest: its chunks expire or sweep() finds them
+            return self._chunk_keys(key, parse_manifest(key, raw, for_delete=True))
+        except _Bad:
+            return []  # unusable manifest: its chunks expire or sweep() finds them
+
+    def _delete_wrong_type(self, key: str) -> bool:
+        """Delete a manifest key that holds another Redis type (and the access key); atomic."""
+        watch = self._redis.WatchError
+        with self._r.pipeline() as p:
+            for _ in range(5):
+                try:
+                    p.watch(self._m(key))
+                    if p.type(self._m(key)) in (b"string", b"none"):
+                        p.unwatch()
+                        return False  # healed meanwhile, by a writer
+                    p.multi()
+                    p.delete(self._m(key), self._a(key))
+                    p.execute()
+                    return True
+                except watch:
+                    continue
+        return False
 
     def _delete_if(self, key: str, expected_raw: bytes | None) -> bool:
         """Delete the entry atomically, only if its manifest is still ``expected_raw``
@@ -284,7 +358,11 @@ class RedisStore(CacheStore):
             for _ in range(5):
                 try:
                     p.watch(self._m(key))
-                    raw = p.get(self._m(key))
+                    try:
+                        raw = self._get_manifest(p, key)
+                    except _Bad:
+                        p.unwatch()
+                        return self._delete_wrong_type(key)
                     if raw is None or (expected_raw is not None and raw != expected_raw):
                         p.unwatch()
                         return False
@@ -327,11 +405,11 @@ class RedisStore(CacheStore):
         out = []
         for key, at in zip(keys, atimes):
             try:
-                m = json.loads(mans[key])
-                out.append(EntryInfo(key, int(m["nbytes"]), int(m["n_layers"]), int(m["seq_len"]),
-                                     m.get("dtype"), float(m["created"]),
+                m = parse_manifest(key, mans[key])
+                out.append(EntryInfo(key, m["nbytes"], m["n_layers"], m["seq_len"], m["dtype"],
+                                     float(m["created"]),
                                      float(at) if at is not None else float(m["created"]), m["meta"]))
-            except (ValueError, KeyError, TypeError):
+            except (_Bad, ValueError):
                 continue  # verify() reports it
         return out
 
@@ -356,7 +434,7 @@ class RedisStore(CacheStore):
                 self._read(key, raw)
             except _Raced:
                 continue
-            except (_Bad, StoreError) as exc:
+            except (_Bad, StoreError) as exc:  # _Stale included: listed, and removed with ``remove``
                 bad.append(BadEntry(key, str(exc)))
                 if remove:
                     self._delete_if(key, raw)
@@ -454,6 +532,95 @@ class _ChunkedBytes:
         with warnings.catch_warnings():  # a bytes chunk is read-only; module caches are never written
             warnings.filterwarnings("ignore", message="The given buffer is not writable")
             return torch.frombuffer(buf, dtype=dt, count=count, offset=at).reshape(shape)
+
+
+def parse_manifest(key: str, raw: bytes | str, for_delete: bool = False) -> dict:
+    """The manifest ``raw`` of entry ``key`` as a dict, checked before anything is fetched.
+
+    Types and bounds: a JSON object of this format naming ``key``; a hex ``version``; sizes
+    that are non-negative ints; ``chunk_bytes`` within Redis' value cap; ``n_chunks`` exactly
+    what ``nbytes`` needs and at most :data:`MAX_CHUNKS`; ``2 * n_layers`` tensors whose byte
+    counts match their dtype and shape and tile ``nbytes`` without gaps. Raises ``_Bad`` (or
+    ``_Stale`` for an older format) with the reason. ``for_delete`` stops after what deleting
+    the entry needs (version and a bounded chunk count), so an old or half-valid manifest's
+    chunks are still removed with it.
+    """
+    try:
+        man = json.loads(raw)
+    except (ValueError, UnicodeDecodeError) as exc:
+        raise _Bad(f"manifest is not JSON ({exc})") from None
+    if not isinstance(man, dict):
+        raise _Bad(f"manifest is a JSON {type(man).__name__}, not an object")
+    if not isinstance(man.get("version"), str) or not _VERSION_RE.match(man["version"]):
+        raise _Bad(f"manifest version {man.get('version')!r:.40} is not a hex id")
+    nbytes, chunk, n_chunks = (_int_field(man, f) for f in ("nbytes", "chunk_bytes", "n_chunks"))
+    if not 1 <= chunk <= MAX_CHUNK_BYTES:
+        raise _Bad(f"manifest chunk_bytes {chunk} outside 1..{MAX_CHUNK_BYTES}")
+    if n_chunks != -(-nbytes // chunk) or n_chunks > MAX_CHUNKS:
+        raise _Bad(f"manifest n_chunks {n_chunks} does not fit nbytes {nbytes} in chunks of {chunk} "
+                   f"bytes (at most {MAX_CHUNKS})")
+    if for_delete:
+        return man
+    fmt = man.get("format")
+    if fmt in _STALE_FORMATS:
+        raise _Stale(fmt)
+    if fmt != FORMAT_VERSION:
+        raise _Bad(f"unknown format {fmt!r:.40}")
+    if man.get("key") != key:
+        raise _Bad(f"manifest names key {man.get('key')!r:.80}")
+    n_layers = _int_field(man, "n_layers")
+    _int_field(man, "seq_len")  # compared with the data by check_summary
+    if not isinstance(man.get("meta"), dict) or not isinstance(man.get("checksum"), str):
+        raise _Bad("manifest meta must be an object and checksum a string")
+    if man.get("dtype") is not None and not isinstance(man["dtype"], str):
+        raise _Bad(f"manifest dtype {man['dtype']!r:.40} is not a string")
+    created = man.get("created")
+    if isinstance(created, bool) or not isinstance(created, (int, float)) or not 0 < created < 1e11:
+        raise _Bad(f"manifest creation time {created!r:.40} is not a plausible timestamp")
+    _check_layout(man.get("tensors"), n_layers, nbytes)
+    return man
+
+
+def _int_field(man: dict, name: str) -> int:
+    v = man.get(name)
+    if isinstance(v, bool) or not isinstance(v, int) or v < 0:
+        raise _Bad(f"manifest {name} {v!r:.40} is not a non-negative integer")
+    return v
+
+
+def _check_layout(tensors: Any, n_layers: int, nbytes: int) -> None:
+    """The tensor list must name ``2 * n_layers`` tensors tiling ``[0, nbytes)`` in order."""
+    if not isinstance(tensors, list) or len(tensors) != 2 * n_layers:
+        raise _Bad(f"manifest tensors must be a list of {2 * n_layers} entries")
+    at = 0
+    for t in tensors:
+        if not (isinstance(t, list) and len(t) == 5 and isinstance(t[0], str) and isinstance(t[1], str)
+                and isinstance(t[2], list) and all(isinstance(d, int) and not isinstance(d, bool)
+                                                   and d >= 0 for d in t[2])
+                and all(isinstance(x, int) and not isinstance(x, bool) for x in t[3:])):
+            raise _Bad(f"manifest tensor entry {t!r:.80} is malformed")
+        name, dtype, shape, offset, size = t
+        dt = getattr(torch, dtype, None)
+        if not isinstance(dt, torch.dtype):
+            raise _Bad(f"manifest tensor {name!r:.40}: unknown dtype {dtype!r:.40}")
+        if offset != at or size != math.prod(shape) * dt.itemsize:
+            raise _Bad(f"manifest tensor {name!r:.40}: offset/size do not match its dtype and shape")
+        at += size
+    if at != nbytes:
+        raise _Bad(f"manifest tensors hold {at} bytes, nbytes says {nbytes}")
+
+
+def _timeout(value: Any) -> float:
+    """``?timeout=`` seconds: a positive finite number (connect and each reply)."""
+    if value is None or value == "":
+        return DEFAULT_TIMEOUT_S
+    try:
+        t = float(value)
+    except (TypeError, ValueError):
+        t = float("nan")
+    if not (math.isfinite(t) and t > 0):
+        raise StoreError(f"Redis timeout must be a positive number of seconds, not {value!r}")
+    return t
 
 
 def _glob_escape(s: str) -> str:

@@ -27,7 +27,7 @@ from .modules.relocate import relocation_for
 from .modules.tiers import TieredModuleCache
 from .plan import POLICIES, Plan, Request, build_plan, encoding_contexts, make_request
 from .pml.binding import bind
-from .pml.errors import PromptError, SchemaError
+from .pml.errors import PromptError
 from .pml.layout import Layout, build_layout
 from .pml.model import Prompt, Schema
 from .pml.parser import load_prompt, load_schema, parse_prompt, parse_schema
@@ -140,7 +140,7 @@ class PromptCache:
         else:
             parsed = load_schema(schema, allowed_root=allowed_root)
         layout = build_layout(parsed, self.renderer)
-        self._check_schema_window(layout)  # before any tensor of this schema exists
+        self.encoder.check_window(layout)  # before the contexts, before any tensor of this schema
         contexts = encoding_contexts(layout, self.encoding)
         state = self.encoder.encode(layout, contexts, replaces=self.schemas.get(parsed.name))
         self.schemas[parsed.name] = state
@@ -150,16 +150,6 @@ class PromptCache:
         if name not in self.schemas:
             raise KeyError(f"no schema named {name!r} (have: {', '.join(self.schemas) or 'none'})")
         self.encoder.remove(self.schemas.pop(name))
-
-    def _check_schema_window(self, layout: Layout) -> None:
-        """Refuse a layout whose positions run past the model's context window."""
-        limit = self.max_positions
-        if limit is not None and layout.length > limit:
-            schema = layout.schema
-            raise SchemaError(f"schema {schema.name!r} lays out {layout.length} positions (0..{layout.length - 1}), "
-                              f"more than this model's context window of {limit} positions "
-                              f"({self.adapter.family}); shorten its modules or parameter lengths",
-                              schema.file, schema.root.loc.line)
 
     def check_prompt_window(self, needed: int, what: str, file: str | None = None,
                             line: int | None = None) -> None:
@@ -367,26 +357,7 @@ class PromptCache:
         memory tiers hold (each entry once); ``tiers``: bytes, entries, budget, pinned, hits, misses
         and evictions per tier, and the store's counters.
         """
-        bpt = self.bytes_per_token()
-        rows = []
-        for name, state in self.schemas.items():
-            by_module: dict[str, dict] = {}
-            for i, key in state.keys.items():
-                owner = "/".join(state.layout.segments[i].owner) or "(root)"
-                row = by_module.setdefault(owner, {"schema": name, "module": owner, "tokens": 0, "bytes": 0,
-                                                   "device_bytes": 0, "host_bytes": 0})
-                row["tokens"] += key.length
-                row["bytes"] += key.length * bpt
-                tier = self.module_cache.where(key.tier_key)
-                if tier is not None:
-                    row[f"{tier}_bytes"] += key.length * bpt
-            rows.extend(by_module.values())
-        residents = list(self.module_cache.residents())
-        total = sum(r.nbytes for r in residents)
-        tokens = sum(r.key.length for r in residents)
-        return {"placement": self.placement, "modules": rows, "total_bytes": total, "total_tokens": tokens,
-                "bytes_per_token": bpt, "consistent": total == tokens * bpt,
-                "tiers": self.module_cache.report(), "relocation": self.relocation.mode}
+        return self.encoder.memory_report(self.schemas, self.bytes_per_token(), self.placement)
 
     def store_report(self) -> dict | None:
         """``{"store_hits", "store_misses"}``: modules loaded from the store vs encoded in this process

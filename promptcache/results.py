@@ -14,6 +14,8 @@ class GenerationResult:
 
     ``ttft_s`` runs from the call (the prompt PML text not yet parsed) to the first token's logits,
     including parsing, cache assembly and host-to-device copies, with CUDA synchronised.
+    ``window_full``: generation stopped before ``max_new_tokens`` (and before EOS or a stop string)
+    because the next token would not fit in the model's context window (``max_positions``).
     """
 
     text: str
@@ -26,6 +28,7 @@ class GenerationResult:
     use_cache: bool
     recomputed_tokens: int = 0
     first_token_logits: torch.Tensor | None = field(default=None, repr=False)
+    window_full: bool = False
 
 
 @dataclass

@@ -17,6 +17,7 @@ import torch
 from tqdm.auto import tqdm
 
 from ..plan import encode_groups, forwards_needed, stored_segments
+from ..pml.errors import SchemaError
 from ..pml.layout import Layout
 from ..results import EncodeReport
 from ..runtime.kv import ModuleKV
@@ -62,6 +63,16 @@ class ModuleEncoder:
         self.progress = progress
         self.store_counts = {"store_hits": 0, "store_misses": 0}
 
+    def check_window(self, layout: Layout) -> None:
+        """Refuse a layout whose positions run past the model's context window."""
+        limit = self.runner.max_positions
+        if limit is not None and layout.length > limit:
+            schema = layout.schema
+            raise SchemaError(f"schema {schema.name!r} lays out {layout.length} positions (0..{layout.length - 1}), "
+                              f"more than this model's context window of {limit} positions "
+                              f"({self.family}); shorten its modules or parameter lengths",
+                              schema.file, schema.root.loc.line)
+
     @torch.inference_mode()
     def encode(self, layout: Layout, contexts: list[list[int]], replaces: SchemaState | None = None
                ) -> SchemaState:
@@ -69,6 +80,7 @@ class ModuleEncoder:
 
         ``replaces``: the state of a schema of the same name, whose entries are released.
         """
+        self.check_window(layout)  # before any tensor of this schema exists
         runner = self.runner
         segs = layout.segments
         keep = stored_segments(layout)
@@ -98,6 +110,28 @@ class ModuleEncoder:
                                     counts["forwards"], counts["encode_s"], nbytes, counts["load_s"],
                                     counts["store_hits"], counts["memory_hits"], counts["encoded"])
         return state
+
+    def memory_report(self, schemas: dict[str, SchemaState], bpt: int, placement: str) -> dict:
+        """``PromptCache.memory_report`` (see there); ``bpt``: bytes per token."""
+        rows = []
+        for name, state in schemas.items():
+            by_module: dict[str, dict] = {}
+            for i, key in state.keys.items():
+                owner = "/".join(state.layout.segments[i].owner) or "(root)"
+                row = by_module.setdefault(owner, {"schema": name, "module": owner, "tokens": 0, "bytes": 0,
+                                                   "device_bytes": 0, "host_bytes": 0})
+                row["tokens"] += key.length
+                row["bytes"] += key.length * bpt
+                tier = self.cache.where(key.tier_key)
+                if tier is not None:
+                    row[f"{tier}_bytes"] += key.length * bpt
+            rows.extend(by_module.values())
+        residents = list(self.cache.residents())
+        total = sum(r.nbytes for r in residents)
+        tokens = sum(r.key.length for r in residents)
+        return {"placement": placement, "modules": rows, "total_bytes": total, "total_tokens": tokens,
+                "bytes_per_token": bpt, "consistent": total == tokens * bpt,
+                "tiers": self.cache.report(), "relocation": self.relocation.mode}
 
     def remove(self, state: SchemaState) -> None:
         """A schema is gone: entries no other schema needs leave memory (not the store)."""

@@ -27,6 +27,7 @@ from typing import Callable, Sequence
 
 import torch
 
+from ..pml.errors import PromptError
 from .kv import ModuleKV, SplicedCache
 from .sampling import SamplingOptions, StopChecker, TokenChooser
 
@@ -50,13 +51,16 @@ class ModelRunner:
     """Forwards of one transformers causal LM prepared by its family adapter (module docstring).
 
     ``reserve_tokens``: room preallocated after a prefill for generated tokens.
+    ``max_positions``: the context window in force (``None``: unknown, no check); requests are
+    checked against it (:meth:`check_window`) and decoding stops at it.
     ``forward_hooks``: callables run before every forward with its query count (tests count
     forwards with them, or raise to interrupt one).
     """
 
     def __init__(self, model, adapter, device: torch.device, dtype: torch.dtype,
-                 reserve_tokens: int = 256) -> None:
+                 reserve_tokens: int = 256, max_positions: int | None = None) -> None:
         self.model = model
+        self.max_positions = max_positions
         self.adapter = adapter
         self.device = device
         self.dtype = dtype
@@ -64,6 +68,19 @@ class ModelRunner:
         self.num_layers, self.kv_heads, self.head_dim = adapter.kv_shape(model)
         self.window = adapter.sliding_window()  # windows are by position: never the index fast path
         self.forward_hooks: list[ForwardHook] = []
+
+    def check_window(self, needed: int, what: str, file: str | None = None, line: int | None = None) -> None:
+        """Refuse a request needing ``needed`` positions (``0..needed-1``) past the context window.
+
+        PML prompts get a :class:`PromptError` naming the prompt file (``file`` or ``line`` given);
+        plain-text and chat prompts a ``ValueError``.
+        """
+        limit = self.max_positions
+        if limit is None or needed <= limit:
+            return
+        msg = (f"{what} needs {needed} positions, more than this model's context window of {limit} "
+               f"positions ({self.adapter.family})")
+        raise PromptError(msg, file, line) if file is not None or line is not None else ValueError(msg)
 
     # ------------------------------------------------------------------ caches
 
@@ -173,27 +190,33 @@ class ModelRunner:
     def decode(self, logits: torch.Tensor, cache: SplicedCache, prompt_ids: list[int],
                options: SamplingOptions, max_new_tokens: int, stream: Callable[[str], None] | None,
                next_pos: int, eos_ids: set[int], detokenize: Callable[[list[int]], str]
-               ) -> tuple[list[int], str]:
+               ) -> tuple[list[int], str, bool]:
         """The token loop after a prefill: choose, stop, feed back at consecutive positions.
 
-        Returns the generated ids and the text kept (cut at a stop string or before EOS).
+        Generated token ``k`` sits at position ``next_pos + k``, which must lie inside the context
+        window. Returns the generated ids, the text kept (cut at a stop string or before EOS) and
+        whether the window cut generation short of ``max_new_tokens``.
         """
         chooser = TokenChooser(options, prompt_ids, self.device)
         stopper = StopChecker(eos_ids, options.stop, detokenize)
         generated: list[int] = []
         text, shown = "", 0
-        for step in range(max_new_tokens):
+        budget = max_new_tokens
+        if self.max_positions is not None:
+            budget = max(0, min(max_new_tokens, self.max_positions - next_pos))
+        finished = False
+        for step in range(budget):
             token = chooser(logits)
             generated.append(token)
             finished, text = stopper.done(generated)
             if stream is not None and len(text) > shown:
                 stream(text[shown:])
                 shown = len(text)
-            if finished or step == max_new_tokens - 1:
+            if finished or step == budget - 1:
                 break
             logits = self.decode_step([DecodeSequence(cache, token, next_pos)])[0]
             next_pos += 1
-        return generated, text
+        return generated, text, budget < max_new_tokens and not finished
 
     def sync(self) -> None:
         """Wait for the device (CUDA) so that wall-clock times are honest."""

@@ -27,10 +27,10 @@ import statistics
 import sys
 from pathlib import Path
 
-ROOT = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(ROOT))
-sys.path.insert(0, str(ROOT / "benchmarks"))
-sys.path.insert(0, str(ROOT / "examples"))
+if __package__ in (None, ""):  # run as a file: the repository root replaces benchmarks/ on the path
+    sys.path[0] = str(Path(__file__).resolve().parents[1])
+
+from benchmarks.common import ROOT, set_threads  # noqa: E402
 
 QUESTIONS = [
     "What is the main purpose of the report?",
@@ -112,7 +112,7 @@ def row_of(part: str, i: int, base, res) -> dict:
 
 
 def chat_part(model, tokenizer, args) -> list[dict]:
-    from chat_multiturn import USER_TURNS, run_chat
+    from examples.chat_multiturn import USER_TURNS, run_chat
     from promptcache import PromptCache
 
     pc = PromptCache(model, tokenizer, progress=False)
@@ -135,7 +135,7 @@ def chat_part(model, tokenizer, args) -> list[dict]:
 
 
 def doc_part(model, tokenizer, args) -> list[dict]:
-    from ttft import document_text
+    from benchmarks.common import document_text
     from promptcache import PromptCache
 
     doc = document_text(tokenizer, args.doc_tokens)
@@ -154,7 +154,7 @@ def doc_part(model, tokenizer, args) -> list[dict]:
 
 
 def tree_part(args) -> None:
-    from prefix_tree import N_SEQUENCES, N_LOOKUPS, SEQ_LEN, measure, reference_workload
+    from benchmarks.prefix_tree import N_SEQUENCES, N_LOOKUPS, SEQ_LEN, measure, reference_workload
 
     rates, tree = measure(reference_workload(), "lru", args.tree_repeats, None)
     print(f"\n(c) radix tree: {N_SEQUENCES:,} inserts of {SEQ_LEN} tokens, then {N_LOOKUPS:,} lookups "
@@ -177,8 +177,7 @@ def main(argv=None) -> int:
 
     from promptcache import PromptCache, load_model
 
-    if args.threads:
-        torch.set_num_threads(args.threads)
+    set_threads(args.threads)
     print(f"load average {' '.join(f'{x:.2f}' for x in os.getloadavg())} on {os.cpu_count()} CPUs "
           "(shared machine: other processes compete)", flush=True)
     rows: list[dict] = []
@@ -198,7 +197,7 @@ def main(argv=None) -> int:
         tree_part(args)
     print(f"\nload average at the end {' '.join(f'{x:.2f}' for x in os.getloadavg())}")
     if rows:
-        from ttft import write_csv
+        from benchmarks.common import write_csv
 
         out = Path(args.out).with_suffix(".csv")
         write_csv(rows, out)

@@ -36,7 +36,8 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Sequence
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+if __package__ in (None, ""):  # run as a file: the repository root replaces benchmarks/ on the path
+    sys.path[0] = str(Path(__file__).resolve().parents[1])
 
 from promptcache.prefix import RadixTree  # noqa: E402
 

@@ -20,7 +20,8 @@ from pathlib import Path
 
 import torch
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+if __package__ in (None, ""):  # run as a file: the repository root replaces benchmarks/ on the path
+    sys.path[0] = str(Path(__file__).resolve().parents[1])
 
 from eval.data import default_data_dir, load_task, split_passages  # noqa: E402
 from eval.schemas import sample_to_pml  # noqa: E402

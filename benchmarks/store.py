@@ -34,14 +34,13 @@ from pathlib import Path
 
 import torch
 
-ROOT = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(ROOT))
-sys.path.insert(0, str(ROOT / "benchmarks"))
+if __package__ in (None, ""):  # run as a file: the repository root replaces benchmarks/ on the path
+    sys.path[0] = str(Path(__file__).resolve().parents[1])
 
+from benchmarks.common import ROOT, doc_case, print_table, set_threads, write_csv  # noqa: E402
+from benchmarks.store_io import close_all, drop_page_cache, start_redis  # noqa: E402
 from promptcache import PromptCache, load_model  # noqa: E402
 from promptcache.store import CacheEntry, open_store  # noqa: E402
-from store_io import close_all, drop_page_cache, start_redis  # noqa: E402
-from ttft import doc_case, print_table, write_csv  # noqa: E402
 
 
 def parse_args(argv=None) -> argparse.Namespace:
@@ -62,7 +61,7 @@ def parse_args(argv=None) -> argparse.Namespace:
 def module_entries(pc: PromptCache) -> list[tuple[str, CacheEntry]]:
     """The engine's held module caches as store entries (key, tensors, meta), to fill other stores."""
     return [(r.key.store_key, CacheEntry(list(zip(r.kv.keys, r.kv.values)), dict(r.meta)))
-            for r in pc._modules.residents()]
+            for r in pc.module_cache.residents()]
 
 
 def load_once(model, tokenizer, store, schema: str, prompt: str, expected: torch.Tensor,
@@ -120,8 +119,7 @@ COLUMNS = [("tokens", "tokens", "{}"), ("MB", "mb", "{:.0f}"), ("encode ms", "en
 
 def main(argv=None) -> int:
     args = parse_args(argv)
-    if args.threads:
-        torch.set_num_threads(args.threads)
+    set_threads(args.threads)
     model, tokenizer = load_model(args.model, device=args.device, dtype=args.dtype)
     tmp = Path(tempfile.mkdtemp(prefix="pc-store-bench-"))
     server = None

@@ -28,7 +28,8 @@ from pathlib import Path
 
 import torch
 
-sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+if __package__ in (None, ""):  # run as a file: the repository root replaces benchmarks/ on the path
+    sys.path[0] = str(Path(__file__).resolve().parents[1])
 
 from promptcache.store import CacheEntry, open_store  # noqa: E402
 from promptcache.store.base import entry_checksum  # noqa: E402

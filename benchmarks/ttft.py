@@ -21,7 +21,6 @@ from __future__ import annotations
 
 import argparse
 import copy
-import csv
 import json
 import statistics
 import sys
@@ -30,13 +29,12 @@ from pathlib import Path
 
 import torch
 
-ROOT = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(ROOT))
+if __package__ in (None, ""):  # run as a file: the repository root replaces benchmarks/ on the path
+    sys.path[0] = str(Path(__file__).resolve().parents[1])
 
+from benchmarks.common import (ROOT, doc_case, persona_case, print_table, set_threads,  # noqa: E402
+                               sync, write_csv)
 from promptcache import PromptCache, load_model  # noqa: E402
-from promptcache.pml.escape import escape_text  # noqa: E402
-
-QUESTION = "Question: summarise the main point of the document above in one short sentence, please."
 RANDOM_CONFIGS = {
     "llama-7b": dict(hidden_size=4096, intermediate_size=11008, num_hidden_layers=32, num_attention_heads=32,
                      num_key_value_heads=32, max_position_embeddings=16384),
@@ -77,54 +75,6 @@ def build_model(args):
     return model, tokenizer
 
 
-def document_text(tokenizer, n_tokens: int) -> str:
-    """Real prose (LongBench contexts when available), cut to ``n_tokens`` tokens."""
-    source = ROOT.parent / "shared" / "longbench-mini" / "gov_report.jsonl"
-    text = ""
-    if source.is_file():
-        for line in source.read_text(encoding="utf-8").splitlines():
-            text += json.loads(line)["context"] + "\n"
-    else:  # pragma: no cover - outside this workplace
-        text = (ROOT / "examples" / "document_qa.txt").read_text()
-    while len(tokenizer(text, add_special_tokens=False)["input_ids"]) < n_tokens:
-        text += "\n" + text
-    ids = tokenizer(text, add_special_tokens=False)["input_ids"][:n_tokens]
-    return tokenizer.decode(ids)
-
-
-def doc_case(tokenizer, n_tokens: int) -> tuple[str, str]:
-    name = f"doc{n_tokens}"
-    schema = (f'<schema name="{name}"><user open="true">Read the document.\n<module name="doc" xml:space="preserve">'
-              f"{escape_text(document_text(tokenizer, n_tokens))}</module></user></schema>")
-    prompt = f'<prompt schema="{name}"><doc/>\n{escape_text(QUESTION)}</prompt>'
-    return schema, prompt
-
-
-def persona_case(tokenizer, member_tokens: int = 180) -> tuple[str, str]:
-    """A persona-style schema: six unions of three members (~180 tokens each), ~1.1k-token prompt."""
-    prose = tokenizer(document_text(tokenizer, 18 * member_tokens + 10), add_special_tokens=False)["input_ids"]
-    traits = ["age", "residence", "education", "occupation", "family", "personality"]
-    parts, picks = [], []
-    for u, trait in enumerate(traits):
-        members = []
-        for m in range(3):
-            start = (u * 3 + m) * member_tokens
-            text = escape_text(tokenizer.decode(prose[start:start + member_tokens]))
-            members.append(f'<module name="{trait}-{m}" xml:space="preserve">{text}</module>')
-        parts.append(f'<module name="{trait}"><union scaffold="{trait}-0">{"".join(members)}</union></module>')
-        picks.append(f"<{trait}><{trait}-1/></{trait}>")
-    schema = ('<schema name="persona-bench"><system>You are the person described below. Stay in character.\n'
-              + "\n".join(parts) + "</system></schema>")
-    prompt = ('<prompt schema="persona-bench">' + "".join(picks)
-              + "<user>Introduce yourself in two sentences.</user></prompt>")
-    return schema, prompt
-
-
-def sync(device) -> None:
-    if torch.device(device).type == "cuda":
-        torch.cuda.synchronize()
-
-
 @torch.inference_mode()
 def measure(pcs: dict[str, PromptCache], schema: str, prompt: str, repeats: int) -> dict:
     scaffold, independent = pcs["scaffold"], pcs["independent"]
@@ -140,8 +90,8 @@ def measure(pcs: dict[str, PromptCache], schema: str, prompt: str, repeats: int)
 
 
     # (b) and (e) on the same tokens: prefix = everything before the computed suffix.
-    state, request = scaffold._request(prompt)
-    ids = scaffold._prompt_ids(state, request)
+    state, request = scaffold.request(prompt)
+    ids = scaffold.prompt_ids(state, request)
     n_suffix = len(request.computed_ids)
     prefix, suffix = ids[:-n_suffix], ids[-n_suffix:]
     from transformers import DynamicCache
@@ -199,25 +149,6 @@ TTFT_COLUMNS = [("case", "case", "{}"), ("prompt", "prompt_tokens", "{}"), ("com
                 ("c/e", "c_over_floor", "{:.2f}"), ("b/c", "b_over_c", "{:.2f}")]
 
 
-def print_table(rows: list[dict], cols: list[tuple[str, str, str]] = TTFT_COLUMNS) -> None:
-    """Right-aligned columns ``(header, key, format)``, a rule under the header (the benchmarks' tables)."""
-    cells = [[h for h, _, _ in cols]] + [[f.format(r[k]) for _, k, f in cols] for r in rows]
-    widths = [max(len(row[i]) for row in cells) for i in range(len(cols))]
-    for j, row in enumerate(cells):
-        print("  ".join(c.rjust(w) for c, w in zip(row, widths)))
-        if j == 0:
-            print("  ".join("-" * w for w in widths))
-
-
-def write_csv(rows: list[dict], path: Path) -> None:
-    """One CSV row per dict (the first row's keys are the header), creating the folder."""
-    path.parent.mkdir(parents=True, exist_ok=True)
-    with open(path, "w", newline="") as f:
-        writer = csv.DictWriter(f, fieldnames=list(rows[0]))
-        writer.writeheader()
-        writer.writerows(rows)
-
-
 def plot(rows: list[dict], path: Path) -> None:
     import matplotlib
 
@@ -246,8 +177,7 @@ def plot(rows: list[dict], path: Path) -> None:
 
 def main(argv=None) -> int:
     args = parse_args(argv)
-    if args.threads:
-        torch.set_num_threads(args.threads)
+    set_threads(args.threads)
     model, tokenizer = build_model(args)
     pcs = {enc: PromptCache(model, tokenizer, encoding=enc, progress=False) for enc in ("scaffold", "independent")}
     print(f"model {args.model}{' (random weights: ' + args.random_weights + ')' if args.random_weights else ''} "
@@ -262,7 +192,7 @@ def main(argv=None) -> int:
         print(f"  {r['case']}: a={r['a_baseline_ms']:.1f} c={r['c_scaffold_ms']:.1f} "
               f"e={r['e_floor_ms']:.1f} ms", flush=True)
     print()
-    print_table(rows)
+    print_table(rows, TTFT_COLUMNS)
     out = Path(args.out)
     write_csv(rows, out.with_suffix(".csv"))
     plot(rows, out.with_suffix(".png"))

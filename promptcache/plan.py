@@ -7,6 +7,9 @@ Two questions decide everything the engine does, and both are answered here with
 2. *Request*: for a bound prompt, which tokens come from the cache, which are computed, at which
    positions, and what did each one see? (:func:`make_plan`.)
 
+and a third, for caches that must be rebuilt: which encoding forwards produce some segments when
+others are already available? (:func:`forwards_needed`, at the end of this file.)
+
 The :class:`Plan` is the correctness oracle made inspectable: one ordinary forward over
 ``plan.token_ids`` at ``plan.position_ids`` with a 4-D mask built from ``plan.visible`` reproduces
 the cached path's logits. Cached tokens may have seen context that the prompt does not contain

@@ -431,7 +431,7 @@ def test_stale_queue_entries_are_compacted_and_eviction_still_complete():
     for _ in range(1000):  # every unlock re-queues the leaf: duplicates pile up
         with t.locked(leaves[3]):
             pass
-    assert len(t._queue) <= 2 * t.node_count + 256 + 1
+    assert t.queue_length <= 2 * t.node_count + 256 + 1
     t.match_prefix([0, 1])
     assert t.evict(10**12) == 10 * 2 * BPT and t.node_count == 0
     assert evicted == [1, 2, 3, 4, 5, 6, 7, 8, 9, 0]

@@ -522,6 +522,11 @@ class RadixTree:
     # ------------------------------------------------------------- inspection
 
     @property
+    def queue_length(self) -> int:
+        """Entries in the eviction queue, stale ones included (compaction keeps it bounded)."""
+        return len(self._queue)
+
+    @property
     def root(self) -> RadixNode:
         return self._root
 

@@ -22,6 +22,7 @@ import importlib.util
 import os
 import shutil
 import socket
+import sys
 import tempfile
 import threading
 import urllib.parse
@@ -83,10 +84,10 @@ DEFAULT_MODEL = "smollm2"
 # ---------------------------------------------------------------- threads and devices
 
 DEFAULT_THREADS = 1
-THREADS_HELP = ("torch CPU threads (default: 1; 0 = torch's own choice, one per core). One thread "
+THREADS_HELP = ("torch CPU threads (default: %(default)s; 0 = torch's own choice, one per core). One thread "
                 "cannot stall: with several, every operator waits for all of them, and on a machine "
-                "where anything else runs a descheduled thread stalls the rest (measured: demo "
-                "--compare took minutes with 2 threads next to a busy process, seconds with 1). "
+                "where anything else runs a descheduled thread stalls the rest (measured on 2 cores: "
+                "demo.py --compare next to one busy process took 262 s with 2 threads, 40 s with 1). "
                 "On an idle multi-core machine more threads shorten long prefills")
 
 
@@ -145,7 +146,8 @@ def _convert_gguf(bundle: BundledModel) -> Path:
     if (target / "config.json").is_file():
         return target
     gguf = bundle.locate()
-    print(f"promptcache: converting {gguf.name} to safetensors in {target} (once)...", flush=True)
+    print(f"promptcache: converting {gguf.name} to safetensors in {target} (once)...", file=sys.stderr,
+          flush=True)  # progress: stderr, so that stdout keeps only results (demo --json)
     target.parent.mkdir(parents=True, exist_ok=True)
     tmp = Path(tempfile.mkdtemp(prefix=f".{bundle.alias}-", dir=target.parent))
     try:
@@ -290,9 +292,9 @@ def _one_line(err: BaseException) -> str:
 
 
 def load_tokenizer(name_or_path: str = DEFAULT_MODEL):
+    path = resolve(name_or_path, "tokenizer")  # before importing transformers: bad names fail fast
     from transformers import AutoTokenizer
 
-    path = resolve(name_or_path, "tokenizer")
     try:
         return AutoTokenizer.from_pretrained(path)
     except (OSError, ValueError) as err:

@@ -45,13 +45,15 @@ def forwards_needed(groups: list[EncodeGroup], available: Callable[[int], bool],
         hi[gi] = max(hi.get(gi, k), k)
         if gi in lo and lo[gi] <= k:
             continue
-        old = lo.get(gi, len(groups[gi].segments))
+        first = gi not in lo
         lo[gi] = k
-        g = groups[gi]
-        # The run now starts at k: its past is the group context (checked the first time only)
-        # plus the chain below k; whatever of it cannot be had must be computed too.
-        past = (g.context if old == len(g.segments) else []) + g.segments[:k]
-        pending.extend(c for c in past if not have(c))
+        if first:
+            # The run starts at k: its past is the group context plus the chain below k; whatever
+            # of it cannot be had must be computed too. A later, lower start k' only shrinks that
+            # past (already checked), so it is checked once per group: linear, not quadratic.
+            g = groups[gi]
+            pending.extend(c for c in g.context if not have(c))
+            pending.extend(c for c in g.segments[:k] if not have(c))
     out = []
     for gi in sorted(lo):
         g = groups[gi]

@@ -77,4 +77,4 @@ def test_encode_threads_must_be_a_whole_number(capsys):
     with pytest.raises(SystemExit) as exit_:
         cli_main(["encode", "x.xml", "--store", "s", "--threads", "-1"])
     assert exit_.value.code == 2
-    assert "--threads" in capsys.readouterr().err
+    assert "argument --threads: expected a whole number >= 0, got '-1'" in capsys.readouterr().err

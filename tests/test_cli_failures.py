@@ -53,6 +53,13 @@ def test_issue12_item15_encode_refuses_an_empty_store(tmp_path, monkeypatch, cap
     assert list(tmp_path.iterdir()) == []  # no store made in the current folder
 
 
+def test_issue12_item15_demo_refuses_an_empty_store(tmp_path):
+    proc = subprocess.run([sys.executable, str(ROOT / "demo.py"), "--store", ""], cwd=tmp_path,
+                          capture_output=True, text=True, timeout=120)
+    assert proc.returncode == 2 and "--store is empty" in one_line(proc.stderr)
+    assert list(tmp_path.iterdir()) == []
+
+
 def test_issue12_item15_analyze_missing_tokenizer_is_exit_2_one_line(tmp_path):
     prompts = tmp_path / "p.jsonl"
     prompts.write_text(json.dumps({"prompt": "hello"}) + "\n")

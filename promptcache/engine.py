@@ -336,10 +336,8 @@ class PromptCache:
                                     device=self.device)
             cache = SplicedCache([work[i] for i in g.context], self.num_layers, self.device)
             set_key_positions(cache, past_pos[None])
-            visible = torch.ones(len(ids), len(past_pos) + len(ids), dtype=torch.bool, device=self.device)
-            visible[:, len(past_pos):] = torch.ones(len(ids), len(ids), dtype=torch.bool,
-                                                    device=self.device).tril()
-            self._forward(ids, q_pos, past_pos, visible, cache, logits=False)
+            # visible=None: all of the past, causal among the run (no dense matrix unless needed)
+            self._forward(ids, q_pos, past_pos, None, cache, logits=False)
             layers = [(layer.keys, layer.values) for layer in cache.layers]
             at = len(past_pos)
             for i in g.segments:
@@ -362,7 +360,7 @@ class PromptCache:
 
     # ------------------------------------------------------------------ forwards
 
-    def _index_causal(self, past_pos: torch.Tensor, q_pos: torch.Tensor, visible: torch.Tensor) -> bool:
+    def _index_causal(self, past_pos: torch.Tensor, q_pos: torch.Tensor, visible: torch.Tensor | None) -> bool:
         """Can the model's own 2-D-mask causal path stand in for ``visible``? (faster, no 4-D mask)"""
         if self._sliding:
             return False
@@ -370,11 +368,15 @@ class PromptCache:
         contiguous = n == 1 or bool((q_pos[1:] - q_pos[:-1] == 1).all())
         if not contiguous or (len(past_pos) and int(past_pos.max()) >= int(q_pos[0])):
             return False
-        return bool(visible[:, : len(past_pos)].all())
+        return visible is None or bool(visible[:, : len(past_pos)].all())
 
     def _forward(self, ids: list[int], q_pos: torch.Tensor, past_pos: torch.Tensor,
-                 visible: torch.Tensor, cache, logits: bool = True, keep: int = 1):
+                 visible: torch.Tensor | None, cache, logits: bool = True, keep: int = 1):
         """One forward of ``ids`` at ``q_pos`` over ``cache`` whose keys sit at ``past_pos``.
+
+        ``visible`` ``[q, past + q]``; ``None`` means every past key and the queries causally, built
+        densely only when the model's own causal path cannot be used (a dense ``[n, n]`` matrix
+        of a long run costs O(n^2) memory: issue 12, item 13).
 
         Returns the logits of query ``len(ids) - keep`` (default: the last one), or ``None``.
         """
@@ -383,6 +385,8 @@ class PromptCache:
             mask = torch.ones(1, len(past_pos) + len(ids), dtype=torch.long, device=self.device)
         else:
             k_pos = torch.cat([past_pos, q_pos])
+            if visible is None:
+                visible = past_then_causal(len(past_pos), len(ids), self.device)
             mask = self.adapter.attention_mask(visible, q_pos, k_pos, self.dtype)
         out = self.model(input_ids=input_ids, position_ids=q_pos[None], attention_mask=mask,
                          past_key_values=cache, use_cache=True, logits_to_keep=keep)
@@ -471,8 +475,7 @@ class PromptCache:
 
         cache = DynamicCache()
         q_pos = torch.arange(len(ids), device=self.device)
-        visible = torch.ones(len(ids), len(ids), dtype=torch.bool, device=self.device).tril()
-        logits = self._forward(ids, q_pos, q_pos[:0], visible, cache)
+        logits = self._forward(ids, q_pos, q_pos[:0], None, cache)  # plain causal
         return logits, cache, len(ids)
 
     def _sync(self) -> None:
@@ -655,6 +658,13 @@ class PromptCache:
             layout = build_layout(schema, self.renderer)
         bind(parsed, layout, self.renderer)
         return parsed
+
+
+def past_then_causal(past: int, n: int, device: torch.device) -> torch.Tensor:
+    """``[n, past + n]`` visibility: every past key, and the ``n`` queries causally among themselves."""
+    visible = torch.ones(n, past + n, dtype=torch.bool, device=device)
+    visible[:, past:] = torch.ones(n, n, dtype=torch.bool, device=device).tril()
+    return visible
 
 
 def check_max_new_tokens(max_new_tokens: int) -> None:

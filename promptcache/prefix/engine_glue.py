@@ -208,9 +208,8 @@ class PrefixRunner:
             cache = SplicedCache(pieces, pc.num_layers, pc.device, pc.reserve_tokens)
             past_pos = torch.arange(m, device=pc.device)
             q_pos = torch.arange(m, n, device=pc.device)
-            visible = torch.ones(n - m, n, dtype=torch.bool, device=pc.device).tril(diagonal=m)
             set_key_positions(cache, past_pos[None])
-            logits = pc._forward(ids[m:], q_pos, past_pos, visible, cache)
+            logits = pc._forward(ids[m:], q_pos, past_pos, None, cache)  # all past, causal
         except BaseException:
             self._release(lease)
             raise

@@ -10,6 +10,7 @@ Module caches are keyed by content and held in device/host tiers over an optiona
 
 from __future__ import annotations
 
+import itertools
 import numbers
 import os
 import time
@@ -324,22 +325,37 @@ class PromptCache:
 
     def _encode_runs(self, state: SchemaState, runs: list, work: dict[int, ModuleKV], pinned: list[str],
                      counts: dict, progress: bool) -> None:
-        """Run the encoding forwards ``runs`` (past + computed segments) into ``work`` and the tiers."""
+        """Run the encoding forwards ``runs`` (past + computed segments) into ``work`` and the tiers.
+
+        Consecutive runs mostly share their past (a union's members, the text after a union): the
+        previous forward's cache (a :class:`_Trunk`) supplies the shared prefix as one piece, so
+        assembling a past of P segments is not P small copies per run (issue 12, item 13).
+        """
         segs = state.layout.segments
         bar = tqdm(runs, desc=f"encoding {state.layout.schema.name}", unit="fwd",
                    disable=not (progress and self.progress) or len(runs) < 4, leave=False)
+        trunk: _Trunk | None = None
         for g in bar:
             t0 = time.perf_counter()
             ids = [t for i in g.segments for t in segs[i].tokens]
             q_pos = torch.tensor([p for i in g.segments for p in segs[i].positions], device=self.device)
-            past_pos = torch.tensor([p for i in g.context for p in segs[i].positions], dtype=torch.long,
+            shared, tokens = trunk.shared(g.context) if trunk is not None else (0, 0)
+            rest = g.context[shared:]
+            past_pos = torch.tensor([p for i in rest for p in segs[i].positions], dtype=torch.long,
                                     device=self.device)
-            cache = SplicedCache([work[i] for i in g.context], self.num_layers, self.device)
+            pieces = [work[i] for i in rest]
+            if tokens:
+                past_pos = torch.cat([trunk.positions[:tokens], past_pos])
+                pieces.insert(0, trunk.kv.slice(tokens))
+            cache = SplicedCache(pieces, self.num_layers, self.device)
             set_key_positions(cache, past_pos[None])
             # visible=None: all of the past, causal among the run (no dense matrix unless needed)
             self._forward(ids, q_pos, past_pos, None, cache, logits=False)
             layers = [(layer.keys, layer.values) for layer in cache.layers]
             at = len(past_pos)
+            # The trunk may stand in for work[i] only up to the first segment already held (a loaded
+            # copy, kept below, need not equal this recompute bit for bit).
+            fresh = next((k for k, i in enumerate(g.segments) if i in work), len(g.segments))
             for i in g.segments:
                 n = len(segs[i].tokens)
                 if i not in work:  # a loaded segment recomputed inside a chain keeps its loaded copy
@@ -353,6 +369,7 @@ class PromptCache:
                         counts["encoded"] += 1
                     work[i] = kv
                 at += n
+            trunk = _Trunk.after(g.context + g.segments[:fresh], segs, layers, torch.cat([past_pos, q_pos]))
             self._sync()
             counts["tokens"] += len(ids)
             counts["forwards"] += 1
@@ -658,6 +675,38 @@ class PromptCache:
             layout = build_layout(schema, self.renderer)
         bind(parsed, layout, self.renderer)
         return parsed
+
+
+@dataclass
+class _Trunk:
+    """The last encoding forward's cache, kept to supply the next run's shared past in one piece.
+
+    ``segments`` is a context chain (a context plus a run), so two chains agree on their first
+    ``m`` segments exactly when their ``m``-th segments are equal: the shared prefix is found by
+    bisection. ``ends[k]``: tokens in ``segments[:k + 1]``.
+    """
+
+    segments: list[int]
+    ends: list[int]
+    kv: ModuleKV
+    positions: torch.Tensor
+
+    @classmethod
+    def after(cls, segments: list[int], segs, layers, positions: torch.Tensor) -> _Trunk:
+        ends = list(itertools.accumulate(len(segs[i].tokens) for i in segments))
+        kv = ModuleKV([k[0] for k, _ in layers], [v[0] for _, v in layers])
+        return cls(segments, ends, kv, positions)
+
+    def shared(self, context: list[int]) -> tuple[int, int]:
+        """``(segments, tokens)`` of the longest common prefix of ``context`` and the trunk."""
+        lo, hi = 0, min(len(context), len(self.segments))
+        while lo < hi:
+            mid = (lo + hi + 1) // 2
+            if context[mid - 1] == self.segments[mid - 1]:
+                lo = mid
+            else:
+                hi = mid - 1
+        return lo, self.ends[lo - 1] if lo else 0
 
 
 def past_then_causal(past: int, n: int, device: torch.device) -> torch.Tensor:

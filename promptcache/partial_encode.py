@@ -16,6 +16,7 @@ available this reproduces the full encode (minus trailing segments nobody needs)
 
 from __future__ import annotations
 
+import itertools
 from typing import Callable, Iterable
 
 from .plan import EncodeGroup
@@ -39,6 +40,20 @@ def forwards_needed(groups: list[EncodeGroup], available: Callable[[int], bool],
     lo: dict[int, int] = {}   # group -> first chain index computed
     hi: dict[int, int] = {}   # group -> last chain index computed
     pending = list(need)
+    checked: set[int] = set()  # segments whose whole chain (context + itself) has been checked
+
+    def require(chain: Iterable[int]) -> None:
+        """Queue what a chain (walked from its end) lacks; stop where an earlier walk went.
+
+        A context is a chain of the context tree, so once a segment is checked, so is everything
+        before it on its chain: each segment is visited once over all groups (linear)."""
+        for c in chain:
+            if c in checked:
+                return
+            checked.add(c)
+            if not have(c):
+                pending.append(c)
+
     while pending:
         s = pending.pop()
         gi, k = where[s]
@@ -50,10 +65,9 @@ def forwards_needed(groups: list[EncodeGroup], available: Callable[[int], bool],
         if first:
             # The run starts at k: its past is the group context plus the chain below k; whatever
             # of it cannot be had must be computed too. A later, lower start k' only shrinks that
-            # past (already checked), so it is checked once per group: linear, not quadratic.
+            # past (already checked), so it is checked once per group.
             g = groups[gi]
-            pending.extend(c for c in g.context if not have(c))
-            pending.extend(c for c in g.segments[:k] if not have(c))
+            require(itertools.chain(reversed(g.segments[:k]), reversed(g.context)))
     out = []
     for gi in sorted(lo):
         g = groups[gi]

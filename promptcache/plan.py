@@ -185,15 +185,24 @@ class EncodeGroup:
 def encode_groups(contexts: Sequence[Sequence[int]]) -> list[EncodeGroup]:
     """Merge segment ``i+1`` into ``i``'s forward when it sees exactly ``i``'s context plus ``i``.
 
-    Linear in the segments plus the groups' context lengths (one list per group).
+    A group's context list is copied from the group holding its last segment (context + chain
+    prefix), so building it costs a list copy, not a walk of the context tree per group.
     """
     ctx = as_contexts(contexts)
     groups: list[EncodeGroup] = []
+    where: list[tuple[int, int]] = []  # segment -> (group, index in its chain)
     for i, p in enumerate(ctx.parent):
         if groups and p == i - 1:  # i's context is (i-1)'s context plus i-1: same forward
+            where.append((len(groups) - 1, len(groups[-1].segments)))
             groups[-1].segments.append(i)
+            continue
+        if p < 0:
+            context: list[int] = []
         else:
-            groups.append(EncodeGroup(ctx[i], [i]))
+            g, k = where[p]
+            context = groups[g].context + groups[g].segments[:k + 1]
+        where.append((len(groups), 0))
+        groups.append(EncodeGroup(context, [i]))
     return groups
 
 

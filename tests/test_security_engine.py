@@ -284,15 +284,24 @@ def test_issue12_item13_chained_keys_equal_make_key():
                 assert key.store_key == make_key(parts) and key.base == base
 
 
-def _flat_schema(n: int) -> str:
-    return '<schema name="big">' + "\n".join(f'<module name="m{k}">t{k % 97}</module>' for k in range(n)) + "</schema>"
+def _flat_schema(n: int, unions: bool = False) -> str:
+    """``n`` small modules; with ``unions``, every tenth pair is a union (scaffold: its first member)."""
+    parts = []
+    for k in range(0, n, 2):
+        pair = [f'<module name="m{j}">t{j % 97}</module>' for j in (k, k + 1) if j < n]
+        if unions and k % 10 == 0 and len(pair) == 2:
+            parts.append(f'<union scaffold="m{k}">{"".join(pair)}</union>')
+        else:
+            parts.extend(pair)
+    return '<schema name="big">' + "\n".join(parts) + "</schema>"
 
 
-def _planning_calls(n: int) -> int:
-    """Python and C function calls made planning a schema of ``n`` modules and one request selecting all."""
+def _planning_calls(n: int, unions: bool) -> int:
+    """Python and C function calls made planning a schema of ``n`` modules and one request."""
     renderer = ToyRenderer()
-    layout = build_layout(parse_schema(_flat_schema(n)), renderer)
-    prompt = parse_prompt('<prompt schema="big">' + "".join(f"<m{k}/>" for k in range(n)) + " Q?</prompt>")
+    layout = build_layout(parse_schema(_flat_schema(n, unions)), renderer)
+    picked = [k for k in range(n) if not (unions and k % 10 == 1)]  # one member of each union
+    prompt = parse_prompt('<prompt schema="big">' + "".join(f"<m{k}/>" for k in picked) + " Q?</prompt>")
     bound = bind(prompt, layout, renderer)
     calls = 0
 
@@ -313,8 +322,9 @@ def _planning_calls(n: int) -> int:
     return calls
 
 
-def test_issue12_item13_planning_work_grows_linearly_with_modules():
-    small, large = _planning_calls(500), _planning_calls(1000)
+@pytest.mark.parametrize("unions", [False, True])
+def test_issue12_item13_planning_work_grows_linearly_with_modules(unions):
+    small, large = _planning_calls(500, unions), _planning_calls(1000, unions)
     # Linear: about 2x the calls for 2x the modules; the quadratic code made ~4x.
     assert large / small < 2.5, (small, large)
 
@@ -338,6 +348,27 @@ def test_issue12_item13_three_thousand_modules_add_and_serve(monkeypatch):
     prompt = '<prompt schema="big">' + "".join(f"<m{k}/>" for k in range(0, 3000, 7)) + " Q?</prompt>"
     cached, base = pc.next_token_logits(prompt), pc.next_token_logits(prompt, use_cache=False)
     assert torch.isfinite(cached).all() and cached.shape == base.shape
+
+
+def test_issue12_item13_union_runs_reuse_the_shared_past(monkeypatch):
+    import promptcache.engine as engine
+
+    pieces: list[int] = []
+    real = engine.SplicedCache
+
+    def spy(parts, *a, **k):
+        pieces.append(len(parts))
+        return real(parts, *a, **k)
+
+    monkeypatch.setattr(engine, "SplicedCache", spy)
+    pc = PromptCache(tiny_model("llama", max_position_embeddings=16384), tiny_tokenizer(), progress=False)
+    report = pc.add_schema(_flat_schema(1000, unions=True))
+    assert report.forwards > 200  # every union member and the text after it: a forward each
+    # Each run's past is the previous run's cache (one piece) plus what differs, not every segment.
+    assert sum(pieces) < 4 * len(pc.layout("big").segments), (sum(pieces), report.forwards)
+    prompt = '<prompt schema="big"><m1/><m7/><m500/><m999/> Q?</prompt>'
+    diff = (pc.next_token_logits(prompt) - pc.oracle_logits(prompt)).abs().max()
+    assert diff < 1e-4
 
 
 # ---------------------------------------------------------------- item 14: max_new_tokens

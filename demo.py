@@ -121,6 +121,9 @@ def main(argv: list[str] | None = None) -> int:
         if not prompt.is_file():
             print(f"error: prompt file {prompt} does not exist", file=sys.stderr)
             return 2
+    if args.store is not None and not args.store.strip():  # "" would mean a store in the current folder
+        print("error: --store is empty: give a directory or redis://host:port/db", file=sys.stderr)
+        return 2
     progress = Progress()
     try:
         set_threads(args.threads)

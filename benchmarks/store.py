@@ -9,7 +9,10 @@ schema's module caches available:
 * ``dir``: a fresh PromptCache on a directory store loads them (``EncodeReport.load_s``: read,
   verify every byte's checksum, hand over the tensors), files in the page cache (as on a machine
   that wrote or recently read them); ``dir cold``: the same after dropping the files' pages
-  (``posix_fadvise``), so they come from disk;
+  (``posix_fadvise``), so they come from disk. ``dir`` is the default, safe load (``pread``:
+  the tensors are copied into the process's own memory, so no later change of the file can alter
+  them); ``dir mmap`` the same files opened with the opt-in ``?load=mmap`` (no copy; the tensors
+  keep reading the file's pages), and ``pread/mmap`` what the safe default costs;
 * ``redis``: the same from a throw-away local redis-server (loopback, no persistence), skipped
   with a message when ``redis-server`` is not installed.
 
@@ -19,6 +22,7 @@ timed too. Medians of ``--repeats`` loads; the encode is timed ``--encode-repeat
 
     python benchmarks/store.py                       # 512..8192 tokens, default model, CPU
     python benchmarks/store.py --lengths 512,2048 --repeats 3 --threads 1
+    python benchmarks/store.py --lengths 512,2048 --repeats 5 --threads 1 --no-redis   # pread vs mmap
 """
 
 from __future__ import annotations
@@ -54,6 +58,7 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--threads", type=int, default=None,
                    help="torch intra-op threads (default: torch's choice; 1 is steadier on a busy machine)")
     p.add_argument("--redis", default=None, help="a Redis URL instead of a throw-away local redis-server")
+    p.add_argument("--no-redis", action="store_true", help="directory stores only")
     p.add_argument("--out", default=str(ROOT / "results" / "store"), help="output prefix for .csv/.json")
     return p.parse_args(argv)
 
@@ -102,6 +107,8 @@ def measure(model, tokenizer, n: int, args, stores: dict) -> dict:
         for key, _ in entries:
             store.delete(key)
     row["encode_over_dir"] = row["encode_ms"] / row["dir_ms"]
+    if "dir_mmap_ms" in row:
+        row["pread_over_mmap"] = row["dir_ms"] / row["dir_mmap_ms"]
     row["encode_over_dir_cold"] = row["encode_ms"] / row["dir_cold_ms"]
     if "redis_ms" in row:
         row["encode_over_redis"] = row["encode_ms"] / row["redis_ms"]
@@ -110,7 +117,8 @@ def measure(model, tokenizer, n: int, args, stores: dict) -> dict:
 
 
 COLUMNS = [("tokens", "tokens", "{}"), ("MB", "mb", "{:.0f}"), ("encode ms", "encode_ms", "{:.0f}"),
-           ("dir ms", "dir_ms", "{:.1f}"), ("dir cold ms", "dir_cold_ms", "{:.1f}"),
+           ("dir ms", "dir_ms", "{:.1f}"), ("dir mmap ms", "dir_mmap_ms", "{:.1f}"),
+           ("pread/mmap", "pread_over_mmap", "{:.2f}"), ("dir cold ms", "dir_cold_ms", "{:.1f}"),
            ("redis ms", "redis_ms", "{:.1f}"), ("encode/dir", "encode_over_dir", "{:.0f}x"),
            ("encode/dir cold", "encode_over_dir_cold", "{:.0f}x"), ("encode/redis", "encode_over_redis", "{:.0f}x"),
            ("redis/dir", "redis_over_dir", "{:.2f}"), ("dir write ms", "dir_write_ms", "{:.0f}"),
@@ -123,12 +131,18 @@ def main(argv=None) -> int:
     model, tokenizer = load_model(args.model, device=args.device, dtype=args.dtype)
     tmp = Path(tempfile.mkdtemp(prefix="pc-store-bench-"))
     server = None
-    stores = {"dir": open_store(str(tmp / "dir"))}
+    stores = {"dir": open_store(str(tmp / "dir")),  # the default load: pread (own memory)
+              "dir_mmap": open_store(f"file://{tmp / 'dir_mmap'}?load=mmap")}
+    assert stores["dir"].load == "pread" and stores["dir_mmap"].load == "mmap"
     redis_url = args.redis
-    if redis_url is None:
+    if args.no_redis:
+        pass
+    elif redis_url is None:
         server = start_redis(tmp)
         redis_url = server[1] if server else None
-    if redis_url:
+    if args.no_redis:
+        print("redis: skipped (--no-redis)")
+    elif redis_url:
         stores["redis"] = open_store(redis_url + "?prefix=bench-engine")
     else:
         print("redis: skipped (redis-server is not installed; pass --redis URL to use a running server)")
@@ -141,7 +155,8 @@ def main(argv=None) -> int:
         for n in [int(x) for x in args.lengths.split(",") if x]:
             rows.append(measure(model, tokenizer, n, args, stores))
             r = rows[-1]
-            print(f"  {n} tokens: encode {r['encode_ms']:.0f} ms, dir {r['dir_ms']:.1f} ms"
+            print(f"  {n} tokens: encode {r['encode_ms']:.0f} ms, dir {r['dir_ms']:.1f} ms, "
+                  f"dir mmap {r['dir_mmap_ms']:.1f} ms"
                   + (f", redis {r['redis_ms']:.1f} ms" if "redis_ms" in r else ""), flush=True)
     finally:
         close_all(stores, server, tmp)

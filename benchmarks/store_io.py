@@ -5,7 +5,9 @@ float32 by default) for several token counts. Each number is the median of ``--r
 operations through the public store API, i.e. including the checksum that every ``put``
 computes and every ``get`` verifies (shown separately as "sha256"). Directory loads are measured
 warm (file in the page cache, as right after writing) and cold (pages dropped with
-posix_fadvise before each load); "dir_pread" reads with pread instead of mmap. Redis runs
+posix_fadvise before each load); "dir" reads with pread into the process's own memory (the
+default, immune to later changes of the file), "dir_mmap" keeps safetensors' mapping (the opt-in
+``load="mmap"``; no copy, unsafe if the file is modified while in use). Redis runs
 against ``--redis URL`` or, by default, a throw-away local redis-server (loopback, no
 persistence) when the binary is installed.
 
@@ -132,7 +134,7 @@ def main(argv: list[str] | None = None) -> int:
     dir_root = args.dir or str(tmp / "dir")
     stores = {"memory": open_store("memory://"),
               "dir": open_store(dir_root, fsync=not args.no_fsync),
-              "dir_pread": open_store(dir_root, fsync=not args.no_fsync, load="pread")}
+              "dir_mmap": open_store(dir_root, fsync=not args.no_fsync, load="mmap")}
     if redis_url:
         stores["redis"] = open_store(redis_url + "?prefix=bench")
     else:
@@ -147,7 +149,7 @@ def main(argv: list[str] | None = None) -> int:
             entry = synthetic_entry(tokens, args.layers, args.kv_heads, args.head_dim, dtype, tokens)
             row = {"tokens": tokens, "mb": entry.nbytes / 1e6}
             row["sha256_s"] = statistics.median(
-                timed(lambda: entry_checksum(entry.named_tensors(), entry.meta)) for _ in range(3))
+                timed(lambda: entry_checksum(entry.named_tensors(), entry.meta, "bench")) for _ in range(3))
             for name, store in stores.items():
                 row[name] = bench_backend(name, store, entry, args.runs)
             row["dir_cold"] = bench_backend("dir-cold", stores["dir"], entry, args.runs, cold=True)
@@ -170,7 +172,7 @@ def print_row(row: dict) -> None:
     print(f"\n{row['tokens']} tokens, {mb:.1f} MB "
           f"(sha256 of the payload alone: {_ms(row['sha256_s']).strip()} ms)")
     print(f"  {'backend':10} {'save ms':>8} {'load ms':>8} {'save MB/s':>10} {'load MB/s':>10}")
-    for name in ("memory", "dir", "dir_pread", "dir_cold", "redis"):
+    for name in ("memory", "dir", "dir_mmap", "dir_cold", "redis"):
         if name in row:
             r = row[name]
             print(f"  {name:10} {_ms(r['save_s'])} {_ms(r['load_s'])} {mb / r['save_s']:10.0f} "
@@ -179,7 +181,7 @@ def print_row(row: dict) -> None:
 
 def print_summary(results: list[dict]) -> None:
     print("\nratios (time / time; >1 means the first is slower)")
-    pairs = [("dir", "memory"), ("dir_pread", "dir"), ("dir_cold", "dir"), ("redis", "memory"),
+    pairs = [("dir", "memory"), ("dir", "dir_mmap"), ("dir_cold", "dir"), ("redis", "memory"),
              ("redis", "dir")]
     pairs = [p for p in pairs if all(x in results[0] for x in p)]
     head = "  ".join(f"{a}/{b} save  {a}/{b} load" for a, b in pairs)

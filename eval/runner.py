@@ -28,6 +28,8 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Callable, Iterable, Iterator, Sequence
 
+from promptcache.loading import DEFAULT_THREADS, THREADS_HELP  # light (no torch); same rule as demo.py
+
 from .data import (DATA_DIR_ENV, REQUIRED_FIELDS, EvalDataError, Sample, available_tasks, default_data_dir,
                    load_task, truncate_middle)
 from .schemas import module_texts, sample_to_pml, schema_name
@@ -142,13 +144,17 @@ def add_common_arguments(parser: argparse.ArgumentParser, default_output: str) -
     parser.add_argument("--output", default=default_output, help=f"JSONL file (default {default_output})")
     parser.add_argument("--overwrite", action="store_true", help="replace existing output files")
     parser.add_argument("--no-progress", action="store_true", help="no progress bar")
-    parser.add_argument("--threads", type=positive_int, default=None,
-                        help="torch CPU threads (default: torch's choice). On a machine shared with other "
-                             "jobs, 1 thread keeps timings proportional to the work: with several, every "
-                             "operator waits for descheduled threads, which inflates small forwards most")
+    parser.add_argument("--threads", type=non_negative_int, default=DEFAULT_THREADS, metavar="N",
+                        help=THREADS_HELP + ". With 1, timings also stay proportional to the work on a "
+                             "busy machine")
     # --store: persistent module-cache store (promptcache.store URL or folder). Wired to the engine
     # by engine_kwargs() once PromptCache accepts `store=`; until then using it is a clean error.
     parser.add_argument("--store", default=None, help="module-cache store URL or folder (if the engine supports it)")
+
+
+def non_negative_int(text: str) -> int:
+    """``--threads``: 0 (torch's choice) or a positive count."""
+    return 0 if text.strip() == "0" else positive_int(text)
 
 
 def split_commas(text: str) -> list[str]:

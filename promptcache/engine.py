@@ -256,8 +256,11 @@ class PromptCache:
                     logits, cache = prefill_with_recompute(self.runner, pieces, spans, selection,
                                                            request.computed_ids, request.computed_pos)
                     return logits, cache, max(request.computed_pos) + 1, len(selection)
-            q_pos = self.runner.positions(request.computed_pos)
-            logits, cache = self.runner.prefill(pieces, request.computed_ids, q_pos)
+            runner = self.runner
+            q_pos = runner.positions(request.computed_pos)
+            cache = runner.new_cache(pieces)
+            visible = runner.causal_visible(cache.key_positions, q_pos)  # by position: gaps and all
+            logits = runner.forward(cache, request.computed_ids, q_pos, visible)
             return logits, cache, int(q_pos.max()) + 1, 0
         finally:
             self.encoder.release(pinned)

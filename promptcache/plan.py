@@ -21,6 +21,9 @@ no ghost, i.e. the prompt's own tokens explain every cached value.
 
 from __future__ import annotations
 
+import itertools
+
+from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import Callable, Iterable
 
@@ -45,7 +48,66 @@ def _on_scaffold_path(t: Segment, choices: dict[int, int], layout: Layout) -> bo
     return True
 
 
-def encoding_contexts(layout: Layout, policy: str) -> list[list[int]]:
+class Contexts(Sequence[list[int]]):
+    """Every segment's encoding context, held as a tree in O(segments) memory.
+
+    A context is always the context of its own last segment plus that segment (both policies
+    only drop whole blocks: a union member or a module subtree), so ``parent[i]``, the last
+    segment of ``i``'s context (-1 when empty), determines every context. Indexing materializes
+    one context in O(its length); code that walks all contexts should follow ``parent`` instead
+    (materializing them all is quadratic in the number of segments: issue 12, item 13).
+    """
+
+    def __init__(self, parent: list[int]) -> None:
+        self.parent = parent
+        self.size: list[int] = []
+        for i, p in enumerate(parent):
+            if not -1 <= p < i:
+                raise ValueError(f"segment {i}: context parent {p} is not an earlier segment")
+            self.size.append(self.size[p] + 1 if p >= 0 else 0)
+
+    @classmethod
+    def from_lists(cls, contexts: Sequence[Sequence[int]]) -> Contexts:
+        """From explicit lists, checking that each is its last segment's context plus that segment."""
+        parent = [ctx[-1] if ctx else -1 for ctx in contexts]
+        for i, ctx in enumerate(contexts):
+            if ctx and list(ctx[:-1]) != list(contexts[ctx[-1]]):
+                raise ValueError(f"context of segment {i} is not the context of {ctx[-1]} plus {ctx[-1]}")
+        return cls(parent)
+
+    def __len__(self) -> int:
+        return len(self.parent)
+
+    def __getitem__(self, i):  # type: ignore[override]
+        if isinstance(i, slice):
+            return [self[j] for j in range(len(self))[i]]
+        out: list[int] = []
+        p = self.parent[i]
+        while p >= 0:
+            out.append(p)
+            p = self.parent[p]
+        out.reverse()
+        return out
+
+    def __eq__(self, other: object) -> bool:
+        if isinstance(other, Contexts):
+            return self.parent == other.parent
+        if isinstance(other, Sequence):
+            return len(other) == len(self) and all(list(o) == self[i] for i, o in enumerate(other))
+        return NotImplemented
+
+    __hash__ = None  # type: ignore[assignment]
+
+    def __repr__(self) -> str:
+        return f"Contexts(parent={self.parent!r})"
+
+
+def as_contexts(contexts: Sequence[Sequence[int]]) -> Contexts:
+    """``contexts`` as :class:`Contexts` (lists are checked and converted)."""
+    return contexts if isinstance(contexts, Contexts) else Contexts.from_lists(contexts)
+
+
+def encoding_contexts(layout: Layout, policy: str) -> Contexts:
     """For every segment (by index), the indices of the segments it attends to when encoded.
 
     - ``scaffold``: everything before it on its own path: its enclosing unions set to the members
@@ -53,18 +115,69 @@ def encoding_contexts(layout: Layout, policy: str) -> list[list[int]]:
       non-union module present, parameters holding their scaffolds.
     - ``independent``: only root-level segments and its enclosing modules' segments before it, so
       any subset of modules can be combined in any order.
+
+    Linear in the number of segments (times nesting depth): each segment's parent is found by
+    walking back from the segment before it, skipping a whole union member or module subtree at a
+    time (see :class:`Contexts`).
     """
     if policy not in POLICIES:
         raise ValueError(f"unknown encoding policy {policy!r}; choose one of {', '.join(POLICIES)}")
     segs = layout.segments
-    contexts: list[list[int]] = []
+    if policy == "scaffold":
+        skip = _scaffold_skipper(layout)
+    else:
+        skip = _independent_skipper(layout)
+    parent = []
     for s in segs:
-        if policy == "scaffold":
-            ctx = [t.index for t in segs[: s.index] if _on_scaffold_path(t, s.union_choices, layout)]
-        else:
-            ctx = [t.index for t in segs[: s.index] if _is_ancestor(t.owner, s.owner)]
-        contexts.append(ctx)
-    return contexts
+        t = s.index - 1
+        while t >= 0:
+            jump = skip(segs[t], s)
+            if jump is None:
+                break
+            t = jump
+        parent.append(t)
+    return Contexts(parent)
+
+
+def _scaffold_skipper(layout: Layout):
+    """``skip(t, s)``: None if ``t`` is on ``s``'s scaffold path, else the segment to look at next."""
+    first: dict[int, int] = {}                    # union -> its first segment
+    last_of: dict[tuple[int, int], int] = {}      # (union, member) -> the member's last segment
+    for seg in layout.segments:
+        for u, m in seg.union_choices.items():
+            first.setdefault(u, seg.index)
+            last_of[(u, m)] = seg.index
+    unions = layout.unions
+
+    def skip(t: Segment, s: Segment) -> int | None:
+        for u, member in t.union_choices.items():  # outermost union first
+            wanted = s.union_choices.get(u, unions[u].scaffold)
+            if wanted == member:
+                continue
+            # Every segment of union u between the wanted member and t is off the path.
+            end = last_of.get((u, wanted)) if wanted is not None else None
+            return end if end is not None and end < t.index else first[u] - 1
+        return None
+
+    return skip
+
+
+def _independent_skipper(layout: Layout):
+    """``skip(t, s)``: None if ``t``'s module encloses ``s``, else the segment to look at next."""
+    first: dict[ModulePath, int] = {}             # module -> first segment of its subtree
+    for seg in layout.segments:
+        for k in range(1, len(seg.owner) + 1):
+            first.setdefault(seg.owner[:k], seg.index)
+
+    def skip(t: Segment, s: Segment) -> int | None:
+        if _is_ancestor(t.owner, s.owner):
+            return None
+        k = 0
+        while k < len(s.owner) and t.owner[k] == s.owner[k]:
+            k += 1
+        return first[t.owner[:k + 1]] - 1  # t's whole subtree below the common ancestor is off
+
+    return skip
 
 
 @dataclass
@@ -75,16 +188,27 @@ class EncodeGroup:
     segments: list[int]   # segment indices computed in this forward, in order
 
 
-def encode_groups(contexts: list[list[int]]) -> list[EncodeGroup]:
-    """Merge segment ``i+1`` into ``i``'s forward when it sees exactly ``i``'s context plus ``i``."""
+def encode_groups(contexts: Sequence[Sequence[int]]) -> list[EncodeGroup]:
+    """Merge segment ``i+1`` into ``i``'s forward when it sees exactly ``i``'s context plus ``i``.
+
+    A group's context list is copied from the group holding its last segment (context + chain
+    prefix), so building it costs a list copy, not a walk of the context tree per group.
+    """
+    ctx = as_contexts(contexts)
     groups: list[EncodeGroup] = []
-    for i, ctx in enumerate(contexts):
-        if groups:
-            g = groups[-1]
-            if g.segments[-1] == i - 1 and ctx == g.context + g.segments:
-                g.segments.append(i)
-                continue
-        groups.append(EncodeGroup(list(ctx), [i]))
+    where: list[tuple[int, int]] = []  # segment -> (group, index in its chain)
+    for i, p in enumerate(ctx.parent):
+        if groups and p == i - 1:  # i's context is (i-1)'s context plus i-1: same forward
+            where.append((len(groups) - 1, len(groups[-1].segments)))
+            groups[-1].segments.append(i)
+            continue
+        if p < 0:
+            context: list[int] = []
+        else:
+            g, k = where[p]
+            context = groups[g].context + groups[g].segments[:k + 1]
+        where.append((len(groups), 0))
+        groups.append(EncodeGroup(context, [i]))
     return groups
 
 
@@ -112,7 +236,7 @@ class Request:
         return sum(n for _, n in self.cached_spans)
 
 
-def make_request(bound: BoundPrompt, contexts: list[list[int]]) -> Request:
+def make_request(bound: BoundPrompt, contexts: Sequence[Sequence[int]]) -> Request:
     """Decide, for a bound prompt, what is spliced from the cache and what is computed."""
     layout = bound.layout
     segs = layout.segments
@@ -143,14 +267,19 @@ def make_request(bound: BoundPrompt, contexts: list[list[int]]) -> Request:
             spans.pop()
     computed.sort()
 
+    # Ghosts: every context segment of a cached one that the prompt lacks; walking up the context
+    # tree stops at a segment already seen, so this is linear in the segments.
+    parent = as_contexts(contexts).parent
     real = set(cached_segs)
+    seen: set[int] = set()
     ghosts: set[int] = set()
-    stack = list(cached_segs)
-    while stack:
-        for t in contexts[stack.pop()]:
-            if t not in real and t not in ghosts:
+    for i in cached_segs:
+        t = parent[i]
+        while t >= 0 and t not in seen:
+            seen.add(t)
+            if t not in real:
                 ghosts.add(t)
-                stack.append(t)
+            t = parent[t]
     return Request(spans, [t for _, t in computed], [p for p, _ in computed], sorted(ghosts))
 
 
@@ -201,7 +330,7 @@ class Plan:
                 f"{ghosts} ghost context tokens, complete={self.complete}")
 
 
-def build_plan(request: Request, layout: Layout, contexts: list[list[int]], policy: str) -> Plan:
+def build_plan(request: Request, layout: Layout, contexts: Sequence[Sequence[int]], policy: str) -> Plan:
     """Expand a :class:`Request` into the dense :class:`Plan` (the oracle's inputs)."""
     segs = layout.segments
     used = dict(request.cached_spans)
@@ -275,19 +404,34 @@ def forwards_needed(groups: list[EncodeGroup], available: Callable[[int], bool],
     lo: dict[int, int] = {}   # group -> first chain index computed
     hi: dict[int, int] = {}   # group -> last chain index computed
     pending = list(need)
+    checked: set[int] = set()  # segments whose whole chain (context + itself) has been checked
+
+    def require(chain: Iterable[int]) -> None:
+        """Queue what a chain (walked from its end) lacks; stop where an earlier walk went.
+
+        A context is a chain of the context tree, so once a segment is checked, so is everything
+        before it on its chain: each segment is visited once over all groups (linear)."""
+        for c in chain:
+            if c in checked:
+                return
+            checked.add(c)
+            if not have(c):
+                pending.append(c)
+
     while pending:
         s = pending.pop()
         gi, k = where[s]
         hi[gi] = max(hi.get(gi, k), k)
         if gi in lo and lo[gi] <= k:
             continue
-        old = lo.get(gi, len(groups[gi].segments))
+        first = gi not in lo
         lo[gi] = k
-        g = groups[gi]
-        # The run now starts at k: its past is the group context (checked the first time only)
-        # plus the chain below k; whatever of it cannot be had must be computed too.
-        past = (g.context if old == len(g.segments) else []) + g.segments[:k]
-        pending.extend(c for c in past if not have(c))
+        if first:
+            # The run starts at k: its past is the group context plus the chain below k; whatever
+            # of it cannot be had must be computed too. A later, lower start k' only shrinks that
+            # past (already checked), so it is checked once per group.
+            g = groups[gi]
+            require(itertools.chain(reversed(g.segments[:k]), reversed(g.context)))
     out = []
     for gi in sorted(lo):
         g = groups[gi]

@@ -53,6 +53,13 @@ def test_issue12_item15_encode_refuses_an_empty_store(tmp_path, monkeypatch, cap
     assert list(tmp_path.iterdir()) == []  # no store made in the current folder
 
 
+def test_issue12_item15_demo_refuses_an_empty_store(tmp_path):
+    proc = subprocess.run([sys.executable, str(ROOT / "demo.py"), "--store", ""], cwd=tmp_path,
+                          capture_output=True, text=True, timeout=120)
+    assert proc.returncode == 2 and "--store is empty" in one_line(proc.stderr)
+    assert list(tmp_path.iterdir()) == []
+
+
 def test_issue12_item15_analyze_missing_tokenizer_is_exit_2_one_line(tmp_path):
     prompts = tmp_path / "p.jsonl"
     prompts.write_text(json.dumps({"prompt": "hello"}) + "\n")
@@ -77,4 +84,4 @@ def test_encode_threads_must_be_a_whole_number(capsys):
     with pytest.raises(SystemExit) as exit_:
         cli_main(["encode", "x.xml", "--store", "s", "--threads", "-1"])
     assert exit_.value.code == 2
-    assert "--threads" in capsys.readouterr().err
+    assert "argument --threads: expected a whole number >= 0, got '-1'" in capsys.readouterr().err

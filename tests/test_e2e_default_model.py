@@ -57,9 +57,15 @@ def run_demo(*args: str) -> subprocess.CompletedProcess:
                           capture_output=True, text=True, timeout=600, cwd=ROOT, env=env)
 
 
-def test_demo_json_compare():
-    out = run_demo("--schema", str(EXAMPLES / "document_qa.xml"), "--prompt", str(EXAMPLES / "document_qa.prompt.xml"),
-                   "--max-new-tokens", str(NEW_TOKENS), "--compare", "--json")
+@pytest.fixture(scope="module")
+def demo_compare_json() -> subprocess.CompletedProcess:
+    """One ``demo.py --compare --json`` run, checked by two tests (a demo process costs ~10 s)."""
+    return run_demo("--schema", str(EXAMPLES / "document_qa.xml"), "--prompt", str(EXAMPLES / "document_qa.prompt.xml"),
+                    "--max-new-tokens", str(NEW_TOKENS), "--compare", "--json")
+
+
+def test_demo_json_compare(demo_compare_json):
+    out = demo_compare_json
     assert out.returncode == 0, out.stderr[-2000:]
     data = json.loads(out.stdout.strip().splitlines()[-1])
     for mode in ("cached", "baseline"):
@@ -71,10 +77,9 @@ def test_demo_json_compare():
     assert data["identical"] is True
 
 
-def test_issue13_items1_2_demo_json_uses_one_thread_and_shows_progress_on_stderr():
+def test_issue13_items1_2_demo_json_uses_one_thread_and_shows_progress_on_stderr(demo_compare_json):
     """--json turns streaming off: every phase still says what it does, on stderr; one torch thread."""
-    out = run_demo("--schema", str(EXAMPLES / "document_qa.xml"), "--prompt", str(EXAMPLES / "document_qa.prompt.xml"),
-                   "--max-new-tokens", "2", "--compare", "--json")
+    out = demo_compare_json
     assert out.returncode == 0, out.stderr[-2000:]
     assert json.loads(out.stdout.strip().splitlines()[-1])["threads"] == 1
     phases = ["loading model smollm2", "encoding schema 'document-qa'", "with cache:",

@@ -41,6 +41,9 @@ def test_issue13_item1_demo_and_cli_default_to_one_thread():
     args = build_parser().parse_args(["encode", "x.xml", "--store", "s"])
     assert args.threads == 1
     assert build_parser().parse_args(["encode", "x.xml", "--store", "s", "--threads", "2"]).threads == 2
+    import eval_acc
+
+    assert eval_acc.parse_args([]).threads == 1  # the eval scripts share the rule (eval.runner)
 
 
 def test_issue13_item1_set_threads_zero_keeps_torchs_choice():

@@ -70,7 +70,7 @@ def test_engine_re_encodes_one_dropped_module_exactly():
     victim = next(s.index for s in layout.segments if s.kind == "parameter") + 1
     pc.module_cache.drop(state.keys[victim].tier_key)  # as if evicted with no store
     forwards = []
-    pc.runner.forward_hooks.append(forwards.append)  # called with each forward's query count
+    pc.runner.forward_hooks.append(lambda call: forwards.append(len(call.ids)))  # each forward's query count
     got = pc.next_token_logits(prompt)
     assert len(forwards) == 2  # the re-encode run (slot + segment), then the request's prefill
     assert forwards[0] == len(layout.segments[victim - 1].tokens) + len(layout.segments[victim].tokens)

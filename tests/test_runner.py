@@ -55,7 +55,7 @@ def _check_batch(pc):
 def test_forward_hooks_see_every_forward():
     pc = make_cache("llama")
     seen: list[int] = []
-    pc.runner.forward_hooks.append(seen.append)
+    pc.runner.forward_hooks.append(lambda call: seen.append(len(call.ids)))
     pc.generate("plain text prompt", max_new_tokens=3)
     assert len(seen) >= 1 and seen[1:] == [1] * (len(seen) - 1)  # the prefill, then one token each
 

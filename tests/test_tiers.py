@@ -153,7 +153,7 @@ def test_pinned_entries_are_never_evicted_during_a_request(monkeypatch):
     seen = []
     state, request = pc.request(PROMPTS[0])
 
-    def spy(n_queries):  # runs before the request's prefill forward, modules fetched and pinned
+    def spy(call):  # runs before the request's prefill forward, modules fetched and pinned
         pc.module_cache.enforce()  # eviction pressure in the middle of the request
         held = {pc.module_cache.where(state.keys[i].tier_key) for i, _ in request.cached_spans}
         seen.append((held, pc.memory_report()["tiers"]["device"]["pinned"]))
@@ -203,7 +203,7 @@ def test_a_failed_add_schema_leaves_nothing_in_memory(monkeypatch):
     pc = make_cache("llama", "scaffold")
     calls = []
 
-    def failing(n_queries):
+    def failing(call):
         calls.append(1)
         if len(calls) == 2:
             raise KeyboardInterrupt

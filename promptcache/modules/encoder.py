@@ -10,6 +10,7 @@ runs through the :class:`~promptcache.runtime.runner.ModelRunner`.
 
 from __future__ import annotations
 
+import itertools
 import time
 from dataclasses import dataclass, field
 
@@ -192,23 +193,33 @@ class ModuleEncoder:
 
     def _encode_runs(self, state: SchemaState, runs: list, work: dict[int, ModuleKV], pinned: list[str],
                      counts: dict, progress: bool) -> None:
-        """Run the encoding forwards ``runs`` (past + computed segments) into ``work`` and the tiers."""
+        """Run the encoding forwards ``runs`` (past + computed segments) into ``work`` and the tiers.
+
+        Consecutive runs mostly share their past (a union's members, the text after a union): the
+        previous forward's cache (a :class:`_Trunk`) supplies the shared prefix as one piece, so
+        assembling a past of P segments is not P small copies per run (issue 12, item 13).
+        """
         runner = self.runner
         segs = state.layout.segments
         bar = tqdm(runs, desc=f"encoding {state.layout.schema.name}", unit="fwd",
                    disable=not (progress and self.progress) or len(runs) < 4, leave=False)
+        trunk: _Trunk | None = None
         for g in bar:
             t0 = time.perf_counter()
             ids = [t for i in g.segments for t in segs[i].tokens]
             q_pos = runner.positions(p for i in g.segments for p in segs[i].positions)
-            past = sum(len(segs[i].tokens) for i in g.context)
-            # Every context token is visible; the run's own tokens causally, in order.
-            visible = torch.ones(len(ids), past + len(ids), dtype=torch.bool, device=runner.device)
-            visible[:, past:] = torch.ones(len(ids), len(ids), dtype=torch.bool, device=runner.device).tril()
-            _, cache = runner.prefill([work[i] for i in g.context], ids, q_pos, visible, reserve=0,
-                                      logits=False)
+            shared, tokens = trunk.shared(g.context) if trunk is not None else (0, 0)
+            pieces = [work[i] for i in g.context[shared:]]
+            if tokens:
+                pieces.insert(0, trunk.kv.slice(tokens))
+            # visible=None: all of the past, causal among the run (no dense matrix unless needed)
+            _, cache = runner.prefill(pieces, ids, q_pos, None, reserve=0, logits=False)
             layers = [(layer.keys, layer.values) for layer in cache.layers]
+            past = len(cache.key_positions) - len(ids)
             at = past
+            # The trunk may stand in for work[i] only up to the first segment already held (a loaded
+            # copy, kept below, need not equal this recompute bit for bit).
+            fresh = next((k for k, i in enumerate(g.segments) if i in work), len(g.segments))
             for i in g.segments:
                 n = len(segs[i].tokens)
                 if i not in work:  # a loaded segment recomputed inside a chain keeps its loaded copy
@@ -222,7 +233,39 @@ class ModuleEncoder:
                         counts["encoded"] += 1
                     work[i] = kv.at(q_pos[at - past:at - past + n])
                 at += n
+            trunk = _Trunk.after(g.context + g.segments[:fresh], segs, layers, cache.key_positions)
             runner.sync()
             counts["tokens"] += len(ids)
             counts["forwards"] += 1
             counts["encode_s"] += time.perf_counter() - t0
+
+
+@dataclass
+class _Trunk:
+    """The last encoding forward's cache, kept to supply the next run's shared past in one piece.
+
+    ``segments`` is a context chain (a context plus a run), so two chains agree on their first
+    ``m`` segments exactly when their ``m``-th segments are equal: the shared prefix is found by
+    bisection. ``ends[k]``: tokens in ``segments[:k + 1]``. ``kv`` holds the forward's whole cache
+    (views) with its positions.
+    """
+
+    segments: list[int]
+    ends: list[int]
+    kv: ModuleKV
+
+    @classmethod
+    def after(cls, segments: list[int], segs, layers, positions: torch.Tensor) -> "_Trunk":
+        ends = list(itertools.accumulate(len(segs[i].tokens) for i in segments))
+        return cls(segments, ends, ModuleKV([k[0] for k, _ in layers], [v[0] for _, v in layers], positions))
+
+    def shared(self, context: list[int]) -> tuple[int, int]:
+        """``(segments, tokens)`` of the longest common prefix of ``context`` and the trunk."""
+        lo, hi = 0, min(len(context), len(self.segments))
+        while lo < hi:
+            mid = (lo + hi + 1) // 2
+            if context[mid - 1] == self.segments[mid - 1]:
+                lo = mid
+            else:
+                hi = mid - 1
+        return lo, self.ends[lo - 1] if lo else 0

@@ -22,13 +22,16 @@ positions are absolute (``base = 0``).
 from __future__ import annotations
 
 import hashlib
+import math
 from dataclasses import dataclass
-from typing import Sequence
+from typing import Any, Sequence
 
 import numpy as np
 
+from ..plan import as_contexts
 from ..pml.layout import Layout, Segment
-from ..store import make_key
+from ..store.base import canonical_json
+from ..store.keys import KEY_VERSION
 
 KEY_SCHEME = "promptcache-module-v1"
 
@@ -61,41 +64,84 @@ def segment_digest(tokens: Sequence[int], positions: Sequence[int], base: int = 
     return h.hexdigest()
 
 
-def _base(segs: list[Segment], members: list[int]) -> int:
-    return min(segs[i].start for i in members)
-
-
-def module_keys(layout: Layout, contexts: list[list[int]], stored: Sequence[int], *, model: str,
+def module_keys(layout: Layout, contexts: Sequence[Sequence[int]], stored: Sequence[int], *, model: str,
                 dtype: str, policy: str, relative: bool, offset_sensitive: bool) -> dict[int, ModuleKey]:
     """Keys of the ``stored`` segments of ``layout`` encoded with ``contexts`` under ``policy``.
 
     ``model``: :func:`promptcache.store.model_fingerprint`; ``relative``: positions relative to the
     first position of context+segment (only for relocatable models); ``offset_sensitive``: the
     in-memory copy depends on the absolute offset (tier key gets ``@base``).
+
+    Each key is ``make_key(parts)`` with ``parts["context"]`` the digests of the segment's whole
+    context; hashing that list afresh per segment is quadratic (issue 12, item 13), so the sha256
+    state after each context prefix is kept and extended along the context tree
+    (:class:`ChainHasher`): linear in the segments, the same keys.
     """
     segs = layout.segments
-    memo: dict[tuple[int, int], str] = {}
-
-    def digest(j: int, base: int) -> str:
-        d = memo.get((j, base))
-        if d is None:
-            d = memo[(j, base)] = segment_digest(segs[j].tokens, segs[j].positions, base)
-        return d
-
+    ctx = as_contexts(contexts)
+    fixed = {"scheme": KEY_SCHEME, "model": model, "dtype": dtype, "policy": policy,
+             "positions": "relative" if relative else "absolute"}
+    hasher = ChainHasher(segs, ctx.parent, fixed)
+    low = _lowest_starts(segs, ctx.parent) if relative else None
     out: dict[int, ModuleKey] = {}
     for i in stored:
-        members = contexts[i] + [i]
-        base = _base(segs, members) if relative else 0
-        parts = {
-            "scheme": KEY_SCHEME,
-            "model": model,
-            "dtype": dtype,
-            "policy": policy,
-            "positions": "relative" if relative else "absolute",
-            "segment": digest(i, base),
-            "context": [digest(c, base) for c in contexts[i]],
-        }
-        key = make_key(parts)
+        base = min(low[i], segs[i].start) if low is not None else 0
+        key = hasher.key(i, base)
         tier = f"{key}@{base}" if offset_sensitive else key
         out[i] = ModuleKey(key, tier, base, len(segs[i].tokens))
     return out
+
+
+def _lowest_starts(segs: list[Segment], parent: list[int]) -> list[float]:
+    """Per segment, the lowest start position among its context segments (inf when none)."""
+    low: list[float] = []
+    for i, p in enumerate(parent):
+        low.append(min(low[p], segs[p].start) if p >= 0 else math.inf)
+    return low
+
+
+class ChainHasher:
+    """``make_key`` of a segment's parts, sharing the hash of common context prefixes.
+
+    ``make_key`` hashes ``KEY_VERSION + "\\n" + canonical_json(parts)``; with sorted keys the
+    text starts ``{"context":["d1","d2",...`` (``"context"`` sorts first), so the sha256 state after
+    the digests of a context is the state after its parent's context, extended by one digest.
+    States are kept per (segment, base).
+    """
+
+    def __init__(self, segs: list[Segment], parent: list[int], fixed: dict) -> None:
+        if min(fixed) <= "context":
+            raise ValueError("the context list must come first in the key's canonical JSON")
+        self.segs, self.parent, self.fixed = segs, parent, fixed
+        self._digests: dict[tuple[int, int], str] = {}
+        self._states: dict[tuple[int, int], Any] = {}
+        self._head = hashlib.sha256((KEY_VERSION + '\n{"context":[').encode("utf-8"))
+
+    def digest(self, j: int, base: int) -> str:
+        d = self._digests.get((j, base))
+        if d is None:
+            seg = self.segs[j]
+            d = self._digests[(j, base)] = segment_digest(seg.tokens, seg.positions, base)
+        return d
+
+    def _state(self, last: int, base: int):
+        """sha256 state after the digests of ``last``'s context and ``last`` itself (-1: none)."""
+        path: list[int] = []
+        j = last
+        while j >= 0 and (j, base) not in self._states:
+            path.append(j)
+            j = self.parent[j]
+        state = self._states[(j, base)] if j >= 0 else self._head
+        for j in reversed(path):
+            sep = "," if self.parent[j] >= 0 else ""
+            state = state.copy()
+            state.update(f'{sep}"{self.digest(j, base)}"'.encode("utf-8"))
+            self._states[(j, base)] = state
+        return state
+
+    def key(self, i: int, base: int) -> str:
+        """The key of segment ``i`` with positions relative to ``base``: ``make_key`` of its parts."""
+        tail = canonical_json({**self.fixed, "segment": self.digest(i, base)})
+        h = self._state(self.parent[i], base).copy()
+        h.update(("]," + tail[1:]).encode("utf-8"))
+        return h.hexdigest()

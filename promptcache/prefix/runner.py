@@ -210,7 +210,8 @@ class PrefixRunner:
         lease = _Lease(match, match.length)
         try:
             m, n = match.length, len(ids)
-            # Positions are contiguous from 0: exactly the baseline computation, split at m.
+            # Positions are contiguous from 0: exactly the baseline computation, split at m
+            # (visible=None: all of the past, causal among the new tokens).
             logits, cache = runner.prefill(tree.gather(match), ids[m:], torch.arange(m, n, device=runner.device))
         except BaseException:
             self._release(lease)

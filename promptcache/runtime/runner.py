@@ -31,7 +31,19 @@ from ..pml.errors import PromptError
 from .kv import ModuleKV, SplicedCache
 from .sampling import SamplingOptions, StopChecker, TokenChooser
 
-ForwardHook = Callable[[int], None]  # called before every forward with its number of query tokens
+
+
+@dataclass
+class ForwardCall:
+    """What a forward hook sees, before the forward: its tokens, positions, visibility and cache."""
+
+    ids: Sequence[int]
+    q_pos: torch.Tensor
+    visible: torch.Tensor | None
+    cache: SplicedCache
+
+
+ForwardHook = Callable[[ForwardCall], None]
 
 
 class _StopForward(Exception):
@@ -53,8 +65,8 @@ class ModelRunner:
     ``reserve_tokens``: room preallocated after a prefill for generated tokens.
     ``max_positions``: the context window in force (``None``: unknown, no check); requests are
     checked against it (:meth:`check_window`) and decoding stops at it.
-    ``forward_hooks``: callables run before every forward with its query count (tests count
-    forwards with them, or raise to interrupt one).
+    ``forward_hooks``: callables run before every forward with a :class:`ForwardCall` (tests
+    count forwards with them, or raise to interrupt one).
     """
 
     def __init__(self, model, adapter, device: torch.device, dtype: torch.dtype,
@@ -101,9 +113,16 @@ class ModelRunner:
         """The request rule: a query sees every key at an earlier position, and itself."""
         return torch.cat([past_pos[None, :] < q_pos[:, None], q_pos[None, :] <= q_pos[:, None]], dim=1)
 
+    def past_then_causal(self, past: int, n: int) -> torch.Tensor:
+        """``[n, past + n]`` visibility: every past key, and the ``n`` queries causally among themselves
+        (what ``visible=None`` means; built only when the model's causal path cannot serve it)."""
+        visible = torch.ones(n, past + n, dtype=torch.bool, device=self.device)
+        visible[:, past:] = torch.ones(n, n, dtype=torch.bool, device=self.device).tril()
+        return visible
+
     # ------------------------------------------------------------------ forwards
 
-    def index_causal(self, past_pos: torch.Tensor, q_pos: torch.Tensor, visible: torch.Tensor) -> bool:
+    def index_causal(self, past_pos: torch.Tensor, q_pos: torch.Tensor, visible: torch.Tensor | None) -> bool:
         """Can the model's own 2-D-mask causal path stand in for ``visible``? (faster, no 4-D mask)"""
         if self.window is not None:
             return False
@@ -111,28 +130,30 @@ class ModelRunner:
         contiguous = n == 1 or bool((q_pos[1:] - q_pos[:-1] == 1).all())
         if not contiguous or (len(past_pos) and int(past_pos.max()) >= int(q_pos[0])):
             return False
-        return bool(visible[:, : len(past_pos)].all())
+        return visible is None or bool(visible[:, : len(past_pos)].all())
 
     def forward(self, cache: SplicedCache, ids: Sequence[int], q_pos: torch.Tensor,
                 visible: torch.Tensor | None = None, keep: int = 1, logits: bool = True,
                 last_layer: int | None = None) -> torch.Tensor | None:
-        """One forward of ``ids`` at ``q_pos`` over ``cache``; ``visible`` ``[q, past + q]``
-        (default :meth:`causal_visible`). Appends the new keys to ``cache`` and their positions
-        to ``cache.key_positions``.
+        """One forward of ``ids`` at ``q_pos`` over ``cache``; ``visible`` ``[q, past + q]``, or
+        ``None``: every past key and the queries causally among themselves, built densely only when
+        the model's own causal path cannot be used (a dense ``[n, n]`` matrix of a long run costs
+        O(n^2) memory). Appends the new keys to ``cache`` and their positions to
+        ``cache.key_positions``.
 
         Returns the logits of query ``len(ids) - keep`` (default: the last one), or ``None`` with
         ``logits=False``. ``last_layer``: stop after that decoder layer (layers above it leave no
         KV; the cache is then only good for reading layers ``0..last_layer``).
         """
         for hook in self.forward_hooks:
-            hook(len(ids))
+            hook(ForwardCall(ids, q_pos, visible, cache))
         past_pos = cache.key_positions
-        if visible is None:
-            visible = self.causal_visible(past_pos, q_pos)
         input_ids = torch.tensor([list(ids)], dtype=torch.long, device=self.device)
         if self.index_causal(past_pos, q_pos, visible):
             mask = torch.ones(1, len(past_pos) + len(ids), dtype=torch.long, device=self.device)
         else:
+            if visible is None:
+                visible = self.past_then_causal(len(past_pos), len(ids))
             mask = self.adapter.attention_mask(visible, q_pos, torch.cat([past_pos, q_pos]), self.dtype)
         stop = None
         layers = self.adapter.decoder_layers(self.model) if last_layer is not None else []
@@ -165,7 +186,7 @@ class ModelRunner:
 
     def prefill_baseline(self, ids: Sequence[int]) -> tuple[torch.Tensor, SplicedCache]:
         """The no-cache baseline: ``ids`` at positions ``0..n-1``, one causal prefill."""
-        logits, cache = self.prefill([], ids, torch.arange(len(ids), device=self.device))
+        logits, cache = self.prefill([], ids, torch.arange(len(ids), device=self.device))  # plain causal
         return logits, cache
 
     def oracle_forward(self, plan) -> torch.Tensor:

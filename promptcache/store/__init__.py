@@ -4,8 +4,9 @@
 
 * ``memory://`` (or ``memory://NAME``, one shared instance per name in this process)
 * a directory path or ``file:///abs/dir`` -- safetensors files + SQLite index, multi-process safe
-  (``file:///dir?fsync=0`` skips fsync, ``?load=pread`` copies instead of mmap)
-* ``redis://host:port/db?prefix=...&ttl=SECONDS&chunk_mb=4`` -- shared by several machines
+  (``file:///dir?fsync=0`` skips fsync; loads read into private memory, ``?load=mmap`` maps the
+  files instead: faster, but unsafe if a file is modified while its tensors are in use)
+* ``redis://host:port/db?prefix=...&ttl=SECONDS&chunk_mb=4&timeout=5`` -- shared by several machines
 
 Entries are keyed by :func:`make_key` over everything that determines the cached values, and
 every ``get`` verifies a checksum, so a store can only ever return the right tensors or ``None``.

@@ -2,14 +2,18 @@
 
 Everything goes through the :class:`CacheStore` interface, so each command works on every
 backend. Exit codes: 0 success, 2 failure (bad entries found by ``verify``, unknown key,
-unreachable store, bad arguments).
+unreachable store, bad arguments, or any change ``rm``/``gc`` could not make, e.g. on a read-only
+store). A failure is one ``error: ...`` line on stderr; store warnings are one ``warning: ...``
+line each.
 """
 
 from __future__ import annotations
 
 import argparse
 import json
+import math
 import os
+import re
 import sys
 import time
 import warnings
@@ -20,6 +24,7 @@ from .base import CacheStore, EntryInfo, StoreError
 
 ENV_STORE = "PROMPTCACHE_STORE"
 OK, FAIL = 0, 2
+_SIZE_RE = re.compile(r"^(\d+(?:\.\d*)?|\.\d+)([A-Z]*)$")
 _UNITS = {"": 1, "B": 1, "K": 1024, "KB": 1024, "KIB": 1024, "M": 1024 ** 2, "MB": 1024 ** 2,
           "MIB": 1024 ** 2, "G": 1024 ** 3, "GB": 1024 ** 3, "GIB": 1024 ** 3, "T": 1024 ** 4,
           "TB": 1024 ** 4, "TIB": 1024 ** 4}
@@ -68,21 +73,40 @@ def add_store_subcommands(subparsers: argparse._SubParsersAction) -> argparse.Ar
 
 
 def _wrap(fn: Callable[[CacheStore, argparse.Namespace], int]) -> Callable[[argparse.Namespace], int]:
-    """Open the store, turn misuse and I/O failure into a message and exit code 2."""
+    """Open the store, run ``fn``; misuse, I/O failure and any store error counted while ``fn``
+    ran (a delete that failed on a read-only store...) become one ``error:`` line and exit 2."""
     def run(args: argparse.Namespace) -> int:
         if not args.store:
             print(f"error: no store given (use --store URL or set ${ENV_STORE})", file=sys.stderr)
             return FAIL
-        try:
-            with open_store(args.store, create=False) as store:
-                if not store.ping():
-                    print(f"error: store {store.url} is unreachable", file=sys.stderr)
-                    return FAIL
-                return fn(store, args)
-        except (StoreError, OSError, ValueError) as exc:
-            print(f"error: {exc}", file=sys.stderr)
-            return FAIL
+        with warnings.catch_warnings(record=True) as caught:
+            warnings.simplefilter("always")
+            rc = _run_on_store(fn, args)
+        if rc == OK:  # on failure the error line already says what went wrong
+            for message in dict.fromkeys(" ".join(str(w.message).split()) for w in caught):
+                print(f"warning: {message}", file=sys.stderr)
+        return rc
     return run
+
+
+def _run_on_store(fn: Callable[[CacheStore, argparse.Namespace], int], args: argparse.Namespace) -> int:
+    """Open the store and run ``fn``; exit 2 with one line if it failed or an error was counted."""
+    try:
+        with open_store(args.store, create=False) as store:
+            if not store.ping():
+                print(f"error: store {store.url} is unreachable", file=sys.stderr)
+                return FAIL
+            before = store.counters.get("errors", 0)
+            rc = fn(store, args)
+            failed = store.counters.get("errors", 0) - before
+            if failed and rc == OK:
+                print(f"error: {args.store_command}: {failed} operation{'s' if failed > 1 else ''} "
+                      f"failed on {store.url} (read-only?); last: {store.last_error}", file=sys.stderr)
+                return FAIL
+            return rc
+    except (StoreError, OSError, ValueError) as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return FAIL
 
 
 def cmd_ls(store: CacheStore, args: argparse.Namespace) -> int:
@@ -148,7 +172,9 @@ def cmd_gc(store: CacheStore, args: argparse.Namespace) -> int:
         warnings.simplefilter("ignore")  # bad entries are listed below instead
         bad = store.verify(remove=not args.dry_run)
     for b in bad:
-        print(f"{'would remove' if args.dry_run else 'removed'} bad entry {b.key}: {b.reason}")
+        verb = ("would remove" if args.dry_run else
+                "could not remove" if store.contains(b.key) and store.counters["errors"] else "removed")
+        print(f"{verb} bad entry {b.key}: {b.reason}")
     swept = 0 if args.dry_run else store.sweep(max_age_s=args.leftover_age)
     evicted, freed = [], 0
     if args.max_bytes is not None:
@@ -187,16 +213,18 @@ def format_bytes(n: int) -> str:
 
 
 def parse_bytes(text: str) -> int:
-    """``"512M"`` -> 536870912; plain numbers are bytes; binary (1024-based) units."""
-    s = text.strip().upper().replace(" ", "")
-    num = s.rstrip("KMGTIB")
-    unit = s[len(num):]
-    if unit not in _UNITS or not num:
-        raise argparse.ArgumentTypeError(f"not a size: {text!r} (use e.g. 512M, 20G)")
-    try:
-        return int(float(num) * _UNITS[unit])
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"not a size: {text!r}") from None
+    """``"512M"`` -> 536870912; plain numbers are bytes; binary (1024-based) units.
+
+    Only non-negative finite sizes: ``-5``, ``inf`` and ``nan`` are refused (argparse: exit 2).
+    """
+    m = _SIZE_RE.match(text.strip().upper().replace(" ", ""))
+    if m is None or m.group(2) not in _UNITS:
+        raise argparse.ArgumentTypeError(f"not a size: {text!r} (a non-negative number of bytes "
+                                         "with an optional unit, e.g. 512M, 20G)")
+    value = float(m.group(1)) * _UNITS[m.group(2)]
+    if not math.isfinite(value):
+        raise argparse.ArgumentTypeError(f"not a size: {text!r} (too large)")
+    return int(value)
 
 
 def _ago(t: float) -> str:

@@ -65,7 +65,7 @@ def parse_args(argv=None) -> argparse.Namespace:
 
 def module_entries(pc: PromptCache) -> list[tuple[str, CacheEntry]]:
     """The engine's held module caches as store entries (key, tensors, meta), to fill other stores."""
-    return [(r.key.store_key, CacheEntry(list(zip(r.kv.keys, r.kv.values)), dict(r.meta)))
+    return [(r.key.store_key, CacheEntry(r.kv, dict(r.meta)))
             for r in pc.module_cache.residents()]
 
 

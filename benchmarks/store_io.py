@@ -33,6 +33,7 @@ import torch
 if __package__ in (None, ""):  # run as a file: the repository root replaces benchmarks/ on the path
     sys.path[0] = str(Path(__file__).resolve().parents[1])
 
+from promptcache.runtime.kv import ModuleKV  # noqa: E402
 from promptcache.store import CacheEntry, open_store  # noqa: E402
 from promptcache.store.base import entry_checksum  # noqa: E402
 
@@ -40,9 +41,10 @@ from promptcache.store.base import entry_checksum  # noqa: E402
 def synthetic_entry(tokens: int, layers: int, heads: int, head_dim: int, dtype: torch.dtype,
                     seed: int) -> CacheEntry:
     g = torch.Generator().manual_seed(seed)
-    return CacheEntry([(torch.randn(heads, tokens, head_dim, generator=g).to(dtype),
-                        torch.randn(heads, tokens, head_dim, generator=g).to(dtype))
-                       for _ in range(layers)], {"module": f"synthetic-{tokens}", "seed": seed})
+    pairs = [(torch.randn(heads, tokens, head_dim, generator=g).to(dtype),
+              torch.randn(heads, tokens, head_dim, generator=g).to(dtype)) for _ in range(layers)]
+    kv = ModuleKV([k for k, _ in pairs], [v for _, v in pairs])
+    return CacheEntry(kv, {"module": f"synthetic-{tokens}", "seed": seed})
 
 
 def timed(fn) -> float:
@@ -73,7 +75,7 @@ def bench_backend(name: str, store, entry: CacheEntry, runs: int, cold: bool = F
             nonlocal got
             got = store.get(key)
         loads.append(timed(load))
-        assert got is not None and torch.equal(got.tensors[-1][1], entry.tensors[-1][1]), name
+        assert got is not None and torch.equal(got.kv.values[-1], entry.kv.values[-1]), name
         del got
         store.delete(key)
     return {"save_s": statistics.median(saves), "load_s": statistics.median(loads)}

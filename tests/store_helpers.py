@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import torch
 
+from promptcache.runtime.kv import ModuleKV
 from promptcache.store import CacheEntry, open_store
 from promptcache.store.base import tensor_bytes
 
@@ -11,22 +12,24 @@ from promptcache.store.base import tensor_bytes
 def make_entry(n_layers: int = 3, seq: int = 7, heads: int = 2, head_dim: int = 8,
                dtype: torch.dtype = torch.float32, seed: int = 0, meta: dict | None = None) -> CacheEntry:
     g = torch.Generator().manual_seed(seed)
-    tensors = [(torch.randn(heads, seq, head_dim, generator=g).to(dtype),
-                torch.randn(heads, seq, head_dim, generator=g).to(dtype)) for _ in range(n_layers)]
-    return CacheEntry(tensors, {"model": "fp-test", "dtype": str(dtype).removeprefix("torch."),
+    keys, values = [], []
+    for _ in range(n_layers):
+        keys.append(torch.randn(heads, seq, head_dim, generator=g).to(dtype))
+        values.append(torch.randn(heads, seq, head_dim, generator=g).to(dtype))
+    return CacheEntry(ModuleKV(keys, values), {"model": "fp-test", "dtype": str(dtype).removeprefix("torch."),
                                 "seed": seed, **(meta or {})})
 
 
 def same_bits(a: CacheEntry, b: CacheEntry) -> bool:
     """Bit-exact equality of all tensors (NaN payloads and -0.0 included) plus dtype and shape."""
-    if len(a.tensors) != len(b.tensors):
+    ta, tb = a.named_tensors(), b.named_tensors()
+    if list(ta) != list(tb):
         return False
-    for pa, pb in zip(a.tensors, b.tensors):
-        for x, y in zip(pa, pb):
-            if x.dtype != y.dtype or x.shape != y.shape:
-                return False
-            if bytes(tensor_bytes(x.contiguous())) != bytes(tensor_bytes(y.contiguous())):
-                return False
+    for x, y in zip(ta.values(), tb.values()):
+        if x.dtype != y.dtype or x.shape != y.shape:
+            return False
+        if bytes(tensor_bytes(x.contiguous())) != bytes(tensor_bytes(y.contiguous())):
+            return False
     return True
 
 

@@ -149,9 +149,9 @@ class CorruptingStore:
         if e is None:
             return None
         if self.how == "shape":
-            return CacheEntry([(k[:, :-1], v[:, :-1]) for k, v in e.tensors], e.meta)
+            return CacheEntry(e.kv.slice(0, e.kv.length - 1), e.meta)
         if self.how == "offset":
-            return CacheEntry(e.tensors, {**e.meta, "offset": "x"})
+            return CacheEntry(e.kv, {**e.meta, "offset": "x"})
         raise AssertionError(self.how)
 
 
@@ -194,8 +194,7 @@ def test_foreign_dtype_entry_is_a_miss(tmp_path):
     a.add_schema(FULL_SCHEMA)
     for info in store.list():
         e = store.get(info.key)
-        store.put(info.key, CacheEntry([(k.double(), v.double()) for k, v in e.tensors],
-                                       {**e.meta, "dtype": "float64"}))
+        store.put(info.key, CacheEntry(e.map(torch.Tensor.double).kv, {**e.meta, "dtype": "float64"}))
     b = make_cache("llama", "scaffold", store=store)
     with warnings.catch_warnings():
         warnings.simplefilter("ignore", StoreWarning)

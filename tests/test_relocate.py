@@ -84,7 +84,7 @@ def test_mpt_relocation_changes_no_tensor():
     m = next(i for i in st.keys if st.layout.segments[i].owner == ("m",))
     stored = store.get(st.keys[m].store_key)
     assert stored.meta["offset"] == st.keys[m].base - SHIFT
-    assert all(torch.equal(k, k2) for (k, _), k2 in zip(stored.tensors, st.kv[m].keys))
+    assert all(torch.equal(k, k2) for k, k2 in zip(stored.kv.keys, st.kv[m].keys))
 
 
 def test_rotation_composes_like_rope():

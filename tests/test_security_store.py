@@ -88,14 +88,14 @@ def test_issue12_item4_bytes_flipped_after_loading_change_nothing(tmp_path):
     store = open_store(str(tmp_path / "s"))
     store.put("k", make_entry(n_layers=4, seq=512, heads=2, head_dim=64, seed=1))
     got = store.get("k")
-    held = [(k.clone(), v.clone()) for k, v in got.tensors]
+    held = got.kv.clone()
     path = store._path("k")
     _, data = _read_header(path)
     size = path.stat().st_size
     with open(path, "r+b") as f:  # in place: same inode, the page cache changes
         f.seek(size - len(data))
         f.write(b"\xff" * len(data))  # every tensor byte becomes a NaN pattern
-    for (k, v), (k0, v0) in zip(got.tensors, held):
+    for k, v, k0, v0 in zip(got.kv.keys, got.kv.values, held.keys, held.values):
         assert torch.equal(k, k0) and torch.equal(v, v0)
         assert not torch.isnan(k).any() and not torch.isnan(v).any()
     with warnings.catch_warnings():
@@ -110,9 +110,9 @@ from store_helpers import make_entry
 store = open_store(sys.argv[1] if len(sys.argv) < 3 else f"file://{sys.argv[1]}?load={sys.argv[2]}")
 store.put("k", make_entry(n_layers=4, seq=2048, heads=2, head_dim=64, seed=3))
 got = store.get("k")
-held = [(k.clone(), v.clone()) for k, v in got.tensors]
+held = got.kv.clone()
 os.truncate(store._path("k"), 0)
-same = all(torch.equal(k, k0) and torch.equal(v, v0) for (k, v), (k0, v0) in zip(got.tensors, held))
+same = all(torch.equal(a, b) for a, b in zip(got.kv.keys + got.kv.values, held.keys + held.values))
 print("same" if same else "changed", flush=True)
 """
 

@@ -11,6 +11,7 @@ import torch
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
+from promptcache.runtime.kv import ModuleKV
 from promptcache.store import (CacheEntry, LocalStore, MemoryStore, StoreError, StoreWarning,
                                make_key, model_fingerprint, open_store)
 
@@ -48,7 +49,7 @@ def _key(**kw) -> str:
 def test_roundtrip_bit_exact(store, dtype):
     entry = make_entry(n_layers=4, seq=33, dtype=dtype)
     # Values that only a bit-exact store preserves.
-    k0 = entry.tensors[0][0].view(-1)
+    k0 = entry.kv.keys[0].view(-1)
     k0[:5] = torch.tensor([float("nan"), -0.0, float("inf"), float("-inf"), 1e-40]).to(dtype)
     key = _key(dtype=str(dtype))
     assert store.put(key, entry) is True
@@ -122,27 +123,28 @@ def test_stored_entry_is_isolated_from_caller_mutation(store):
     entry = make_entry()
     original = copy.deepcopy(entry)
     store.put(key, entry)
-    entry.tensors[0][0].add_(1)  # caller keeps using its tensors
+    entry.kv.keys[0].add_(1)  # caller keeps using its tensors
     entry.meta["seed"] = 99
     got = store.get(key)
     assert same_bits(got, original) and got.meta == original.meta
-    got.tensors[1][1].mul_(3)  # and mutates what it got back
+    got.kv.values[1].mul_(3)  # and mutates what it got back
     assert same_bits(store.get(key), original)
 
 
 def test_views_of_one_buffer_are_stored(store):
     """Layers sliced out of one preallocated cache share storage and may be non-contiguous."""
     big = torch.randn(4, 2, 2, 20, 8)
-    entry = CacheEntry([(big[i, 0, :, 3:13], big[i, 1, :, 3:13]) for i in range(4)], {"module": "x"})
+    entry = CacheEntry(ModuleKV([big[i, 0, :, 3:13] for i in range(4)], [big[i, 1, :, 3:13] for i in range(4)]),
+                       {"module": "x"})
     store.put(_key(), entry)
     assert same_bits(store.get(_key()), entry)
 
 
 def test_empty_and_zero_length(store):
-    entry = CacheEntry([(torch.empty(2, 0, 8), torch.empty(2, 0, 8))], {"module": "empty"})
+    entry = CacheEntry(ModuleKV([torch.empty(2, 0, 8)], [torch.empty(2, 0, 8)]), {"module": "empty"})
     store.put(_key(), entry)
     got = store.get(_key())
-    assert got is not None and got.seq_len == 0 and got.tensors[0][0].shape == (2, 0, 8)
+    assert got is not None and got.seq_len == 0 and got.kv.keys[0].shape == (2, 0, 8)
 
 
 def test_expect_mismatch_is_a_reported_miss(store):

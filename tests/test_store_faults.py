@@ -251,10 +251,10 @@ def _corrupt_memory(store, key: str, how: str) -> None:
     if how == "flip-header":
         slot.entry.meta["seed"] = 12345
     elif how in ("truncate", "truncate-to-zero"):
-        k, v = slot.entry.tensors[-1]
-        slot.entry.tensors[-1] = (k[:, : k.shape[1] // 2], v)
+        k = slot.entry.kv.keys[-1]
+        slot.entry.kv.keys[-1] = k[:, : k.shape[1] // 2]
     else:
-        slot.entry.tensors[0][1].view(-1)[3] += 1
+        slot.entry.kv.values[0].view(-1)[3] += 1
 
 
 CORRUPTERS = {"local": _corrupt_local, "redis": _corrupt_redis, "memory": _corrupt_memory}

@@ -168,7 +168,7 @@ class TieredModuleCache:
                           "it will be recomputed", StoreWarning, stacklevel=4)
             return None
         self.stats["store"]["hits"] += 1
-        kv = ModuleKV.from_pairs(entry.tensors)
+        kv = entry.kv
         offset = int(entry.meta["offset"])
         if offset != key.base:
             self.relocations += 1
@@ -181,7 +181,7 @@ class TieredModuleCache:
         want = (heads, key.length, dim)
         if entry.n_layers != layers:
             return f"{entry.n_layers} layers, the model has {layers}"
-        for k, v in entry.tensors:
+        for k, v in zip(entry.kv.keys, entry.kv.values):
             if tuple(k.shape) != want or tuple(v.shape) != want:
                 return f"tensor shape {tuple(k.shape)} != {want}"
             if k.dtype != self.dtype or v.dtype != self.dtype:
@@ -214,7 +214,7 @@ class TieredModuleCache:
             return res.kv
 
     def _store_put(self, key: ModuleKey, kv: ModuleKV, meta: dict) -> bool:
-        ok = self.store.put(key.store_key, CacheEntry(kv.pairs(), dict(meta)))
+        ok = self.store.put(key.store_key, CacheEntry(kv, dict(meta)))
         self.stats["store"]["puts" if ok else "failed_puts"] += 1
         return ok
 

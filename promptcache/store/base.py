@@ -1,8 +1,10 @@
 """The store interface, the entry format and the integrity rules every backend shares.
 
-An entry is one prompt module's KV cache: per layer a ``(key, value)`` pair of tensors shaped
-``[kv_heads, seq_len, head_dim]`` plus a JSON-able ``meta`` dict. Backends differ only in where
-the bytes live; what they must promise is the same and is enforced here:
+An entry is one prompt module's KV cache: a :class:`promptcache.runtime.kv.ModuleKV` (per layer a
+key and a value tensor shaped ``[kv_heads, seq_len, head_dim]``; stored as ``L{i}.k``/``L{i}.v``,
+the same files and manifests as before it carried a ModuleKV) plus a JSON-able ``meta`` dict.
+Backends differ only in where the bytes live; what they must promise is the same and is enforced
+here:
 
 * ``get`` returns bit-exact tensors or ``None`` -- never a truncated, corrupted or foreign entry.
   A bad entry is reported once (a :class:`StoreWarning` naming the key and the cause) and removed
@@ -25,10 +27,12 @@ import time
 import warnings
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
-from typing import Any, Iterable, Mapping
+from typing import Any, Callable, Iterable, Mapping
 
 import numpy as np
 import torch
+
+from ..runtime.kv import ModuleKV
 
 FORMAT_VERSION = 2  # 2: the checksum binds the entry key (1 did not)
 CHECKSUM_ALGO = "sha256"
@@ -132,32 +136,37 @@ def copy_tensor(t: torch.Tensor) -> torch.Tensor:
 
 @dataclass
 class CacheEntry:
-    """One module's KV cache: ``tensors[layer] = (key, value)``, each ``[kv_heads, seq, head_dim]``."""
+    """One module's KV cache (a :class:`ModuleKV`, each tensor ``[kv_heads, seq, head_dim]``) and
+    its meta.
 
-    tensors: list[tuple[torch.Tensor, torch.Tensor]]
+    The store keeps no layout positions (a module is shared between offsets; ``meta["offset"]``
+    records where it was encoded): entries read back carry ``positions=None``.
+    """
+
+    kv: ModuleKV
     meta: dict = field(default_factory=dict)
 
     @property
     def nbytes(self) -> int:
-        return sum(k.numel() * k.element_size() + v.numel() * v.element_size()
-                   for k, v in self.tensors)
+        return self.kv.nbytes
 
     @property
     def n_layers(self) -> int:
-        return len(self.tensors)
+        return self.kv.num_layers
 
     @property
     def seq_len(self) -> int:
-        return int(self.tensors[0][0].shape[-2]) if self.tensors and self.tensors[0][0].dim() >= 2 else 0
+        k = self.kv.keys[0] if self.kv.keys else None
+        return int(k.shape[-2]) if k is not None and k.dim() >= 2 else 0
 
     @property
     def dtype(self) -> str | None:
-        return dtype_name(self.tensors[0][0].dtype) if self.tensors else None
+        return dtype_name(self.kv.keys[0].dtype) if self.kv.keys else None
 
     def named_tensors(self) -> dict[str, torch.Tensor]:
         """Flat ``{"L0.k": ..., "L0.v": ...}`` view, the on-disk/on-wire naming."""
         out: dict[str, torch.Tensor] = {}
-        for i, (k, v) in enumerate(self.tensors):
+        for i, (k, v) in enumerate(zip(self.kv.keys, self.kv.values)):
             out[f"L{i}.k"] = k
             out[f"L{i}.v"] = v
         return out
@@ -167,7 +176,13 @@ class CacheEntry:
         """Inverse of :meth:`named_tensors`; a missing or extra tensor raises ``KeyError``/``ValueError``."""
         if len(named) != 2 * n_layers:
             raise ValueError(f"expected {2 * n_layers} tensors, found {len(named)}")
-        return cls([(named[f"L{i}.k"], named[f"L{i}.v"]) for i in range(n_layers)], meta)
+        return cls(ModuleKV([named[f"L{i}.k"] for i in range(n_layers)],
+                            [named[f"L{i}.v"] for i in range(n_layers)]), meta)
+
+    def map(self, fn: Callable[[torch.Tensor], torch.Tensor]) -> "CacheEntry":
+        """The same entry with ``fn`` applied to every tensor (e.g. a private copy); meta shared."""
+        return CacheEntry(ModuleKV([fn(k) for k in self.kv.keys], [fn(v) for v in self.kv.values]),
+                          self.meta)
 
 
 @dataclass
@@ -202,13 +217,16 @@ def normalize_entry(entry: CacheEntry) -> CacheEntry:
         raise StoreError(f"expected CacheEntry, got {type(entry).__name__}")
     if not isinstance(entry.meta, dict):
         raise StoreError("CacheEntry.meta must be a dict")
-    tensors = []
-    for i, pair in enumerate(entry.tensors):
-        if len(pair) != 2 or not all(isinstance(t, torch.Tensor) for t in pair):
+    kv = entry.kv
+    if not isinstance(kv, ModuleKV):
+        raise StoreError(f"CacheEntry.kv must be a ModuleKV, got {type(kv).__name__}")
+    if len(kv.keys) != len(kv.values):
+        raise StoreError(f"{len(kv.keys)} key tensors but {len(kv.values)} value tensors")
+    for i, pair in enumerate(zip(kv.keys, kv.values)):
+        if not all(isinstance(t, torch.Tensor) for t in pair):
             raise StoreError(f"layer {i}: expected a (key, value) pair of tensors")
-        tensors.append(tuple(_own(t) for t in pair))
     meta = json.loads(canonical_json(entry.meta))
-    return CacheEntry(tensors, meta)
+    return CacheEntry(entry.map(_own).kv, meta)
 
 
 def _own(t: torch.Tensor) -> torch.Tensor:

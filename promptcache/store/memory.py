@@ -46,16 +46,14 @@ class MemoryStore(CacheStore):
                 self._report_bad(key, reason)
                 return self._count(None)
             slot.last_access = now()
-            out = CacheEntry([(copy_tensor(k), copy_tensor(v)) for k, v in slot.entry.tensors],
-                              copy.deepcopy(slot.entry.meta))
+            out = CacheEntry(slot.entry.map(copy_tensor).kv, copy.deepcopy(slot.entry.meta))
         return self._count(out)
 
     def put(self, key: str, entry: CacheEntry) -> bool:
         check_key(key)
         stored = normalize_entry(entry)
         # normalize_entry may return the caller's own tensors when already compact: copy.
-        stored = CacheEntry([(copy_tensor(k), copy_tensor(v)) for k, v in stored.tensors],
-                            stored.meta)
+        stored = stored.map(copy_tensor)
         checksum = entry_checksum(stored.named_tensors(), stored.meta, key)
         t = now()
         with self._lock:

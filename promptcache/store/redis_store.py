@@ -52,6 +52,7 @@ from urllib.parse import parse_qsl, urlencode, urlsplit, urlunsplit
 
 import torch
 
+from ..runtime.kv import kv_nbytes
 from .base import (FORMAT_VERSION, BadEntry, CacheEntry, CacheStore, EntryInfo, StoreError,
                    StoreWarning, check_checksum, check_expect, check_key, check_summary,
                    dtype_name, entry_checksum, normalize_entry, now, tensor_bytes)
@@ -258,7 +259,7 @@ class RedisStore(CacheStore):
         named = e.named_tensors()
         layout, offset = [], 0
         for name, t in named.items():
-            n = t.numel() * t.element_size()
+            n = kv_nbytes([t])
             layout.append([name, dtype_name(t.dtype), list(t.shape), offset, n])
             offset += n
         version = uuid.uuid4().hex

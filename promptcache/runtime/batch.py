@@ -10,6 +10,7 @@ from __future__ import annotations
 from typing import Sequence
 
 import torch
+from transformers.cache_utils import Cache, DynamicLayer
 
 from .kv import ModuleKV, SplicedCache
 from .runner import DecodeSequence, ModelRunner
@@ -87,4 +88,226 @@ class LoopDecodeBatch:
         return len(self._rows.used)
 
 
-DecodeBatch = LoopDecodeBatch
+class _BatchState:
+    """What every layer of a :class:`BatchKVCache` shares: per-slot lengths and the step's width."""
+
+    def __init__(self) -> None:
+        self.lengths: list[int] = []  # valid keys per slot (slots 0..n-1 are the rows in use)
+        self.len_index: torch.Tensor | None = None  # [n] the slot each row's new key goes to (a step)
+        self.past = 0  # during a step: max(lengths); the keys returned are [n, H, past + 1, D]
+
+
+class BatchKVLayer(DynamicLayer):
+    """One layer's K and V for all rows: ``[rows, kv_heads, capacity, head_dim]`` buffers.
+
+    ``update`` (one decode step, one new token per row) writes row ``i``'s new key at slot
+    ``lengths[i]`` (an index_put) and returns the first ``past + 1`` slots of the ``n`` rows in use;
+    the mask hides each row's slots at and past its own length except its new key.
+    """
+
+    def __init__(self, state: _BatchState) -> None:
+        super().__init__()
+        self.state = state
+        self.buf_k: torch.Tensor | None = None
+        self.buf_v: torch.Tensor | None = None
+
+    def allocate(self, rows: int, capacity: int, like: torch.Tensor) -> None:
+        """Buffers of ``rows`` x ``capacity`` (keeping what the old ones held)."""
+        heads, dim = like.shape[-3], like.shape[-1]
+        # zeros, not empty: a masked slot still enters the matmuls (weight 0 x NaN garbage = NaN)
+        new_k = like.new_zeros(rows, heads, capacity, dim)
+        new_v = torch.zeros_like(new_k)
+        if self.buf_k is not None:
+            r, c = self.buf_k.shape[0], self.buf_k.shape[2]
+            new_k[:r, :, :c].copy_(self.buf_k)
+            new_v[:r, :, :c].copy_(self.buf_v)
+        self.buf_k, self.buf_v = new_k, new_v
+        self.dtype, self.device, self.is_initialized = like.dtype, like.device, True
+
+    def update(self, key_states: torch.Tensor, value_states: torch.Tensor, *args, **kwargs):
+        n, past = len(self.state.lengths), self.state.past
+        if key_states.shape[0] != n or key_states.shape[-2] != 1:
+            raise ValueError(f"a batched decode step takes one token for each of the {n} rows, "
+                             f"got keys of shape {tuple(key_states.shape)}")
+        rows = torch.arange(n, device=key_states.device)
+        self.buf_k[rows, :, self.state.len_index] = key_states[:, :, 0]
+        self.buf_v[rows, :, self.state.len_index] = value_states[:, :, 0]
+        self.keys = self.buf_k[:n, :, : past + 1]
+        self.values = self.buf_v[:n, :, : past + 1]
+        return self.keys, self.values
+
+    def get_seq_length(self) -> int:
+        return self.state.past
+
+    def get_mask_sizes(self, query_length: int) -> tuple[int, int]:
+        return self.state.past + query_length, 0
+
+
+class BatchKVCache(Cache):
+    """The KV of every row of a :class:`BatchedDecodeBatch`, as one transformers ``Cache``.
+
+    ``key_positions`` (during a step) is ``[n, past]``: each row's layout positions of its keys,
+    with the step's new position already written at the row's own length (so ALiBi, which
+    appends ``position_ids`` as column ``past``, sees every row's new key at its right position).
+    """
+
+    def __init__(self, num_layers: int) -> None:
+        self.state = _BatchState()
+        Cache.__init__(self, layers=[BatchKVLayer(self.state) for _ in range(num_layers)])
+        self.positions: torch.Tensor | None = None  # [rows, capacity]
+
+    @property
+    def key_positions(self) -> torch.Tensor:
+        n = len(self.state.lengths)
+        return self.positions[:n, : self.state.past]
+
+    @property
+    def rows(self) -> int:
+        return 0 if self.positions is None else self.positions.shape[0]
+
+    @property
+    def capacity(self) -> int:
+        return 0 if self.positions is None else self.positions.shape[1]
+
+    def reserve(self, rows: int, capacity: int, like: torch.Tensor, max_rows: int) -> None:
+        """Room for ``rows`` rows (at most ``max_rows``) of ``capacity`` keys; rows and capacity grow
+        geometrically, so a growing batch copies its buffers O(log) times."""
+        if rows <= self.rows and capacity <= self.capacity:
+            return
+        rows = min(max(rows, 2 * self.rows), max_rows) if rows > self.rows else self.rows
+        capacity = max(capacity, 2 * self.capacity) if capacity > self.capacity else self.capacity
+        for layer in self.layers:
+            layer.allocate(rows, capacity, like)
+        pos = torch.zeros(rows, capacity, dtype=torch.long, device=like.device)
+        if self.positions is not None:
+            pos[: self.rows, : self.capacity] = self.positions
+        self.positions = pos
+
+    def put(self, slot: int, kv: ModuleKV) -> None:
+        """Copy ``kv`` (``n`` tokens with positions) into ``slot``."""
+        n = kv.length
+        for layer, k, v in zip(self.layers, kv.keys, kv.values):
+            layer.buf_k[slot, :, :n].copy_(k)
+            layer.buf_v[slot, :, :n].copy_(v)
+        self.positions[slot, :n] = kv.positions.to(self.positions.device)
+
+    def get(self, slot: int) -> ModuleKV:
+        """The ``slot``'s valid keys (views of the buffers)."""
+        n = self.state.lengths[slot]
+        return ModuleKV([l.buf_k[slot, :, :n] for l in self.layers],
+                        [l.buf_v[slot, :, :n] for l in self.layers], self.positions[slot, :n])
+
+
+class BatchedDecodeBatch:
+    """Rows decoded together: each :meth:`step` is ONE forward over every row (module docstring)."""
+
+    def __init__(self, runner: ModelRunner, max_rows: int = 8) -> None:
+        self.runner = runner
+        self._rows = _Rows(max_rows)
+        self.cache = BatchKVCache(runner.num_layers)
+        self._slot: dict[int, int] = {}  # row id -> slot
+        self._row: list[int] = []  # slot -> row id
+
+    def add(self, cache: SplicedCache) -> int:
+        """Copy a prefilled request cache's KV into a free row (once); returns the row id."""
+        kv = cache_kv(cache)
+        if kv.positions is None or len(kv.positions) != kv.length:
+            raise ValueError(f"the cache holds {kv.length} keys but {0 if kv.positions is None else len(kv.positions)}"
+                             " key positions")
+        row = self._rows.take()
+        slot = len(self._row)
+        self.cache.reserve(slot + 1, kv.length + 1, kv.keys[0], self._rows.max_rows)
+        self.cache.put(slot, kv)
+        self.cache.state.lengths.append(kv.length)
+        self._row.append(row)
+        self._slot[row] = slot
+        return row
+
+    def step(self, inputs: Sequence[tuple[int, int, int]]) -> list[torch.Tensor]:
+        """``(row, token, position)`` per input; ONE forward over all rows; logits in input order.
+
+        Rows in use that have no input this step ride along with a dummy token whose key is not
+        kept (their length does not grow, the slot is overwritten by their next real step).
+        """
+        n = len(self._row)
+        tokens, positions, active = [0] * n, [0] * n, [False] * n
+        for row, token, position in inputs:
+            slot = self._slot_of(row)
+            if active[slot]:
+                raise ValueError(f"row {row} appears twice in one decode step")
+            tokens[slot], positions[slot], active[slot] = int(token), int(position), True
+        if not inputs:
+            return []
+        state, dev = self.cache.state, self.runner.device
+        state.past = max(state.lengths)
+        self.cache.reserve(n, state.past + 1, self.cache.layers[0].buf_k, self._rows.max_rows)
+        state.len_index = torch.tensor(state.lengths, dtype=torch.long, device=dev)
+        slots = torch.arange(n, device=dev)
+        q_pos = torch.tensor(positions, dtype=torch.long, device=dev)
+        self.cache.positions[slots, state.len_index] = q_pos  # the new keys' positions (see BatchKVCache)
+        k_pos = self.cache.positions[:n, : state.past + 1]
+        visible = torch.arange(state.past + 1, device=dev)[None, :] <= state.len_index[:, None]
+        mask = self.runner.adapter.batch_attention_mask(visible[:, None, :], q_pos[:, None], k_pos,
+                                                        self.runner.dtype)
+        ids = torch.tensor(tokens, dtype=torch.long, device=dev)[:, None]
+        out = self.runner.model(input_ids=ids, position_ids=q_pos[:, None], attention_mask=mask,
+                                past_key_values=self.cache, use_cache=True, logits_to_keep=1)
+        for slot in range(n):
+            if active[slot]:
+                state.lengths[slot] += 1
+        logits = out.logits[:, -1].float()
+        return [logits[self._slot[row]] for row, _, _ in inputs]
+
+    def remove(self, row: int) -> ModuleKV:
+        """Free ``row``; returns a clone of its KV (all its tokens, with positions).
+
+        The last slot moves into the freed one so that the rows in use stay slots ``0..n-1``.
+        """
+        slot = self._slot_of(row)
+        kv = self.cache.get(slot).clone()
+        last = len(self._row) - 1
+        if slot != last:
+            self.cache.put(slot, self.cache.get(last))
+            self.cache.state.lengths[slot] = self.cache.state.lengths[last]
+            moved = self._row[last]
+            self._row[slot], self._slot[moved] = moved, slot
+        self.cache.state.lengths.pop()
+        self._row.pop()
+        del self._slot[row]
+        self._rows.free(row)
+        return kv
+
+    def _slot_of(self, row: int) -> int:
+        self._rows.check(row)
+        return self._slot[row]
+
+    def __len__(self) -> int:
+        return len(self._row)
+
+
+class DecodeBatch:
+    """The server's decode batch: :class:`BatchedDecodeBatch` where the family allows it
+    (``adapter.batch_decode_supported()``), else :class:`LoopDecodeBatch` (MPT: its ALiBi bias is
+    shared by the batch in transformers, so rows at different positions cannot share a forward).
+    ``batched`` says which one runs."""
+
+    def __init__(self, runner: ModelRunner, max_rows: int = 8, batched: bool | None = None) -> None:
+        if batched is None:
+            batched = runner.adapter.batch_decode_supported()
+        self.batched = batched
+        self.impl = (BatchedDecodeBatch if batched else LoopDecodeBatch)(runner, max_rows)
+
+    def add(self, cache: SplicedCache) -> int:
+        """Take over a prefilled request cache (not to be used by the caller afterwards); row id."""
+        return self.impl.add(cache)
+
+    def step(self, inputs: Sequence[tuple[int, int, int]]) -> list[torch.Tensor]:
+        """``(row, token, position)`` per input; each input's next-token logits (float32), in order."""
+        return self.impl.step(inputs)
+
+    def remove(self, row: int) -> ModuleKV:
+        """Free ``row``; returns its KV (all its tokens, with positions)."""
+        return self.impl.remove(row)
+
+    def __len__(self) -> int:
+        return len(self.impl)

@@ -1,7 +1,7 @@
 """The Prompt Cache engine: a facade over schemas, the module encoder and the model runner.
 
 Public surface: :class:`PromptCache` (``add_schema``, ``remove_schema``, ``plan``, ``request``,
-``next_token_logits``, ``generate``, ``memory_report``, ``prefix_stats``) and the results
+``next_token_logits``, ``generate``, ``begin``, ``memory_report``, ``prefix_stats``) and the results
 (:mod:`promptcache.results`). A prompt goes one of two ways:
 
 * PML: parsed and bound against its schema, turned into a request (:func:`promptcache.plan.make_request`);
@@ -26,7 +26,7 @@ from .modules.encoder import ModuleEncoder, SchemaState
 from .modules.relocate import relocation_for
 from .modules.tiers import TieredModuleCache
 from .plan import POLICIES, Plan, Request, build_plan, encoding_contexts, make_request
-from .pml.binding import bind
+from .pml.binding import BoundPrompt, bind
 from .pml.errors import PromptError
 from .pml.layout import Layout, build_layout
 from .pml.model import Prompt, Schema
@@ -36,11 +36,11 @@ from .recompute import Selection, cached_spans, choose, parse_policy, prefill_wi
 from .results import EncodeReport, GenerationResult
 from .roles import ChatRenderer
 from .runtime.kv import ModuleKV, SplicedCache
-from .runtime.runner import ModelRunner, oracle_forward
+from .runtime.runner import ActiveRequest, ChunkedPrefill, ModelRunner, oracle_forward
 from .runtime.sampling import SamplingOptions, check_max_new_tokens, eos_token_ids
 
-__all__ = ["PromptCache", "GenerationResult", "EncodeReport", "SchemaState", "oracle_forward",
-           "check_max_new_tokens"]
+__all__ = ["PromptCache", "ActiveRequest", "GenerationResult", "EncodeReport", "SchemaState",
+           "oracle_forward", "check_max_new_tokens"]
 
 
 def _looks_like_xml(text: str) -> bool:
@@ -190,13 +190,18 @@ class PromptCache:
 
     def request(self, prompt) -> tuple[SchemaState, Request]:
         """A PML prompt parsed, bound to its schema and turned into a request: ``(schema state, request)``."""
+        state, _, request = self._bind(prompt)
+        return state, request
+
+    def _bind(self, prompt) -> tuple[SchemaState, BoundPrompt, Request]:
+        """Parse, bind, make the request and check it against the context window."""
         parsed = self._parse_prompt(prompt)
         state = self._state(parsed.schema, parsed)
         bound = bind(parsed, state.layout, self.renderer)
         request = make_request(bound, state.contexts)
         needed = max(request.computed_pos, default=-1) + 1  # the last prompt token is always computed
         self.check_prompt_window(needed, f"prompt for schema {parsed.schema!r}", parsed.file, parsed.loc.line)
-        return state, request
+        return state, bound, request
 
     def check_prompt(self, prompt, schema: Schema | None = None) -> Prompt:
         """Parse ``prompt`` and bind it to ``schema`` laid out but not encoded; return the parsed prompt.
@@ -242,28 +247,98 @@ class PromptCache:
         pinned in their tier (loaded or re-encoded if evicted) until the prefill has copied them
         into the request's own cache; then the tiers are brought back within their budgets.
         """
+        job, next_pos, recomputed, pinned = self._cached_prefill(state, request, recompute)
+        try:
+            logits = job.step()
+        finally:
+            self.encoder.release(pinned)
+        return logits, job.cache, next_pos, recomputed
+
+    def _cached_prefill(self, state: SchemaState, request: Request, recompute: str | None,
+                        reserve: int | None = None, chunk: int | None = None
+                        ) -> tuple[ChunkedPrefill, int, int, list]:
+        """Pin the request's modules and set up its prefill: ``(job, next position, tokens
+        recomputed, pinned)``; the caller releases ``pinned`` once the job is done (or failed).
+
+        Selective recompute runs here, whole (its fused prefill is not chunked: the returned job
+        is already done); otherwise the computed tokens wait in the job, to run in one forward or
+        in chunks, each seeing the cache by layout position (gaps and all)."""
         kv, pinned, _ = self.encoder.obtain(state, [i for i, _ in request.cached_spans])
         try:
+            runner = self.runner
             pieces = self._pieces(kv, request)
             # Parsed first: a bad override fails even when nothing is cached.
             policy = parse_policy(self.recompute if recompute is None else recompute)
             if policy.kind != "none" and pieces:
                 spans = cached_spans(state.layout.segments, request.cached_spans)
                 # The uncached tokens go along: a recomputed token must see those before it.
-                pieces, selection = prepare(self.runner, pieces, spans, policy,
+                pieces, selection = prepare(runner, pieces, spans, policy,
                                             (request.computed_ids, request.computed_pos))
                 if len(selection):
-                    logits, cache = prefill_with_recompute(self.runner, pieces, spans, selection,
+                    logits, cache = prefill_with_recompute(runner, pieces, spans, selection,
                                                            request.computed_ids, request.computed_pos)
-                    return logits, cache, max(request.computed_pos) + 1, len(selection)
-            runner = self.runner
+                    job = ChunkedPrefill.finished(runner, cache, logits)
+                    return job, max(request.computed_pos) + 1, len(selection), pinned
             q_pos = runner.positions(request.computed_pos)
-            cache = runner.new_cache(pieces)
-            visible = runner.causal_visible(cache.key_positions, q_pos)  # by position: gaps and all
-            logits = runner.forward(cache, request.computed_ids, q_pos, visible)
-            return logits, cache, int(q_pos.max()) + 1, 0
-        finally:
+            cache = runner.new_cache(pieces, _room(runner, reserve, len(request.computed_ids), chunk))
+            job = ChunkedPrefill(runner, cache, request.computed_ids, q_pos, by_position=True)
+            return job, int(q_pos.max()) + 1, 0, pinned
+        except BaseException:
             self.encoder.release(pinned)
+            raise
+
+    @torch.inference_mode()
+    def begin(self, prompt, *, use_cache: bool = True, recompute: str | None = None,
+              max_new_tokens: int | None = None, insert_prefix: bool = True,
+              prefill_chunk: int | None = None, prefill: bool = True,
+              reserve: int | None = None) -> ActiveRequest:
+        """Start one request: parse and bind (PML) or tokenize (text, chat), check the context
+        window, take the cached KV (module pins, or a locked prefix-tree path) and prefill.
+
+        ``prefill=False`` leaves the prefill to the caller, ``req.prefill_step(prefill_chunk)``
+        one chunk per call (a server interleaves them with decode steps); otherwise it runs here,
+        in chunks of ``prefill_chunk`` tokens when given (the same logits to float rounding; the
+        fused selective-recompute prefill is never chunked). ``max_new_tokens`` is only checked.
+        ``reserve``: room for generated tokens in the request's buffer (default ``reserve_tokens``).
+        The caller ends the request with ``req.finish(generated_ids, kv)`` (prefix path: caches
+        prompt and answer) or ``req.abort()``; both release what the request holds.
+        Errors: ``PromptError``/``PMLError`` (PML), ``ValueError`` (window, empty prompt,
+        arguments), ``TypeError`` (not a prompt); nothing is held after one.
+        """
+        if max_new_tokens is not None:
+            check_max_new_tokens(max_new_tokens)
+        if prefill_chunk is not None and (isinstance(prefill_chunk, bool) or not isinstance(prefill_chunk, int)
+                                          or prefill_chunk < 1):
+            raise ValueError(f"prefill_chunk must be a positive integer or None, got {prefill_chunk!r}")
+        self.runner.sync()
+        t0 = time.perf_counter()
+        if not is_pml_prompt(prompt):
+            req = self.prefix.begin(prompt, use_cache, insert_prefix, t0=t0, reserve=reserve,
+                                    prefill_chunk=prefill_chunk)
+        else:
+            req = self._begin_pml(prompt, use_cache, recompute, reserve, prefill_chunk, t0)
+        if prefill:
+            while not req.prefill_step(prefill_chunk):
+                pass
+        return req
+
+    def _begin_pml(self, prompt, use_cache: bool, recompute: str | None, reserve: int | None,
+                   chunk: int | None, t0: float) -> ActiveRequest:
+        state, bound, request = self._bind(prompt)
+        modules = sorted("/".join(path) for path in bound.selected if path)
+        runner = self.runner
+        if not use_cache:
+            ids = self.prompt_ids(state, request)
+            cache = runner.new_cache([], _room(runner, reserve, len(ids), chunk))
+            job = ChunkedPrefill(runner, cache, ids, torch.arange(len(ids), device=runner.device),
+                                 by_position=False)  # contiguous 0..n-1: plain causal
+            return ActiveRequest(runner, "pml", job, len(ids), 0, len(ids), 0, False, modules, t0, ids,
+                                 _nothing_to_close)
+        job, next_pos, recomputed, pinned = self._cached_prefill(state, request, recompute, reserve, chunk)
+        release = lambda: self.encoder.release(pinned)  # noqa: E731
+        return ActiveRequest(runner, "pml", job, next_pos, request.num_cached, len(request.computed_ids),
+                             recomputed, True, modules, t0, lambda: self.prompt_ids(state, request),
+                             _nothing_to_close, on_prefilled=release)
 
     @torch.inference_mode()
     def select_tokens(self, prompt, policy: str) -> Selection:
@@ -278,13 +353,9 @@ class PromptCache:
     def next_token_logits(self, prompt, use_cache: bool = True, recompute: str | None = None, *,
                           insert_prefix: bool = True) -> torch.Tensor:
         """Logits of the first generated token (float32 tensor of vocabulary size)."""
-        if not is_pml_prompt(prompt):  # plain text or chat messages: prefix caching
-            return self.prefix.next_token_logits(prompt, use_cache, insert_prefix)
-        state, request = self.request(prompt)
-        if use_cache:
-            logits, _, _, _ = self.prefill_cached(state, request, recompute)
-        else:
-            logits, _ = self.runner.prefill_baseline(self.prompt_ids(state, request))
+        req = self.begin(prompt, use_cache=use_cache, recompute=recompute, insert_prefix=insert_prefix)
+        logits = req.logits
+        req.finish([], req.cache)
         return logits.float()
 
     @torch.inference_mode()
@@ -313,32 +384,9 @@ class PromptCache:
         """
         check_max_new_tokens(max_new_tokens)
         options = SamplingOptions(temperature, top_p, top_k, repetition_penalty, list(stop or []), seed)
-        if not is_pml_prompt(prompt):
-            return self.prefix.generate(prompt, max_new_tokens, use_cache, insert_prefix, options, stream)
-        runner = self.runner
-        runner.sync()
-        t0 = time.perf_counter()
-        state, request = self.request(prompt)
-        recomputed = 0
-        if use_cache:
-            logits, cache, next_pos, recomputed = self.prefill_cached(state, request, recompute)
-            runner.sync()
-            ttft = time.perf_counter() - t0
-            prompt_ids = self.prompt_ids(state, request)  # for the repetition penalty; after TTFT
-            cached, computed = request.num_cached, len(request.computed_ids)
-        else:
-            prompt_ids = self.prompt_ids(state, request)
-            logits, cache = runner.prefill_baseline(prompt_ids)
-            next_pos = len(prompt_ids)
-            runner.sync()
-            ttft = time.perf_counter() - t0
-            cached, computed = 0, len(prompt_ids)
-        first_logits = logits.float().cpu()
-        generated, text, window_full = runner.decode(logits, cache, prompt_ids, options, max_new_tokens,
-                                                     stream, next_pos, self.eos_ids, self.renderer.decode)
-        runner.sync()
-        return GenerationResult(text, generated, ttft, time.perf_counter() - t0, len(prompt_ids), cached,
-                                computed, use_cache, recomputed, first_logits, window_full)
+        req = self.begin(prompt, use_cache=use_cache, recompute=recompute, max_new_tokens=max_new_tokens,
+                         insert_prefix=insert_prefix, prefill=False)
+        return req.generate(options, max_new_tokens, stream, self.eos_ids, self.renderer.decode)
 
     def prefix_stats(self) -> dict:
         """Prefix caching counters: hits, misses, hit rate, tokens reused/computed, bytes, evictions."""
@@ -368,6 +416,16 @@ class PromptCache:
         if self.store is None:
             return None
         return dict(self.encoder.store_counts)
+
+
+def _nothing_to_close(generated: list[int], kv, completed: bool) -> None:  # noqa: ARG001
+    """PML requests cache nothing at the end (their module pins go when the prefill is done)."""
+
+
+def _room(runner: ModelRunner, reserve: int | None, computed: int, chunk: int | None) -> int:
+    """Buffer room after the first prefill forward: generation's reserve, plus the later chunks."""
+    room = runner.reserve_tokens if reserve is None else reserve
+    return room + max(0, computed - chunk) if chunk is not None else room
 
 
 def _window(override: int | None, model_limit: int | None) -> int | None:

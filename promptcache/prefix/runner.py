@@ -43,8 +43,8 @@ import torch
 from ..pml.model import Prompt
 from ..results import GenerationResult
 from ..roles import SENTINEL, encode_literal
-from ..runtime.kv import ModuleKV
-from ..runtime.runner import ModelRunner
+from ..runtime.kv import ModuleKV, SplicedCache
+from ..runtime.runner import ActiveRequest, ChunkedPrefill, ModelRunner
 from ..runtime.sampling import SamplingOptions, check_max_new_tokens
 from .radix import MatchResult, RadixTree
 
@@ -198,45 +198,92 @@ class PrefixRunner:
 
     # ----------------------------------------------------------------- prefill
 
-    def _prefill(self, ids: list[int], use_cache: bool):
-        """``(first-token logits, cache, lease)``; the caller must :meth:`_release` the lease."""
-        runner = self.runner
+    def open(self, ids: list[int], use_cache: bool) -> tuple[list[ModuleKV], _Lease]:
+        """Look up and lock the longest cached prefix of ``ids[:-1]``: ``(pieces, lease)``.
+
+        The pieces are the tree's own tensors (views) at positions ``0..lease.reused - 1``; the
+        caller prefills ``ids[lease.reused:]`` after them and must :meth:`close` the lease.
+        Without the tree (or ``use_cache=False``) there are no pieces and nothing is locked.
+        """
         if not use_cache or self.tree is None:
-            logits, cache = runner.prefill_baseline(ids)
-            return logits, cache, _Lease(None, 0)
+            return [], _Lease(None, 0)
         tree = self.tree
         match = tree.match_prefix(ids[:-1])
         tree.lock(match)
         lease = _Lease(match, match.length)
         try:
-            m, n = match.length, len(ids)
-            # Positions are contiguous from 0: exactly the baseline computation, split at m
-            # (visible=None: all of the past, causal among the new tokens).
-            logits, cache = runner.prefill(tree.gather(match), ids[m:], torch.arange(m, n, device=runner.device))
+            pieces = tree.gather(match)
         except BaseException:
             self._release(lease)
             raise
         self.requests += 1
-        self.tokens_reused += m
-        self.tokens_computed += n - m
-        return logits, cache, lease
+        self.tokens_reused += match.length
+        self.tokens_computed += len(ids) - match.length
+        return pieces, lease
+
+    def close(self, lease: _Lease, ids: list[int], kv: SplicedCache | ModuleKV | None, insert: bool) -> None:
+        """End a request: cache ``ids`` (prompt + generated) as far as ``kv`` holds their KV when
+        ``insert`` (and the tree was consulted), then unlock the lease. Idempotent."""
+        try:
+            if insert and lease.cached and kv is not None:
+                self._insert(ids, kv, lease.reused)
+        finally:
+            self._release(lease)
+
+    def begin(self, prompt, use_cache: bool = True, insert: bool = True, *, t0: float | None = None,
+              reserve: int | None = None, prefill_chunk: int | None = None) -> ActiveRequest:
+        """Tokenize (window checked), look up and lock the cached prefix; the prefill is left to
+        :meth:`ActiveRequest.prefill_step` (positions ``m..n-1``: the baseline split at ``m``).
+
+        ``finish`` caches prompt + generated tokens when ``insert``; ``abort`` only unlocks.
+        ``t0``: when the request started (TTFT runs from it; default now). ``prefill_chunk``
+        only sizes the buffer (chunks that follow the first need room too)."""
+        t0 = time.perf_counter() if t0 is None else t0
+        kind = prompt_kind(prompt)
+        ids = self.token_ids(prompt, kind)
+        pieces, lease = self.open(ids, use_cache)
+        runner = self.runner
+        try:
+            m, n = lease.reused, len(ids)
+            room = runner.reserve_tokens if reserve is None else reserve
+            if prefill_chunk is not None:
+                room += max(0, n - m - prefill_chunk)
+            # visible by the causal rule: all of the past, causal among the new tokens
+            job = ChunkedPrefill(runner, runner.new_cache(pieces, room), ids[m:],
+                                 torch.arange(m, n, device=runner.device), by_position=False)
+        except BaseException:
+            self._release(lease)
+            raise
+
+        def close(generated: list[int], kv, completed: bool) -> None:
+            self.close(lease, ids + generated, kv, insert and completed)
+
+        return ActiveRequest(runner, kind, job, n, m, n - m, 0, use_cache and self.tree is not None, [],
+                             t0, ids, close)
 
     def _release(self, lease: _Lease) -> None:
         if lease.match is not None and self.tree is not None:
             self.tree.unlock(lease.match)
             lease.match = None
 
-    def _insert(self, ids: list[int], cache, start: int) -> None:
-        """Cache ``ids[:kv_len]`` (what ``cache`` holds KV for); store only the new tokens' KV."""
+    def _insert(self, ids: list[int], kv: SplicedCache | ModuleKV, start: int) -> None:
+        """Cache ``ids[:kv_len]`` (what ``kv`` holds KV for); store only the new tokens' KV.
+
+        ``kv`` is the request's cache, or its KV as a :class:`ModuleKV` (what a decode batch
+        hands back when a row leaves it)."""
         tree = self.tree
-        kv_len = cache.get_seq_length()
+        kv_len = kv.length if isinstance(kv, ModuleKV) else kv.get_seq_length()
+        kv_len = min(kv_len, len(ids))
         if tree is None or kv_len <= start:
             return
         # Views into the request buffer; the tree trims what it already holds, then the stored
         # leaf gets its own copy so the request's buffer is not kept alive.
-        value = ModuleKV([layer.keys[0, :, start:kv_len] for layer in cache.layers],
-                         [layer.values[0, :, start:kv_len] for layer in cache.layers],
-                         cache.key_positions[start:kv_len])
+        if isinstance(kv, ModuleKV):
+            value = kv.slice(start, kv_len)
+        else:
+            value = ModuleKV([layer.keys[0, :, start:kv_len] for layer in kv.layers],
+                             [layer.values[0, :, start:kv_len] for layer in kv.layers],
+                             kv.key_positions[start:kv_len])
         nbytes = value.nbytes
         if tree.max_bytes is not None and nbytes > tree.max_bytes:
             self.inserts_skipped += 1  # would evict everything, itself included
@@ -249,38 +296,19 @@ class PrefixRunner:
     # ---------------------------------------------------------------- requests
 
     def next_token_logits(self, prompt, use_cache: bool = True, insert: bool = True) -> torch.Tensor:
-        ids = self.token_ids(prompt)
-        logits, cache, lease = self._prefill(ids, use_cache)
-        try:
-            if insert and lease.cached:
-                self._insert(ids, cache, lease.reused)
-        finally:
-            self._release(lease)
+        req = self.begin(prompt, use_cache, insert)
+        req.prefill_step()
+        logits = req.logits
+        req.finish([], req.cache)
         return logits.float()
 
     def generate(self, prompt, max_new_tokens: int, use_cache: bool, insert: bool,
                  options: SamplingOptions, stream: Callable[[str], None] | None) -> GenerationResult:
         """Same contract and TTFT definition as ``PromptCache.generate`` (tokenization timed)."""
         check_max_new_tokens(max_new_tokens)
-        runner = self.runner
-        runner.sync()
-        t0 = time.perf_counter()
-        ids = self.token_ids(prompt)
-        logits, cache, lease = self._prefill(ids, use_cache)
-        try:
-            runner.sync()
-            ttft = time.perf_counter() - t0
-            first_logits = logits.float().cpu()
-            generated, text, window_full = runner.decode(logits, cache, ids, options, max_new_tokens, stream,
-                                                         len(ids), self.eos_ids, self.renderer.decode)
-            if insert and lease.cached:
-                self._insert(ids + generated, cache, lease.reused)
-        finally:
-            self._release(lease)
-        runner.sync()
-        reused, consulted = lease.reused, use_cache and self.tree is not None
-        return GenerationResult(text, generated, ttft, time.perf_counter() - t0, len(ids), reused,
-                                len(ids) - reused, consulted, 0, first_logits, window_full)
+        self.runner.sync()
+        req = self.begin(prompt, use_cache, insert, t0=time.perf_counter())
+        return req.generate(options, max_new_tokens, stream, self.eos_ids, self.renderer.decode)
 
     # ------------------------------------------------------------------- stats
 

@@ -10,12 +10,13 @@ only when asked (``from_hub=True``), the Hugging Face dataset ``THUDM/LongBench`
 
 from __future__ import annotations
 
-import json
 import os
 import re
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Iterable, Sequence
+
+from promptcache.fsutil import json_lines
 
 from .tasks import TASK_NAMES, EvalDataError, get_task
 
@@ -94,22 +95,17 @@ def read_jsonl(task: str, path: Path, limit: int | None = None) -> list[Sample]:
     """Parse a LongBench JSONL file; blank lines are skipped, errors name ``file:line``."""
     samples: list[Sample] = []
     try:
-        handle = open(path, encoding="utf-8")
+        lines = json_lines(path, EvalDataError)
     except FileNotFoundError:
         raise EvalDataError(f"task {task!r}: data file not found: {path}") from None
     except OSError as err:
         raise EvalDataError(f"task {task!r}: cannot read {path}: {err.strerror}") from None
-    with handle:
-        for lineno, line in enumerate(handle, start=1):
-            if limit is not None and len(samples) >= limit:
+    with lines:
+        while limit is None or len(samples) < limit:  # lines past the limit are never parsed
+            item = next(lines, None)
+            if item is None:
                 break
-            if not line.strip():
-                continue
-            where = f"{path}:{lineno}"
-            try:
-                row = json.loads(line)
-            except json.JSONDecodeError as err:
-                raise EvalDataError(f"{where}: malformed JSON ({err.msg} at column {err.colno})") from None
+            where, row = item
             samples.append(_sample_from_row(task, row, where))
     return samples
 

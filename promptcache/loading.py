@@ -20,16 +20,16 @@ from __future__ import annotations
 import functools
 import importlib.util
 import os
-import shutil
 import socket
 import sys
-import tempfile
 import threading
 import urllib.parse
 import urllib.request
 from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Callable
+
+from .fsutil import atomic_dir
 
 if TYPE_CHECKING:  # pragma: no cover
     import torch
@@ -148,9 +148,7 @@ def _convert_gguf(bundle: BundledModel) -> Path:
     gguf = bundle.locate()
     print(f"promptcache: converting {gguf.name} to safetensors in {target} (once)...", file=sys.stderr,
           flush=True)  # progress: stderr, so that stdout keeps only results (demo --json)
-    target.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=f".{bundle.alias}-", dir=target.parent))
-    try:
+    with atomic_dir(target, complete=lambda t: (t / "config.json").is_file()) as tmp:
         tok = AutoTokenizer.from_pretrained(gguf.parent, gguf_file=gguf.name)
         model = AutoModelForCausalLM.from_pretrained(gguf.parent, gguf_file=gguf.name, dtype=torch.float32)
         # The weights are already dequantized floats; drop the GGUF quantizer so they can be saved.
@@ -159,13 +157,6 @@ def _convert_gguf(bundle: BundledModel) -> Path:
             del model.config.quantization_config
         model.save_pretrained(tmp)
         tok.save_pretrained(tmp)
-        try:
-            os.replace(tmp, target)
-        except OSError:  # another process converted it meanwhile
-            if not (target / "config.json").is_file():
-                raise
-    finally:
-        shutil.rmtree(tmp, ignore_errors=True)
     return target
 
 

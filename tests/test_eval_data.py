@@ -145,7 +145,7 @@ def test_error_malformed_line_names_file_and_line(tmp_path):
     path = _write(tmp_path, "qasper", [json.dumps(_row()), '{"input": "q", oops}'])
     with pytest.raises(EvalDataError) as err:
         load_task("qasper", data_dir=tmp_path)
-    assert f"{path}:2:" in str(err.value) and "malformed JSON" in str(err.value)
+    assert f"{path}:2:" in str(err.value) and "not valid JSON" in str(err.value)
 
 
 def test_error_missing_field_names_field_and_line(tmp_path):

@@ -27,6 +27,7 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any, Callable, Iterable, Protocol, Sequence, TextIO, Union
 
+from ..fsutil import json_lines
 from .radix import RadixTree
 
 Messages = Sequence[dict]
@@ -138,18 +139,8 @@ class PromptFileError(ValueError):
 
 def read_prompts(path: str | Path, field_name: str | None = None) -> list[PromptLike]:
     """Prompts from a JSONL file (format in the module docstring)."""
-    prompts: list[PromptLike] = []
-    with open(path, encoding="utf-8") as fh:
-        for lineno, line in enumerate(fh, 1):
-            if not line.strip():
-                continue
-            where = f"{path}:{lineno}"
-            try:
-                item = json.loads(line)
-            except json.JSONDecodeError as err:
-                raise PromptFileError(f"{where}: not valid JSON ({err.msg})") from None
-            prompts.append(_prompt_of(item, field_name, where))
-    return prompts
+    with json_lines(path, PromptFileError) as lines:
+        return [_prompt_of(item, field_name, where) for where, item in lines]
 
 
 def _prompt_of(item: Any, field_name: str | None, where: str) -> PromptLike:

@@ -44,6 +44,7 @@ import filelock
 from safetensors import SafetensorError, safe_open
 from safetensors.torch import save_file
 
+from ..fsutil import write_atomic, write_text_atomic
 from .base import (FORMAT_VERSION, BadEntry, CacheEntry, CacheStore, EntryInfo, StoreError,
                    StoreWarning, canonical_json, check_checksum, check_expect, check_key,
                    check_summary, entry_checksum, normalize_entry, now)
@@ -97,12 +98,14 @@ class LocalStore(CacheStore):
         for sub in ("entries", "locks", "quarantine"):
             (self.root / sub).mkdir(parents=True, exist_ok=True)
         if not marker.exists():
-            _atomic_write_text(marker, json.dumps({"format": FORMAT_VERSION, "kind": "promptcache-store"}))
+            write_text_atomic(marker, json.dumps({"format": FORMAT_VERSION, "kind": "promptcache-store"}),
+                              fsync=fsync)
         self._index = SqliteIndex(self.root / "index.sqlite")
 
     # -- paths and locks -------------------------------------------------------------------
 
-    def _path(self, key: str) -> Path:
+    def entry_path(self, key: str) -> Path:
+        """Where entry ``key`` lives (its file may be absent; tests and tools read it)."""
         return self.root / "entries" / key[:2] / (key + _SUFFIX)
 
     def _lock(self, key: str) -> filelock.FileLock:
@@ -121,7 +124,7 @@ class LocalStore(CacheStore):
 
     def get(self, key: str, expect: Mapping[str, Any] | None = None) -> CacheEntry | None:
         check_key(key)
-        path = self._path(key)
+        path = self.entry_path(key)
         try:
             entry, st = self._load(path, key)
         except FileNotFoundError:
@@ -160,38 +163,33 @@ class LocalStore(CacheStore):
             _H + "meta": canonical_json(e.meta),
             _H + "checksum": entry_checksum(named, e.meta, key),
         }
-        path = self._path(key)
-        tmp = path.parent / f".{key}.{os.getpid()}.{uuid.uuid4().hex[:8]}.tmp"
-        try:
-            path.parent.mkdir(parents=True, exist_ok=True)
-            save_file(named, str(tmp), metadata=header)
-            if self.fsync:
-                _fsync_path(tmp)
+        info = EntryInfo(key, e.nbytes, e.n_layers, e.seq_len, e.dtype, created, created, e.meta)
+
+        def publish(tmp: Path, path: Path) -> None:  # under the key's lock, with its index row
             with self._lock(key):
                 os.replace(tmp, path)
-                if self.fsync:
-                    _fsync_path(path.parent)
-                self._index.upsert(EntryInfo(key, e.nbytes, e.n_layers, e.seq_len, e.dtype,
-                                             created, created, e.meta))
+                self._index.upsert(info)
+
+        try:
+            write_atomic(self.entry_path(key), lambda tmp: save_file(named, str(tmp), metadata=header),
+                         fsync=self.fsync, replace=publish)
         except (OSError, filelock.Timeout, SafetensorError) as exc:  # disk full, lock stuck...
             self._note_error(f"write of {key} skipped: {exc}")
             warnings.warn(f"promptcache store {self.url}: write of {key} skipped: {exc}", StoreWarning)
             return False
-        finally:
-            tmp.unlink(missing_ok=True)
         self.counters["puts"] += 1
         return True
 
     def contains(self, key: str) -> bool:
         check_key(key)
-        return self._path(key).is_file()
+        return self.entry_path(key).is_file()
 
     def delete(self, key: str) -> bool:
         check_key(key)
         try:
             with self._lock(key):
                 try:
-                    self._path(key).unlink()
+                    self.entry_path(key).unlink()
                     removed = True
                 except FileNotFoundError:
                     removed = False
@@ -313,7 +311,7 @@ class LocalStore(CacheStore):
                     remove: bool = False) -> str:
         """Move the bad file aside (``remove``: delete it), unless a writer replaced it since we
         looked (then it is new). Returns what was done; a failure is counted as an error."""
-        path = self._path(key)
+        path = self.entry_path(key)
         action = "removed" if remove else "quarantined"
         try:
             with self._lock(key):
@@ -352,7 +350,7 @@ class LocalStore(CacheStore):
             if info is not None:
                 fresh.append(info)
                 out.append(info)
-        stale = [k for k in rows if k not in files and not self._path(k).exists()]
+        stale = [k for k in rows if k not in files and not self.entry_path(k).exists()]
         self._index.remove(stale)
         self._index.upsert_many(fresh)
         return out
@@ -414,16 +412,3 @@ def _fd_alias(fd: int) -> str | None:
             return f"{base}/{fd}"
     return None  # elsewhere a racing replace can only cause a false "bad" (checksum), never wrong data
 
-
-def _fsync_path(path: Path) -> None:
-    fd = os.open(path, os.O_RDONLY)
-    try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)
-
-
-def _atomic_write_text(path: Path, text: str) -> None:
-    tmp = path.with_name(f".{path.name}.{os.getpid()}.{uuid.uuid4().hex[:8]}.tmp")
-    tmp.write_text(text)
-    os.replace(tmp, path)

@@ -100,7 +100,7 @@ def measure(model, tokenizer, n: int, args, stores: dict) -> dict:
         row[f"{name}_ms"] = statistics.median(
             load_once(model, tokenizer, store, schema, prompt, expected) for _ in range(args.repeats)) * 1000
         if name == "dir":
-            files = [store._path(key) for key, _ in entries]
+            files = [store.entry_path(key) for key, _ in entries]
             row["dir_cold_ms"] = statistics.median(
                 load_once(model, tokenizer, store, schema, prompt, expected, files)
                 for _ in range(args.repeats)) * 1000

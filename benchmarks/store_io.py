@@ -68,7 +68,7 @@ def bench_backend(name: str, store, entry: CacheEntry, runs: int, cold: bool = F
         key = f"bench-{entry.seq_len}-{r}"
         saves.append(timed(lambda: store.put(key, entry)))
         if cold:
-            drop_page_cache(store._path(key))
+            drop_page_cache(store.entry_path(key))
         got = None
 
         def load():

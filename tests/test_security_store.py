@@ -89,7 +89,7 @@ def test_issue12_item4_bytes_flipped_after_loading_change_nothing(tmp_path):
     store.put("k", make_entry(n_layers=4, seq=512, heads=2, head_dim=64, seed=1))
     got = store.get("k")
     held = got.kv.clone()
-    path = store._path("k")
+    path = store.entry_path("k")
     _, data = _read_header(path)
     size = path.stat().st_size
     with open(path, "r+b") as f:  # in place: same inode, the page cache changes
@@ -111,7 +111,7 @@ store = open_store(sys.argv[1] if len(sys.argv) < 3 else f"file://{sys.argv[1]}?
 store.put("k", make_entry(n_layers=4, seq=2048, heads=2, head_dim=64, seed=3))
 got = store.get("k")
 held = got.kv.clone()
-os.truncate(store._path("k"), 0)
+os.truncate(store.entry_path("k"), 0)
 same = all(torch.equal(a, b) for a, b in zip(got.kv.keys + got.kv.values, held.keys + held.values))
 print("same" if same else "changed", flush=True)
 """
@@ -144,9 +144,9 @@ def test_issue12_item5_checksum_binds_key_directory(tmp_path):
     a, b = make_entry(seed=1, meta={"module": "a"}), make_entry(seed=2, meta={"module": "b"})
     store.put("key-a", a)
     store.put("key-b", b)
-    header, data = _read_header(store._path("key-a"))
+    header, data = _read_header(store.entry_path("key-a"))
     header["__metadata__"]["promptcache.key"] = "key-b"  # A's file, claiming to be B
-    _write_header(store._path("key-b"), header, data)
+    _write_header(store.entry_path("key-b"), header, data)
     got, ws = _store_warnings(lambda: store.get("key-b"))
     assert got is None, "entry A was served under key B"
     assert len(ws) == 1 and "key-b" in ws[0] and "checksum" in ws[0]
@@ -156,26 +156,26 @@ def test_issue12_item5_checksum_binds_key_directory(tmp_path):
 def test_issue12_item5_checksum_binds_module_meta_directory(tmp_path):
     store = open_store(str(tmp_path / "s"))
     store.put("key-a", make_entry(seed=1, meta={"module": "a"}))
-    header, data = _read_header(store._path("key-a"))
+    header, data = _read_header(store.entry_path("key-a"))
     meta = json.loads(header["__metadata__"]["promptcache.meta"])
     meta["module"] = "b"
     header["__metadata__"]["promptcache.meta"] = canonical_json(meta)
-    _write_header(store._path("key-a"), header, data)
+    _write_header(store.entry_path("key-a"), header, data)
     got, ws = _store_warnings(lambda: store.get("key-a"))
     assert got is None and len(ws) == 1
 
 
 def test_issue12_item5_checksum_binds_key_redis(redis_url):
     store = open_store(_redis_url(redis_url))
-    r = store._r
+    r = store.client
     a = make_entry(seed=1, meta={"module": "a"})
     store.put("key-a", a)
     store.put("key-b", make_entry(seed=2, meta={"module": "b"}))
-    man = json.loads(r.get(store._m("key-a")))
-    for i, ck in enumerate(store._chunk_keys("key-a", man)):  # A's chunks under B's names
-        r.set(store._c("key-b", man["version"], i), r.get(ck))
+    man = json.loads(r.get(store.manifest_key("key-a")))
+    for i, ck in enumerate(store.chunk_keys("key-a", man)):  # A's chunks under B's names
+        r.set(store.chunk_key("key-b", man["version"], i), r.get(ck))
     man["key"] = "key-b"
-    r.set(store._m("key-b"), json.dumps(man))
+    r.set(store.manifest_key("key-b"), json.dumps(man))
     got, ws = _store_warnings(lambda: store.get("key-b"))
     assert got is None, "entry A was served under key B"
     assert len(ws) == 1 and "checksum" in ws[0]
@@ -184,7 +184,7 @@ def test_issue12_item5_checksum_binds_key_redis(redis_url):
 
 def _downgrade_local(store, key: str) -> None:
     """Rewrite an entry as format 1 would have written it (checksum without the key)."""
-    path = store._path(key)
+    path = store.entry_path(key)
     header, data = _read_header(path)
     header["__metadata__"]["promptcache.format"] = "1"
     _write_header(path, header, data)
@@ -208,13 +208,13 @@ def test_issue12_item5_old_format_entries_are_stale_and_warned_once(tmp_path):
 def test_issue12_item5_old_format_redis_manifest_is_stale(redis_url):
     store = open_store(_redis_url(redis_url))
     store.put("old", make_entry(seed=1))
-    man = json.loads(store._r.get(store._m("old")))
+    man = json.loads(store.client.get(store.manifest_key("old")))
     man["format"] = 1
-    store._r.set(store._m("old"), json.dumps(man))
+    store.client.set(store.manifest_key("old"), json.dumps(man))
     got, ws = _store_warnings(lambda: [store.get("old"), store.get("old")])
     assert got == [None, None] and len(ws) == 1 and "format 1" in ws[0]
     assert store.counters["stale"] == 1 and not store.contains("old")
-    assert list(store._r.scan_iter(match=f"{store.prefix}:*")) == []  # chunks removed too
+    assert list(store.client.scan_iter(match=f"{store.prefix}:*")) == []  # chunks removed too
 
 
 # -- item 6: Redis manifests are validated -----------------------------------------------------
@@ -224,7 +224,7 @@ def test_issue12_item6_manifest_not_an_object_is_a_bad_entry(redis_url, raw, cap
     url = _redis_url(redis_url)
     store = open_store(url)
     store.put("k", make_entry(seed=1))
-    store._r.set(store._m("k"), raw)
+    store.client.set(store.manifest_key("k"), raw)
     assert [b.key for b in store.verify()] == ["k"]  # listed, no exception
     assert store.list() == []
     rc = store_main(["store", "verify", "--store", url])
@@ -240,9 +240,9 @@ def test_issue12_item6_manifest_not_an_object_is_a_bad_entry(redis_url, raw, cap
 def test_issue12_item6_absurd_chunk_count_is_refused_at_once(redis_url):
     store = open_store(_redis_url(redis_url))
     store.put("k", make_entry(seed=1))
-    man = json.loads(store._r.get(store._m("k")))
+    man = json.loads(store.client.get(store.manifest_key("k")))
     man["n_chunks"] = 20_000_000
-    store._r.set(store._m("k"), json.dumps(man))
+    store.client.set(store.manifest_key("k"), json.dumps(man))
     t0 = time.monotonic()
     got, ws = _store_warnings(lambda: store.get("k"))
     assert got is None and len(ws) == 1 and "n_chunks" in ws[0]
@@ -255,9 +255,9 @@ def test_issue12_item6_absurd_chunk_count_is_refused_at_once(redis_url):
 def test_issue12_item6_manifest_fields_are_type_and_bound_checked(redis_url, field, value):
     store = open_store(_redis_url(redis_url))
     store.put("k", make_entry(seed=1))
-    man = json.loads(store._r.get(store._m("k")))
+    man = json.loads(store.client.get(store.manifest_key("k")))
     man[field] = value
-    store._r.set(store._m("k"), json.dumps(man))
+    store.client.set(store.manifest_key("k"), json.dumps(man))
     assert [b.key for b in store.verify()] == ["k"]
     got, ws = _store_warnings(lambda: store.get("k"))
     assert got is None and len(ws) == 1
@@ -266,11 +266,11 @@ def test_issue12_item6_manifest_fields_are_type_and_bound_checked(redis_url, fie
 @pytest.mark.parametrize("wrong", ["list", "hash"])
 def test_issue12_item6_manifest_of_wrong_redis_type_heals(redis_url, wrong):
     store = open_store(_redis_url(redis_url))
-    m = store._m("k")
+    m = store.manifest_key("k")
     if wrong == "list":
-        store._r.rpush(m, "x")
+        store.client.rpush(m, "x")
     else:
-        store._r.hset(m, "f", "v")
+        store.client.hset(m, "f", "v")
     got, ws = _store_warnings(lambda: store.get("k"))
     assert got is None and len(ws) == 1 and "Redis type" in ws[0]
     assert store.counters["bad"] == 1
@@ -282,7 +282,7 @@ def test_issue12_item6_manifest_of_wrong_redis_type_heals(redis_url, wrong):
 
 def test_issue12_item6_put_over_wrong_redis_type_heals(redis_url):
     store = open_store(_redis_url(redis_url))
-    store._r.rpush(store._m("k"), "x")
+    store.client.rpush(store.manifest_key("k"), "x")
     ok, ws = _store_warnings(lambda: store.put("k", make_entry(seed=1)))
     assert ok and ws == []
     assert same_bits(store.get("k"), make_entry(seed=1))
@@ -330,11 +330,11 @@ def hung():
 def test_issue12_item7_timeout_default_and_option(hung):
     from promptcache.store.redis_store import DEFAULT_TIMEOUT_S
     store = open_store(f"redis://127.0.0.1:{hung.port}/0")
-    kw = store._r.connection_pool.connection_kwargs
+    kw = store.client.connection_pool.connection_kwargs
     assert store.timeout == DEFAULT_TIMEOUT_S <= 10
     assert kw["socket_timeout"] == kw["socket_connect_timeout"] == DEFAULT_TIMEOUT_S
     store = open_store(f"redis://127.0.0.1:{hung.port}/0?timeout=0.25")
-    kw = store._r.connection_pool.connection_kwargs
+    kw = store.client.connection_pool.connection_kwargs
     assert store.timeout == kw["socket_timeout"] == 0.25
     for bad in ("0", "-1", "nan", "soon"):
         with pytest.raises(StoreError, match="timeout"):
@@ -374,7 +374,7 @@ from promptcache.store import StoreWarning, open_store
 from store_helpers import make_entry, same_bits
 store = open_store(sys.argv[1])
 store.put("ok", make_entry(seed=1))
-path = store._path("k")
+path = store.entry_path("k")
 path.parent.mkdir(parents=True, exist_ok=True)
 os.mkfifo(path)
 print("list", sorted(i.key for i in store.list()), flush=True)
@@ -403,7 +403,7 @@ def test_issue12_item9_fifo_at_entry_path_is_a_bad_entry(tmp_path):
 
 def test_issue12_item9_device_at_entry_path_is_a_bad_entry(tmp_path):
     store = open_store(str(tmp_path / "s"))
-    path = store._path("k")
+    path = store.entry_path("k")
     path.parent.mkdir(parents=True, exist_ok=True)
     path.symlink_to("/dev/zero")
     got, ws = _store_warnings(lambda: store.get("k"))
@@ -444,10 +444,10 @@ def test_issue12_item15_rm_and_gc_on_unwritable_store_exit_2(tmp_path, capsys, m
     url = str(tmp_path / "s")
     _fill(url)
     store = open_store(url)
-    header, data = _read_header(store._path("k0"))
-    _write_header(store._path("k0"), header, data[:-4] + b"\0\0\0\0")  # one bad entry for gc
+    header, data = _read_header(store.entry_path("k0"))
+    _write_header(store.entry_path("k0"), header, data[:-4] + b"\0\0\0\0")  # one bad entry for gc
     old = time.time() - 7200
-    leftover = store._path("k1").parent / ".k1.1.x.tmp"
+    leftover = store.entry_path("k1").parent / ".k1.1.x.tmp"
     leftover.write_bytes(b"crashed writer")
     os.utime(leftover, (old, old))
 
@@ -492,7 +492,7 @@ def test_issue12_item15_real_read_only_directory_store(tmp_path):
         pytest.skip("running as root without setpriv (or it may not drop capabilities here)")
     root = tmp_path / "ro"
     _fill(str(root))
-    victim = open_store(str(root))._path("k0")
+    victim = open_store(str(root)).entry_path("k0")
     header, data = _read_header(victim)
     _write_header(victim, header, data[:-4] + b"\0\0\0\0")  # now bad: gc wants to quarantine it
     for dirpath, dirnames, filenames in os.walk(root):

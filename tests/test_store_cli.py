@@ -63,7 +63,7 @@ def test_verify_fails_on_bad_entry_and_gc_removes_it(tmp_path, capsys):
     url = str(tmp_path / "s")
     keys = _fill(url)
     store = open_store(url)
-    path = store._path(keys[0])
+    path = store.entry_path(keys[0])
     data = bytearray(path.read_bytes())
     data[-3] ^= 0xFF
     path.write_bytes(bytes(data))

@@ -216,7 +216,7 @@ def test_redis_url_options(redis_url):
     s = open_store(f"{redis_url}?prefix=opt{uuid.uuid4().hex[:6]}&ttl=100&chunk_mb=1")
     assert s.ttl == 100 and s.chunk_bytes == 1024 * 1024
     s.put("k1", make_entry())
-    assert 0 < s._r.ttl(s._m("k1")) <= 100
+    assert 0 < s.client.ttl(s.manifest_key("k1")) <= 100
     assert same_bits(s.get("k1"), make_entry())
     with pytest.raises(StoreError):
         open_store(f"{redis_url}?chunk_mb=1024")

@@ -164,7 +164,7 @@ store = open_store(url)
 def stall(*a, **k):            # chunks are written; the publishing MULTI/EXEC is next
     print("STALLED", flush=True)
     time.sleep(600)
-store._r.pipeline = stall
+store.client.pipeline = stall
 store.put(key, make_entry(seq=300, seed=7))
 """
 
@@ -181,10 +181,10 @@ def test_redis_writer_killed_before_publish(redis_url):
         assert same_bits(store.get("old"), make_entry(seed=1))
         assert [i.key for i in store.list()] == ["old"]
         assert store.verify() == []
-    orphans = list(store._r.scan_iter(match=f"{store.prefix}:*:c:*"))
-    live = store._chunk_keys("old", __import__("json").loads(store._r.get(store._m("old"))))
+    orphans = list(store.client.scan_iter(match=f"{store.prefix}:*:c:*"))
+    live = store.chunk_keys("old", __import__("json").loads(store.client.get(store.manifest_key("old"))))
     pending = [o.decode() for o in orphans if o.decode() not in live]
-    assert pending and all(0 < store._r.pttl(p) <= store.pending_ttl * 1000 for p in pending)
+    assert pending and all(0 < store.client.pttl(p) <= store.pending_ttl * 1000 for p in pending)
     assert store.sweep(max_age_s=3600) == 0  # young: might be a writer still at work
     assert store.sweep(max_age_s=0) == len(pending)
     assert same_bits(store.get("old"), make_entry(seed=1))
@@ -193,7 +193,7 @@ def test_redis_writer_killed_before_publish(redis_url):
 # -- corrupted and truncated data ---------------------------------------------------------------
 
 def _entry_file(store, key: str) -> Path:
-    return store._path(key)
+    return store.entry_path(key)
 
 
 def _flip(path: Path, pos: int) -> None:
@@ -227,34 +227,34 @@ def _corrupt_local(store, key: str, how: str) -> None:
 
 def _corrupt_redis(store, key: str, how: str) -> None:
     import json
-    r = store._r
-    man = json.loads(r.get(store._m(key)))
-    chunks = store._chunk_keys(key, man)
+    r = store.client
+    man = json.loads(r.get(store.manifest_key(key)))
+    chunks = store.chunk_keys(key, man)
     if how == "flip-data":
         b = r.getrange(chunks[-1], 3, 3)
         r.setrange(chunks[-1], 3, bytes([b[0] ^ 0x5A]))
     elif how == "flip-header":  # the manifest is the header
         man["meta"]["seed"] = 12345
-        r.set(store._m(key), json.dumps(man))
+        r.set(store.manifest_key(key), json.dumps(man))
     elif how == "truncate":
         r.set(chunks[1], r.get(chunks[1])[:-5], keepttl=True)
     elif how == "truncate-to-zero":
         r.delete(chunks[0])
     elif how == "wrong-key":
-        r.set(store._m(key), b"{not json")
+        r.set(store.manifest_key(key), b"{not json")
     else:
         raise ValueError(how)
 
 
 def _corrupt_memory(store, key: str, how: str) -> None:
-    slot = store._data[key]
+    entry = store.held(key)
     if how == "flip-header":
-        slot.entry.meta["seed"] = 12345
+        entry.meta["seed"] = 12345
     elif how in ("truncate", "truncate-to-zero"):
-        k = slot.entry.kv.keys[-1]
-        slot.entry.kv.keys[-1] = k[:, : k.shape[1] // 2]
+        k = entry.kv.keys[-1]
+        entry.kv.keys[-1] = k[:, : k.shape[1] // 2]
     else:
-        slot.entry.kv.values[0].view(-1)[3] += 1
+        entry.kv.values[0].view(-1)[3] += 1
 
 
 CORRUPTERS = {"local": _corrupt_local, "redis": _corrupt_redis, "memory": _corrupt_memory}
@@ -375,12 +375,12 @@ def test_redis_stopped_mid_run(redis_server):
 
 def test_redis_stopped_during_put(redis_server):
     store = open_store(f"{redis_server.url}?retry_after=0&chunk_bytes=1024")
-    real_pipeline = store._r.pipeline
+    real_pipeline = store.client.pipeline
 
     def die_then_publish(*a, **k):  # chunks are written; the server dies before the manifest
         redis_server.stop()
         return real_pipeline(*a, **k)
-    store._r.pipeline = die_then_publish
+    store.client.pipeline = die_then_publish
     ws = _recorded_store_warnings(lambda: store.put("k", make_entry(seq=100)))
     assert len(ws) == 1
     assert store.get("k") is None
@@ -450,14 +450,14 @@ def test_readers_racing_an_overwriting_writer(kind, tmp_path, request):
 
 def test_redis_writer_stalled_past_pending_ttl_publishes_nothing(redis_url):
     store = open_store(_prefixed(redis_url, chunk_bytes=1024, pending_ttl=0.05))
-    real_pipeline = store._r.pipeline
+    real_pipeline = store.client.pipeline
 
     def slow_publish(*a, **k):  # the pending chunks expire while the writer is stalled
         time.sleep(0.3)
         return real_pipeline(*a, **k)
-    store._r.pipeline = slow_publish
+    store.client.pipeline = slow_publish
     ws = _recorded_store_warnings(lambda: store.put("k", make_entry(seq=50)))
-    assert store._r.exists(store._m("k")) == 0  # the incomplete entry was taken back
+    assert store.client.exists(store.manifest_key("k")) == 0  # the incomplete entry was taken back
     assert len(ws) == 1 and "expired" in str(ws[0].message)
     assert _recorded_store_warnings(lambda: store.get("k")) == []  # a plain miss
     assert store.sweep(max_age_s=0) == 0  # nothing left behind (the chunks expired)

@@ -32,6 +32,12 @@ class MemoryStore(CacheStore):
         self._data: dict[str, _Slot] = {}
         self._lock = threading.RLock()
 
+    def held(self, key: str) -> CacheEntry | None:
+        """The entry as held, not a copy and not checked: for fault-injection tests (a change to
+        it is what a memory fault would be; ``get`` must then find the entry bad)."""
+        slot = self._data.get(key)
+        return None if slot is None else slot.entry
+
     def get(self, key: str, expect: Mapping[str, Any] | None = None) -> CacheEntry | None:
         check_key(key)
         with self._lock:

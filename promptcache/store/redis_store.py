@@ -127,29 +127,32 @@ class RedisStore(CacheStore):
         kwargs = {"socket_connect_timeout": self.timeout, "socket_timeout": self.timeout,
                   "retry": Retry(NoBackoff(), 1, supported_errors=(redis.ConnectionError,)),
                   **redis_kwargs}
-        self._r = redis.Redis.from_url(clean, **kwargs)
+        self.client = redis.Redis.from_url(clean, **kwargs)  # public: tools and tests reach Redis
         self._down_until = 0.0
         self._warned = False
 
-    # -- key names -------------------------------------------------------------------------
+    # -- key names (public: maintenance tools and fault-injection tests address Redis directly) ----
 
-    def _m(self, key: str) -> str:
+    def manifest_key(self, key: str) -> str:
+        """The Redis key of entry ``key``'s manifest."""
         return f"{self.prefix}:{{{key}}}:m"
 
-    def _a(self, key: str) -> str:
+    def access_key(self, key: str) -> str:
+        """The Redis key of entry ``key``'s last-access time."""
         return f"{self.prefix}:{{{key}}}:a"
 
-    def _c(self, key: str, version: str, i: int) -> str:
+    def chunk_key(self, key: str, version: str, i: int) -> str:
+        """The Redis key of chunk ``i`` of version ``version`` of entry ``key``."""
         return f"{self.prefix}:{{{key}}}:c:{version}:{i}"
 
-    def _chunk_keys(self, key: str, man: dict) -> list[str]:
+    def chunk_keys(self, key: str, man: dict) -> list[str]:
         """Chunk key names of a manifest validated by :func:`parse_manifest` (bounded count)."""
-        return [self._c(key, man["version"], i) for i in range(int(man["n_chunks"]))]
+        return [self.chunk_key(key, man["version"], i) for i in range(int(man["n_chunks"]))]
 
     def _get_manifest(self, client: Any, key: str) -> bytes | None:
         """The raw manifest, ``None`` if absent; a key of another Redis type raises ``_Bad``."""
         try:
-            return client.get(self._m(key))
+            return client.get(self.manifest_key(key))
         except self._redis.ResponseError as exc:
             if str(exc).startswith("WRONGTYPE"):
                 raise _Bad(f"manifest key holds another Redis type ({exc})") from None
@@ -190,7 +193,7 @@ class RedisStore(CacheStore):
     def _get(self, key: str, expect: Mapping[str, Any] | None) -> CacheEntry | None:
         for _ in range(3):
             try:
-                raw = self._get_manifest(self._r, key)
+                raw = self._get_manifest(self.client, key)
             except _Bad as bad:  # another Redis type under the manifest's name: heal it
                 removed = self._delete_wrong_type(key)
                 self._report_bad(key, str(bad), "removed" if removed else "left (it changed meanwhile)")
@@ -212,7 +215,7 @@ class RedisStore(CacheStore):
                 removed = self._delete_if(key, raw)
                 self._report_bad(key, str(bad), "removed" if removed else "left (it changed meanwhile)")
                 return None
-            self._r.set(self._a(key), repr(now()), xx=True, keepttl=True)
+            self.client.set(self.access_key(key), repr(now()), xx=True, keepttl=True)
             return entry
         return None  # overwritten three times while we read: just a miss
 
@@ -222,13 +225,13 @@ class RedisStore(CacheStore):
         try:
             total = man["nbytes"]
             chunks, size = [], 0
-            for ck in self._chunk_keys(key, man):
+            for ck in self.chunk_keys(key, man):
                 try:
-                    chunk = self._r.get(ck)
+                    chunk = self.client.get(ck)
                 except self._redis.ResponseError as exc:  # WRONGTYPE: not our chunk
                     raise _Bad(f"chunk {ck}: {exc}") from None
                 if chunk is None:
-                    if self._r.get(self._m(key)) != raw:
+                    if self.client.get(self.manifest_key(key)) != raw:
                         raise _Raced()
                     raise _Bad(f"chunk {ck} missing")
                 size += len(chunk)
@@ -282,22 +285,22 @@ class RedisStore(CacheStore):
 
     def _put(self, key: str, man: dict, named: dict[str, torch.Tensor]) -> bool:
         pending_ms = int(self.pending_ttl * 1000)
-        chunk_keys = self._chunk_keys(key, man)
+        chunk_keys = self.chunk_keys(key, man)
         for ck, data in zip(chunk_keys, _chunks(named.values(), man["chunk_bytes"])):
-            self._r.set(ck, data, px=pending_ms)
+            self.client.set(ck, data, px=pending_ms)
         payload = json.dumps(man, separators=(",", ":"))
         watch = self._redis.WatchError
-        with self._r.pipeline() as p:
+        with self.client.pipeline() as p:
             for _ in range(_MAX_PUBLISH_TRIES):
                 try:
-                    p.watch(self._m(key))
+                    p.watch(self.manifest_key(key))
                     try:
                         old = self._get_manifest(p, key)
                     except _Bad:  # another Redis type: SET below replaces it (healing)
                         old = None
                     stale = self._chunk_keys_of(key, old)
                     p.multi()
-                    p.set(self._m(key), payload, ex=self.ttl)
+                    p.set(self.manifest_key(key), payload, ex=self.ttl)
                     for ck in chunk_keys:
                         if self.ttl:
                             p.expire(ck, self.ttl + TTL_GRACE_S)
@@ -306,7 +309,7 @@ class RedisStore(CacheStore):
                     stale = [ck for ck in stale if ck not in chunk_keys]
                     if stale:
                         p.delete(*stale)
-                    p.set(self._a(key), repr(man["created"]), ex=self.ttl)
+                    p.set(self.access_key(key), repr(man["created"]), ex=self.ttl)
                     results = p.execute()
                     break
                 except watch:
@@ -329,22 +332,22 @@ class RedisStore(CacheStore):
         if raw is None:
             return []
         try:
-            return self._chunk_keys(key, parse_manifest(key, raw, for_delete=True))
+            return self.chunk_keys(key, parse_manifest(key, raw, for_delete=True))
         except _Bad:
             return []  # unusable manifest: its chunks expire or sweep() finds them
 
     def _delete_wrong_type(self, key: str) -> bool:
         """Delete a manifest key that holds another Redis type (and the access key); atomic."""
         watch = self._redis.WatchError
-        with self._r.pipeline() as p:
+        with self.client.pipeline() as p:
             for _ in range(5):
                 try:
-                    p.watch(self._m(key))
-                    if p.type(self._m(key)) in (b"string", b"none"):
+                    p.watch(self.manifest_key(key))
+                    if p.type(self.manifest_key(key)) in (b"string", b"none"):
                         p.unwatch()
                         return False  # healed meanwhile, by a writer
                     p.multi()
-                    p.delete(self._m(key), self._a(key))
+                    p.delete(self.manifest_key(key), self.access_key(key))
                     p.execute()
                     return True
                 except watch:
@@ -355,10 +358,10 @@ class RedisStore(CacheStore):
         """Delete the entry atomically, only if its manifest is still ``expected_raw``
         (``None``: whatever it is)."""
         watch = self._redis.WatchError
-        with self._r.pipeline() as p:
+        with self.client.pipeline() as p:
             for _ in range(5):
                 try:
-                    p.watch(self._m(key))
+                    p.watch(self.manifest_key(key))
                     try:
                         raw = self._get_manifest(p, key)
                     except _Bad:
@@ -368,7 +371,7 @@ class RedisStore(CacheStore):
                         p.unwatch()
                         return False
                     p.multi()
-                    p.delete(self._m(key), self._a(key), *self._chunk_keys_of(key, raw))
+                    p.delete(self.manifest_key(key), self.access_key(key), *self._chunk_keys_of(key, raw))
                     p.execute()
                     return True
                 except watch:
@@ -377,7 +380,7 @@ class RedisStore(CacheStore):
 
     def contains(self, key: str) -> bool:
         check_key(key)
-        return bool(self._call(lambda: self._r.exists(self._m(key)), False))
+        return bool(self._call(lambda: self.client.exists(self.manifest_key(key)), False))
 
     def delete(self, key: str) -> bool:
         check_key(key)
@@ -386,11 +389,11 @@ class RedisStore(CacheStore):
     def _manifests(self) -> dict[str, bytes]:
         """All manifests under this prefix: ``{entry key: raw manifest}``."""
         pattern = _glob_escape(self.prefix) + ":{*}:m"
-        names = list(self._r.scan_iter(match=pattern, count=1000))
+        names = list(self.client.scan_iter(match=pattern, count=1000))
         out = {}
         for i in range(0, len(names), 500):
             batch = names[i:i + 500]
-            for name, raw in zip(batch, self._r.mget(batch)):
+            for name, raw in zip(batch, self.client.mget(batch)):
                 if raw is not None:
                     name = name.decode()
                     out[name[len(self.prefix) + 2:-3]] = raw
@@ -402,7 +405,7 @@ class RedisStore(CacheStore):
     def _list(self) -> list[EntryInfo]:
         mans = self._manifests()
         keys = list(mans)
-        atimes = self._r.mget([self._a(k) for k in keys]) if keys else []
+        atimes = self.client.mget([self.access_key(k) for k in keys]) if keys else []
         out = []
         for key, at in zip(keys, atimes):
             try:
@@ -416,7 +419,7 @@ class RedisStore(CacheStore):
 
     def stats(self) -> dict:
         out = self._base_stats(self.list())
-        info = self._call(lambda: self._r.info("memory"), None)
+        info = self._call(lambda: self.client.info("memory"), None)
         out["reachable"] = info is not None
         out["prefix"] = self.prefix
         out["ttl"] = self.ttl
@@ -450,26 +453,26 @@ class RedisStore(CacheStore):
         for key, raw in self._manifests().items():
             live.update(self._chunk_keys_of(key, raw))
         n = 0
-        for name in self._r.scan_iter(match=_glob_escape(self.prefix) + ":{*}:c:*", count=1000):
+        for name in self.client.scan_iter(match=_glob_escape(self.prefix) + ":{*}:c:*", count=1000):
             name = name.decode()
             if name in live:
                 continue
-            pttl = self._r.pttl(name)
+            pttl = self.client.pttl(name)
             age = self.pending_ttl - pttl / 1000 if pttl >= 0 else float("inf")
             if pttl == -2 or age < max_age_s:
                 continue
-            n += self._r.delete(name)
+            n += self.client.delete(name)
         return n
 
     def ping(self) -> bool:
         try:
-            return bool(self._r.ping())
+            return bool(self.client.ping())
         except self._redis.RedisError:
             return False
 
     def close(self) -> None:
         try:
-            self._r.close()
+            self.client.close()
         except Exception:  # closing a dead connection must not raise
             pass
 

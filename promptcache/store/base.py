@@ -27,7 +27,7 @@ import time
 import warnings
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
-from typing import Any, Callable, Iterable, Mapping
+from typing import Any, Callable, Iterable, Mapping, TypeVar
 
 import numpy as np
 import torch
@@ -38,6 +38,7 @@ FORMAT_VERSION = 2  # 2: the checksum binds the entry key (1 did not)
 CHECKSUM_ALGO = "sha256"
 _KEY_RE = re.compile(r"^[a-z0-9_][a-z0-9_.\-]{0,127}$")
 _pool: tuple[int, ThreadPoolExecutor] | None = None
+T = TypeVar("T")
 
 
 def _hash_pool() -> ThreadPoolExecutor:
@@ -58,6 +59,10 @@ class StoreWarning(UserWarning):
 
 class StoreError(Exception):
     """Misuse of the store API (malformed key, entry or URL); never raised for I/O trouble."""
+
+
+class BadEntryError(Exception):
+    """Inside a backend: stored data that must not be returned; the message is the cause."""
 
 
 def dtype_name(dtype: torch.dtype | str) -> str:
@@ -398,6 +403,29 @@ class CacheStore(abc.ABC):
         """Count an I/O failure and remember its cause, so a maintenance command can fail on it."""
         self.counters["errors"] += 1
         self.last_error = message
+
+    def _verify_each(self, items: Iterable[tuple[str, T]], check: Callable[[str, T], object],
+                     discard: Callable[[str, T, Exception], object], remove: bool,
+                     bad: tuple[type[Exception], ...] = (), gone: tuple[type[Exception], ...] = ()
+                     ) -> list[BadEntry]:
+        """The one ``verify()`` loop: ``check(key, item)`` every entry in key order.
+
+        A malformed key (:class:`StoreError`), a :class:`BadEntryError` or one of ``bad`` lists the
+        entry (and with ``remove`` calls ``discard(key, item, error)``); one of ``gone`` (the entry
+        vanished or changed while read) skips it.
+        """
+        found = []
+        for key, item in sorted(items, key=lambda pair: pair[0]):
+            try:
+                check_key(key)
+                check(key, item)
+            except gone:
+                continue
+            except (BadEntryError, StoreError, *bad) as exc:
+                found.append(BadEntry(key, str(exc)))
+                if remove:
+                    discard(key, item, exc)
+        return found
 
     def _count(self, entry: CacheEntry | None) -> CacheEntry | None:
         self.counters["hits" if entry is not None else "misses"] += 1

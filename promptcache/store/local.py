@@ -45,7 +45,7 @@ from safetensors import SafetensorError, safe_open
 from safetensors.torch import save_file
 
 from ..fsutil import write_atomic, write_text_atomic
-from .base import (FORMAT_VERSION, BadEntry, CacheEntry, CacheStore, EntryInfo, StoreError,
+from .base import (FORMAT_VERSION, BadEntry, BadEntryError, CacheEntry, CacheStore, EntryInfo, StoreError,
                    StoreWarning, canonical_json, check_checksum, check_expect, check_key,
                    check_summary, entry_checksum, normalize_entry, now)
 
@@ -64,7 +64,7 @@ _SUMMARY_FIELDS = {"n_layers": "layers", "seq_len": "seq_len", "dtype": "dtype",
 LOCK_TIMEOUT_S = 120.0
 
 
-class _Bad(Exception):
+class _Bad(BadEntryError):
     """An entry file that must not be returned; the message is the cause, ``st`` the file."""
 
     def __init__(self, reason: str, st: os.stat_result) -> None:
@@ -214,25 +214,20 @@ class LocalStore(CacheStore):
         return out
 
     def verify(self, remove: bool = False) -> list[BadEntry]:
-        bad = []
-        for key, path in sorted(self._entry_files().items()):
-            try:
-                check_key(key)
-                self._load(path, key)
-            except FileNotFoundError:
-                continue
-            except _Bad as exc:
-                bad.append(BadEntry(key, str(exc)))
-                if remove:
-                    self._quarantine(key, exc.st, str(exc), report=False, remove=isinstance(exc, _Stale))
-            except (StoreError, OSError) as exc:  # a stray file name, an unreadable file
-                bad.append(BadEntry(key, str(exc)))
-                if remove:
-                    try:
-                        self._quarantine(key, os.stat(path), str(exc), report=False)
-                    except OSError as gone:
-                        self._note_error(f"cannot quarantine {path}: {gone}")
-        return bad
+        # OSError: an unreadable file; FileNotFoundError: deleted since the scan (a subclass, so
+        # ``gone`` is tried first).
+        return self._verify_each(self._entry_files().items(), lambda key, path: self._load(path, key),
+                                 self._discard, remove, bad=(OSError,), gone=(FileNotFoundError,))
+
+    def _discard(self, key: str, path: Path, exc: Exception) -> None:
+        """``verify(remove=True)``: quarantine a bad file, delete an old-format one."""
+        if isinstance(exc, _Bad):
+            self._quarantine(key, exc.st, str(exc), report=False, remove=isinstance(exc, _Stale))
+            return
+        try:  # a stray file name, an unreadable file
+            self._quarantine(key, os.stat(path), str(exc), report=False)
+        except OSError as gone:
+            self._note_error(f"cannot quarantine {path}: {gone}")
 
     def sweep(self, max_age_s: float = 3600.0) -> int:
         """Remove crashed writers' temp files and quarantined files older than ``max_age_s``."""

@@ -11,7 +11,7 @@ import threading
 from dataclasses import dataclass
 from typing import Any, Mapping
 
-from .base import (BadEntry, CacheEntry, CacheStore, EntryInfo, check_checksum, check_expect,
+from .base import (BadEntry, BadEntryError, CacheEntry, CacheStore, EntryInfo, check_checksum, check_expect,
                    check_key, copy_tensor, entry_checksum, normalize_entry, now)
 
 
@@ -86,12 +86,12 @@ class MemoryStore(CacheStore):
         return self._base_stats(self.list())
 
     def verify(self, remove: bool = False) -> list[BadEntry]:
-        bad = []
         with self._lock:
-            for key, slot in list(self._data.items()):
-                reason = check_checksum(slot.entry.named_tensors(), slot.entry.meta, key, slot.checksum)
-                if reason is not None:
-                    bad.append(BadEntry(key, reason))
-                    if remove:
-                        del self._data[key]
-        return bad
+            return self._verify_each(list(self._data.items()), _check_slot,
+                                     lambda key, _slot, _exc: self._data.pop(key, None), remove)
+
+
+def _check_slot(key: str, slot: _Slot) -> None:
+    reason = check_checksum(slot.entry.named_tensors(), slot.entry.meta, key, slot.checksum)
+    if reason is not None:
+        raise BadEntryError(reason)

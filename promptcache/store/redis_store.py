@@ -53,7 +53,7 @@ from urllib.parse import parse_qsl, urlencode, urlsplit, urlunsplit
 import torch
 
 from ..runtime.kv import kv_nbytes
-from .base import (FORMAT_VERSION, BadEntry, CacheEntry, CacheStore, EntryInfo, StoreError,
+from .base import (FORMAT_VERSION, BadEntry, BadEntryError, CacheEntry, CacheStore, EntryInfo, StoreError,
                    StoreWarning, check_checksum, check_expect, check_key, check_summary,
                    dtype_name, entry_checksum, normalize_entry, now, tensor_bytes)
 
@@ -69,7 +69,7 @@ _MAX_PUBLISH_TRIES = 50  # WATCH retries when other writers keep publishing the 
 _OUR_PARAMS = ("prefix", "ttl", "chunk_mb", "chunk_bytes", "pending_ttl", "retry_after", "timeout")
 
 
-class _Bad(Exception):
+class _Bad(BadEntryError):
     """The entry's stored data is unusable; message is the cause."""
 
 
@@ -431,18 +431,9 @@ class RedisStore(CacheStore):
         return self._call(lambda: self._verify(remove), [])
 
     def _verify(self, remove: bool) -> list[BadEntry]:
-        bad = []
-        for key, raw in sorted(self._manifests().items()):
-            try:
-                check_key(key)
-                self._read(key, raw)
-            except _Raced:
-                continue
-            except (_Bad, StoreError) as exc:  # _Stale included: listed, and removed with ``remove``
-                bad.append(BadEntry(key, str(exc)))
-                if remove:
-                    self._delete_if(key, raw)
-        return bad
+        # _Stale included: listed, and removed with ``remove``; _Raced: overwritten while read.
+        return self._verify_each(self._manifests().items(), self._read,
+                                 lambda key, raw, _exc: self._delete_if(key, raw), remove, gone=(_Raced,))
 
     def sweep(self, max_age_s: float = 3600.0) -> int:
         """Delete chunks no manifest references (crashed writers) once older than ``max_age_s``."""

@@ -51,7 +51,7 @@ WORKLOADS = {"rag": "modular RAG", "doc": "shared document"}
 TARGETS = {  # name: (description, comparison, bound)
     "rag_ttft_ours_over_vllm": ("modular RAG p50 TTFT at concurrency 1, ours / vLLM", "<=", 1 / 3),
     "doc_ttft_ours_over_vllm": ("shared document p50 TTFT at concurrency 1, ours / vLLM", "<=", 1.5),
-    "ours_throughput_c8_over_c1": ("our output tokens/s at concurrency 8 / at concurrency 1 (both workloads "
+    "ours_throughput_c8_over_c1": ("our output tokens/s at the highest / the lowest concurrency (both workloads "
                                    "together)", ">=", 3.0),
 }
 
@@ -114,8 +114,10 @@ def open_server(name: str, args, schema: Path, out: Path) -> Server:
                       args.vllm_args.split(), out.with_suffix(".vllm.log"), args.startup_timeout)
 
 
-def bench_server(name: str, server: Server, work: Workloads, args, log) -> list[dict]:
-    """Warm-up then every (workload, concurrency) cell on one server; one row per cell."""
+def bench_server(name: str, server: Server, work: Workloads, args, log, texts: dict) -> list[dict]:
+    """Warm-up then every (workload, concurrency) cell on one server; one row per cell.
+
+    ``texts[(server, workload, concurrency)]`` receives the answers (None for failed requests)."""
     rows = []
     for workload in args.workloads.split(","):
         if args.warmup:
@@ -133,6 +135,7 @@ def bench_server(name: str, server: Server, work: Workloads, args, log) -> list[
             row = {"server": name, "workload": workload, "concurrency": c, **summarize(samples, wall),
                    "load1_start": load0, "load1_end": os.getloadavg()[0]}
             rows.append(row)
+            texts[(name, workload, c)] = [None if s.error else s.text for s in samples]
             for i, s in enumerate(samples):
                 log.write(json.dumps({"server": name, "workload": workload, "concurrency": c, "i": i,
                                       **asdict(s)}) + "\n")
@@ -140,6 +143,17 @@ def bench_server(name: str, server: Server, work: Workloads, args, log) -> list[
                   f" ITL p50 {row['itl_p50_ms']:.0f} ms, {row['out_tok_per_s']:.1f} tok/s, {row['errors']} errors,"
                   f" load {load0:.2f}", flush=True)
     return rows
+
+
+def add_agreement(rows: list[dict], texts: dict) -> None:
+    """``same_text``: the share of a cell's requests whose greedy answers are equal on both servers (same
+    requests, temperature 0); NaN with one server. Exact prefix reuse (shared document) should agree up to
+    float noise; independently encoded passage modules (modular RAG) need not."""
+    for row in rows:
+        key = (row["workload"], row["concurrency"])
+        a, b = texts.get(("ours", *key)), texts.get(("vllm", *key))
+        pairs = [(x, y) for x, y in zip(a or [], b or []) if x is not None and y is not None]
+        row["same_text"] = sum(x == y for x, y in pairs) / len(pairs) if pairs else float("nan")
 
 
 def find_row(rows: list[dict], server: str, workload: str, c: int) -> dict | None:
@@ -184,7 +198,7 @@ SIDE_COLUMNS = [("TTFT p50 ms", "ttft_p50_ms", "{:.0f}"), ("TTFT p99 ms", "ttft_
                 ("ITL p50 ms", "itl_p50_ms", "{:.1f}"), ("ITL p99 ms", "itl_p99_ms", "{:.0f}"),
                 ("req/s", "req_per_s", "{:.2f}"), ("out tok/s", "out_tok_per_s", "{:.1f}"),
                 ("prompt tok", "prompt_tokens_mean", "{:.0f}"), ("cached tok", "cached_tokens_mean", "{:.0f}"),
-                ("errors", "errors", "{}")]
+                ("errors", "errors", "{}"), ("no text", "no_text", "{}"), ("load", "load1_start", "{:.1f}")]
 
 
 def side_by_side(rows: list[dict], workloads: list[str], concurrency: list[int]) -> list[dict]:
@@ -194,6 +208,8 @@ def side_by_side(rows: list[dict], workloads: list[str], concurrency: list[int])
         for c in concurrency:
             row = {"workload": WORKLOADS.get(w, w), "c": c}
             row.update({h: _pair(rows, w, c, k, f) for h, k, f in SIDE_COLUMNS})
+            same = find_row(rows, "ours", w, c) or find_row(rows, "vllm", w, c) or {}
+            row["same answer"] = "-" if math.isnan(same.get("same_text", math.nan)) else f"{same['same_text']:.0%}"
             out.append(row)
     return out
 
@@ -237,15 +253,17 @@ def main(argv=None) -> int:
           f"{args.doc_tokens} tokens; {args.requests} requests per cell, {args.warmup} warm-up, max_tokens "
           f"{args.max_tokens}, {args.threads} thread(s) per server; load {os.getloadavg()[0]:.2f}", flush=True)
     rows: list[dict] = []
+    texts: dict = {}
     servers: dict[str, Server] = {}
     with open(out.with_suffix(".requests.jsonl"), "w") as log:
         for name in server_plan(args):
             server = open_server(name, args, schema, out)
             servers[name] = server
             try:
-                rows += bench_server(name, server, work, args, log)
+                rows += bench_server(name, server, work, args, log, texts)
             finally:
                 server.stop()
+    add_agreement(rows, texts)
     table = side_by_side(rows, workloads, concurrency)
     rat = ratios(rows, concurrency)
     print("\nours / vLLM (TTFT: first streamed content chunk; ITL: gaps between content chunks; warm-up excluded)")

@@ -153,7 +153,7 @@ def start_ours(model: str, port: int, schema: Path, threads: int, max_batch: int
     encoding so that any subset of passage modules in any order is valid."""
     cmd = [sys.executable, "-m", "promptcache", "serve", "--model", model, "--host", "127.0.0.1",
            "--port", str(port), "--schema", str(schema), "--encoding", "independent",
-           "--max-batch", str(max_batch), *extra]
+           "--max-batch", str(max_batch), "--threads", str(threads), *extra]
     env = {"OMP_NUM_THREADS": str(threads), "HF_HUB_OFFLINE": "1"}
     return _spawn("ours", cmd, env, port, log, timeout_s)
 

@@ -90,7 +90,7 @@ def engine_error(exc: BaseException, where: str) -> ApiError:
     """An exception from the engine: PML and value errors are the client's (400), the rest 500."""
     if isinstance(exc, PMLError):
         return ApiError(400, str(exc), param="prompt", code="pml_error")
-    if isinstance(exc, ValueError):  # context window, special-token injection, bad arguments
+    if isinstance(exc, (ValueError, TypeError)):  # window, special-token injection, bad arguments (scheduler contract)
         return ApiError(400, str(exc), code="invalid_value")
     return internal_error(exc, where)
 
@@ -192,6 +192,9 @@ def _install_error_handlers(app: FastAPI, metrics: ServeMetrics) -> None:
 
     @app.exception_handler(StarletteHTTPException)
     async def _http(request: Request, exc: StarletteHTTPException) -> JSONResponse:
+        cause = exc.__cause__ or exc.__context__
+        if isinstance(cause, BodyTooLarge):  # FastAPI wraps body-reading errors in a 400
+            return await _too_large(request, cause)
         metrics.rejected("not_found" if exc.status_code == 404 else "invalid")
         message = (f"no route {request.method} {request.url.path}" if exc.status_code == 404
                    else str(exc.detail))

@@ -350,7 +350,7 @@ def test_no_warnings_on_clean_use(store):
 # ---------------------------------------------------------------- Redis chunk layout (no server needed)
 
 def test_redis_chunks_hold_whole_tensors_when_sizes_match():
-    from promptcache.store.redis_store import aligned_chunk_bytes
+    from promptcache.store.redis_format import aligned_chunk_bytes
 
     assert aligned_chunk_bytes([600] * 10, 1000) == 600          # one tensor per chunk
     assert aligned_chunk_bytes([300] * 10, 1000) == 900          # three per chunk
@@ -364,11 +364,11 @@ def test_redis_reader_rebuilds_tensors_whatever_the_chunk_boundaries(cut):
     """Entries written with any chunk size (older ones were not aligned) read back exactly."""
     import torch
 
-    from promptcache.store.redis_store import _ChunkedBytes
+    from promptcache.store.redis_format import ChunkedBytes
 
     tensors = [torch.arange(6, dtype=torch.float32) + 10 * i for i in range(3)]
     payload = b"".join(t.numpy().tobytes() for t in tensors)
-    data = _ChunkedBytes([payload[i:i + cut] for i in range(0, len(payload), cut)])
+    data = ChunkedBytes([payload[i:i + cut] for i in range(0, len(payload), cut)])
     for i, t in enumerate(tensors):
         got = data.tensor("float32", [2, 3], 24 * i, 24)
         assert torch.equal(got, t.reshape(2, 3))

@@ -514,6 +514,8 @@ def test_issue15_inprocess_schema_src_only_inside_allowed_root(tmp_path):
         assert r.status_code == 400 and "Outside text" not in r.text
         r = client.post("/v1/schemas", content=ok)  # no admin key
         assert r.status_code == 401
+        scheduler.stop()
+        assert client.get("/health").status_code == 503  # the engine thread is gone: not healthy
     finally:
         scheduler.stop()
 

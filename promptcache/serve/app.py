@@ -152,7 +152,7 @@ def create_app(pc, scheduler, config: ServeConfig, metrics: ServeMetrics | None 
 
 def _tier_report(scheduler, config: ServeConfig) -> dict:
     """Module-cache tiers, read on the engine thread (a scrape must not race a schema change)."""
-    return scheduler.call(lambda pc: pc.memory_report()["tiers"], timeout=config.info_call_timeout_s)
+    return scheduler.call(lambda pc: pc.memory_report()["tiers"], timeout=config.metrics_call_timeout_s)
 
 
 def _install_error_handlers(app: FastAPI, metrics: ServeMetrics) -> None:
@@ -219,10 +219,13 @@ def _add_info_routes(app: FastAPI, pc, scheduler, config: ServeConfig, metrics: 
     api_key = _api_key(config)
 
     @app.get("/health")
-    async def health() -> dict:
+    async def health() -> JSONResponse:
         stats = scheduler.stats()
-        return {"status": "ok", "model": config.model_name, "queue_depth": stats.get("queue_depth"),
-                "running": stats.get("running")}
+        alive = getattr(scheduler, "alive", True)  # a property of the scheduler (a method in fakes)
+        alive = alive() if callable(alive) else bool(alive)
+        body = {"status": "ok" if alive else "engine stopped", "model": config.model_name,
+                "queue_depth": stats.get("queue_depth"), "running": stats.get("running")}
+        return JSONResponse(body, status_code=200 if alive else 503)
 
     @app.get("/metrics")
     async def prometheus() -> Response:
@@ -246,14 +249,14 @@ def _add_generation_routes(app: FastAPI, pc, scheduler, config: ServeConfig, met
     async def completions(body: P.CompletionRequest, request: Request) -> Response:
         api_key(request)
         prompt = body.prompt_text()
-        _check_request(body, config, pc, prompt)
+        await _check_request(body, config, pc, prompt)
         max_tokens = body.max_tokens if body.max_tokens is not None else config.default_max_tokens
         return await _serve(request, scheduler, body, prompt, max_tokens, chat=False, config=config)
 
     @app.post("/v1/chat/completions")
     async def chat_completions(body: P.ChatCompletionRequest, request: Request) -> Response:
         api_key(request)
-        _check_request(body, config, pc, None)
+        await _check_request(body, config, pc, None)
         try:
             messages = body.chat_messages()
         except P.UnsupportedField as e:
@@ -263,7 +266,7 @@ def _add_generation_routes(app: FastAPI, pc, scheduler, config: ServeConfig, met
         return await _serve(request, scheduler, body, messages, max_tokens, chat=True, config=config)
 
 
-def _check_request(body: P._GenerationFields, config: ServeConfig, pc, prompt: str | None) -> None:
+async def _check_request(body: P._GenerationFields, config: ServeConfig, pc, prompt: str | None) -> None:
     """Refuse, before queueing, what can be refused without the engine: unsupported fields, another
     model, a bad recompute policy, PML that does not parse, a schema that was never added."""
     try:
@@ -281,7 +284,8 @@ def _check_request(body: P._GenerationFields, config: ServeConfig, pc, prompt: s
     if prompt is None or not is_pml_prompt(prompt):
         return
     try:
-        parsed = parse_prompt(prompt)  # linear in the input; the engine parses again on its thread
+        # Linear in the input, but up to 1 MiB: off the event loop. The engine parses again on its thread.
+        parsed = await run_in_threadpool(parse_prompt, prompt)
     except PMLError as e:
         raise ApiError(400, str(e), param="prompt", code="pml_error") from None
     if parsed.schema not in pc.schemas:  # a dict lookup: safe next to the engine thread
@@ -456,6 +460,8 @@ def _add_schema_routes(app: FastAPI, pc, scheduler, config: ServeConfig) -> None
             raise ApiError(400, str(e), code="pml_error") from None
         except ValueError as e:
             raise ApiError(400, str(e), code="invalid_value") from None
+        except TimeoutError:
+            raise _busy(config.schema_call_timeout_s) from None
         info["replaced"] = replaced
         info["encode"] = {"encoded_segments": report.encoded_segments, "forwards": report.forwards,
                           "encode_ms": round(report.encode_s * 1000, 3), "store_hits": report.store_hits}
@@ -469,14 +475,13 @@ def _add_schema_routes(app: FastAPI, pc, scheduler, config: ServeConfig) -> None
         def summaries(engine) -> list[dict]:
             return [_schema_summary(engine, name) for name in sorted(engine.schemas)]
 
-        data = await run_in_threadpool(scheduler.call, summaries, config.info_call_timeout_s)
+        data = await _engine(scheduler, summaries, config.info_call_timeout_s)
         return {"object": "list", "data": data}
 
     @app.get("/v1/schemas/{name}")
     async def get_schema(name: str, request: Request) -> dict:
         api_key(request)
-        info = await run_in_threadpool(scheduler.call, lambda engine: _schema_info(engine, name),
-                                       config.info_call_timeout_s)
+        info = await _engine(scheduler, lambda engine: _schema_info(engine, name), config.info_call_timeout_s)
         if info is None:
             raise _no_schema(name)
         return info
@@ -491,10 +496,23 @@ def _add_schema_routes(app: FastAPI, pc, scheduler, config: ServeConfig) -> None
             engine.remove_schema(name)
             return True
 
-        if not await run_in_threadpool(scheduler.call, remove, config.info_call_timeout_s):
+        if not await _engine(scheduler, remove, config.info_call_timeout_s):
             raise _no_schema(name)
         log.info("schema %r deleted", name)
         return {"id": name, "object": "schema", "deleted": True}
+
+
+async def _engine(scheduler, fn: Callable, timeout_s: float):
+    """``fn(pc)`` on the engine thread (between decode steps), waited for off the event loop."""
+    try:
+        return await run_in_threadpool(scheduler.call, fn, timeout_s)
+    except TimeoutError:
+        raise _busy(timeout_s) from None
+
+
+def _busy(timeout_s: float) -> ApiError:
+    return ApiError(503, f"the engine did not run this within {timeout_s:g} s; try again later",
+                    type_="server_error", code="engine_busy", headers={"Retry-After": "5"}, outcome="error")
 
 
 def _no_schema(name: str) -> ApiError:

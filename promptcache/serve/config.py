@@ -8,6 +8,7 @@ window) stay in :mod:`promptcache.pml.limits` and the model.
 from __future__ import annotations
 
 import os
+import time
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -44,9 +45,11 @@ class ServeConfig:
     default_max_tokens: int = 16
     schema_call_timeout_s: float = 3600.0
     info_call_timeout_s: float = 30.0
+    metrics_call_timeout_s: float = 2.0
     created: int = 0
 
     def __post_init__(self) -> None:
+        self.created = self.created or int(time.time())
         for name in ("max_body_bytes", "max_schema_body_bytes", "default_max_tokens"):
             value = getattr(self, name)
             if isinstance(value, bool) or not isinstance(value, int) or value <= 0:

@@ -288,6 +288,10 @@ def register_serve(sub: argparse._SubParsersAction) -> None:
                    help="requests decoded together in one step (default: %(default)s)")
     p.add_argument("--max-queue", type=_positive_int, default=64, metavar="N",
                    help="requests that may wait; more are answered 429 (default: %(default)s)")
+    p.add_argument("--prefill-chunk", type=_positive_int, default=256, metavar="TOKENS",
+                   help="prompt tokens prefilled per step while other requests decode (default: %(default)s)")
+    p.add_argument("--request-timeout", type=_positive_seconds, default=600.0, metavar="SECONDS",
+                   help="deadline of every request, from arrival to its end (default: %(default)s)")
     p.add_argument("--encoding", choices=["scaffold", "independent"], default="scaffold",
                    help="encoding policy (default: scaffold)")
     p.add_argument("--recompute", default="none", metavar="POLICY",
@@ -311,6 +315,18 @@ def _positive_int(text: str) -> int:
     value = _non_negative_int(text)
     if value == 0:
         raise argparse.ArgumentTypeError("expected a whole number >= 1, got 0")
+    return value
+
+
+def _positive_seconds(text: str) -> float:
+    import math
+
+    try:
+        value = float(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected seconds > 0, got {text!r}") from None
+    if not (value > 0 and math.isfinite(value)):
+        raise argparse.ArgumentTypeError(f"expected seconds > 0, got {text!r}")
     return value
 
 
@@ -375,7 +391,12 @@ def run_serve(args: argparse.Namespace, ctx: Context) -> int:
                         "can use it (--api-key or PROMPTCACHE_API_KEY)")
     logging.basicConfig(level=args.log_level.upper(), format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     metrics = ServeMetrics()
-    scheduler = Scheduler(pc, max_batch=args.max_batch, max_queue=args.max_queue, observer=metrics)
+    try:
+        scheduler = Scheduler(pc, max_batch=args.max_batch, max_queue=args.max_queue,
+                              prefill_chunk=args.prefill_chunk, default_deadline_s=args.request_timeout,
+                              observer=metrics)
+    except ValueError as e:
+        raise CommandError(str(e)) from e
     scheduler.start()
     try:
         app = create_app(pc, scheduler, config, metrics)

@@ -308,6 +308,9 @@ def _submit(scheduler, req):
 
     try:
         return scheduler.submit(req)
+    except RuntimeError as e:  # stopped (shutting down)
+        raise ApiError(503, f"the server is not accepting requests: {e}", type_="server_error",
+                       code="unavailable", outcome="error") from None
     except QueueFull as e:
         retry = max(1, math.ceil(getattr(e, "retry_after_s", 1.0) or 1.0))
         raise ApiError(429, f"the request queue is full ({e}); retry after {retry} s",

@@ -226,3 +226,19 @@ def test_default_model_greedy_answers_equal_alone():
     print(f"\nsmollm2: batched vs alone max abs logit diff {worst:.2e}")
     assert [r[2] for r in rows] == [a[0] for a in alone]
     assert worst <= 1e-3  # measured 8.0e-5 (one thread); the tiny models stay within TOL
+
+
+def test_an_emptied_batch_frees_its_buffers_and_starts_again_exact():
+    pc = _setup("gemma3")
+    with torch.inference_mode():
+        alone = [Alone(pc, p, 3) for p in PROMPTS[:2]]
+    batch = DecodeBatch(pc.runner, max_rows=2)  # outside inference mode: the batch enters it itself
+    rows = [Row(pc, batch, p) for p in PROMPTS[:2]]
+    _step(batch, rows)
+    for r in rows:
+        batch.remove(r.row)
+    assert len(batch) == 0 and batch.impl.cache.capacity == 0
+    rows = [Row(pc, batch, p) for p in PROMPTS[:2]]
+    for _ in range(3):
+        _step(batch, rows)
+    _check(rows, alone)

@@ -1,8 +1,29 @@
-"""Batched decode steps: the rows of concurrent sequences decoded together.
+"""Batched decode steps: the rows of concurrent sequences decoded together (the server's batch).
 
-:class:`LoopDecodeBatch` is the reference: one :class:`SplicedCache` per row, each step loops
-:meth:`ModelRunner.decode_step` (one forward per row). It defines the behaviour the batched
-implementation must reproduce.
+:class:`DecodeBatch` is what the scheduler uses: ``add`` a prefilled request cache, ``step`` one
+token for some or all rows, ``remove`` a finished row and get its KV back. It runs
+
+* :class:`BatchedDecodeBatch`: ONE model forward per step over every row. The rows' KV live in a
+  :class:`BatchKVCache` (a transformers ``Cache``): per layer one ``[rows, kv_heads, capacity,
+  head_dim]`` buffer for K and one for V, per-row lengths and per-row key positions ``[rows,
+  capacity]``. A row's new key goes to that row's own length; the forward takes ``input_ids``
+  ``[n, 1]``, ``position_ids`` ``[n, 1]`` (each row's own position) and the adapter's 4-D mask per
+  row (:meth:`ModelAdapter.batch_attention_mask`): a row sees its valid slots and its new key,
+  never another row's padding; sliding windows are by layout position, ALiBi (Falcon) reads the
+  per-row key positions. Buffers grow geometrically (rows and capacity), are zero-filled (masked
+  slots still enter the matmuls, so they must hold finite values) and are dropped when the
+  batch empties. Removing a row moves the last row into its slot, so rows in use are always slots
+  ``0..n-1`` and a step reads views, never a gather.
+* :class:`LoopDecodeBatch`: the reference, one ``SplicedCache`` per row and one forward per row
+  (:meth:`ModelRunner.decode_step`). It stays as the fallback for families whose attention
+  cannot take per-row positions in one forward (``adapter.batch_decode_supported()``: MPT, whose
+  ALiBi bias is one ``[heads, q, k]`` tensor shared by the batch in transformers 5.23), and as
+  the baseline of ``benchmarks/batch_decode.py``.
+
+Neither calls the runner's ``forward_hooks`` (batch-1 ``ForwardCall`` objects) nor checks the
+context window: the scheduler stops a row at ``runner.max_positions``. Every row's logits equal
+the same sequence decoded alone within float rounding (``tests/test_batch.py``: <= 1e-5 on the
+tiny float32 models, 8e-5 on SmolLM2-135M, identical greedy ids).
 """
 
 from __future__ import annotations
@@ -208,6 +229,7 @@ class BatchedDecodeBatch:
         self._slot: dict[int, int] = {}  # row id -> slot
         self._row: list[int] = []  # slot -> row id
 
+    @torch.inference_mode()
     def add(self, cache: SplicedCache) -> int:
         """Copy a prefilled request cache's KV into a free row (once); returns the row id."""
         kv = cache_kv(cache)
@@ -223,6 +245,7 @@ class BatchedDecodeBatch:
         self._slot[row] = slot
         return row
 
+    @torch.inference_mode()
     def step(self, inputs: Sequence[tuple[int, int, int]]) -> list[torch.Tensor]:
         """``(row, token, position)`` per input; ONE forward over all rows; logits in input order.
 
@@ -258,6 +281,7 @@ class BatchedDecodeBatch:
         logits = out.logits[:, -1].float()
         return [logits[self._slot[row]] for row, _, _ in inputs]
 
+    @torch.inference_mode()
     def remove(self, row: int) -> ModuleKV:
         """Free ``row``; returns a clone of its KV (all its tokens, with positions).
 
@@ -275,6 +299,8 @@ class BatchedDecodeBatch:
         self._row.pop()
         del self._slot[row]
         self._rows.free(row)
+        if not self._row:  # an empty batch gives its buffers back (capacity only grows otherwise)
+            self.cache = BatchKVCache(self.runner.num_layers)
         return kv
 
     def _slot_of(self, row: int) -> int:

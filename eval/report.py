@@ -12,7 +12,7 @@ from collections import defaultdict
 from typing import Any, Sequence
 
 from .metrics import task_score
-from .runner import median
+from .numbers import median
 
 ALL_ROW = "all"
 

@@ -17,7 +17,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from eval import runner
+from eval import cli_args, numbers, outputs, prepare, setup
 from eval.data import available_tasks, default_data_dir, load_task
 from eval.metrics import score_sample, task_score
 from eval.report import ACCURACY_COLUMNS, format_table, sweep_summary
@@ -84,7 +84,7 @@ def test_latency_fields_and_summary(latency_run):
         assert r["truncated"] and r["kept_context_tokens"] < r["context_tokens"]
         assert r["ttft_ms_cached"] > 0 and r["ttft_ms_baseline"] > 0 and r["encode_ms"] > 0
         assert r["same_first_token"] and r["first_token_kl"] < 1e-3  # scaffold + one context: exact
-    summary = json.loads(runner.derived_path(out, ".summary.json").read_text())
+    summary = json.loads(outputs.derived_path(out, ".summary.json").read_text())
     by_task = {row["task"]: row for row in summary["rows"]}
     for r in records:
         row = by_task[r["dataset"]]
@@ -92,9 +92,9 @@ def test_latency_fields_and_summary(latency_run):
         assert row["speedup"] == pytest.approx(r["ttft_ms_baseline"] / r["ttft_ms_cached"])
     assert by_task["all"]["n"] == 2
     assert "speedup" in proc.stdout and "hotpotqa" in proc.stdout and "lcc" in proc.stdout
-    png = runner.derived_path(out, ".png")
+    png = outputs.derived_path(out, ".png")
     assert png.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
-    assert "| hotpotqa |" in runner.derived_path(out, ".summary.md").read_text()
+    assert "| hotpotqa |" in outputs.derived_path(out, ".summary.md").read_text()
 
 
 @needs_data
@@ -132,7 +132,7 @@ def test_accuracy_fields_and_scores_recomputed(accuracy_run):
         assert r["identical"] == (r["pred_cached"] == r["pred_baseline"])  # greedy, exact scaffold cache
         assert 0 <= r["first_token_kl"] < 1e-3
         assert 0 < r["gen_tokens_cached"] <= 8 and r["prompt_tokens"] <= 512 and r["recompute"] == "none"
-    rows = json.loads(runner.derived_path(out, ".summary.json").read_text())["rows"]
+    rows = json.loads(outputs.derived_path(out, ".summary.json").read_text())["rows"]
     by_task = {row["task"]: row for row in rows}
     for r in records:
         row = by_task[r["dataset"]]
@@ -146,7 +146,7 @@ def test_accuracy_fields_and_scores_recomputed(accuracy_run):
     mean = sum(by_task[t]["score_baseline"] for t in ACC_TASKS.split(",")) / 3
     assert by_task["all"]["score_baseline"] == pytest.approx(mean, abs=0.006)
     assert format_table(rows, ACCURACY_COLUMNS).splitlines()[0] in proc.stdout
-    assert "| lcc |" in runner.derived_path(out, ".summary.md").read_text()
+    assert "| lcc |" in outputs.derived_path(out, ".summary.md").read_text()
 
 
 @needs_data
@@ -197,11 +197,11 @@ def test_recompute_sweep_writes_its_outputs(tmp_path):
     assert none["recomputed_tokens"] == 0 and full["recomputed_tokens"] == full["cached_tokens"] > 0
     assert none["ttft_ms_baseline"] == full["ttft_ms_baseline"]  # one baseline per sample
     assert full["first_token_kl"] < 1e-3  # full recompute equals the baseline's forward
-    summary = json.loads(runner.derived_path(out, ".summary.json").read_text())
+    summary = json.loads(outputs.derived_path(out, ".summary.json").read_text())
     assert [row["policy"] for row in summary["rows"]] == ["none", "full"]
     assert summary["rows"][1]["recompute_ratio"] == pytest.approx(1.0)
     assert set(summary["per_task"]) == {"none", "full"}
-    assert runner.derived_path(out, ".sweep.png").read_bytes()[:4] == b"\x89PNG"
+    assert outputs.derived_path(out, ".sweep.png").read_bytes()[:4] == b"\x89PNG"
     assert "recomputed/cached" in proc.stdout
 
 
@@ -224,7 +224,7 @@ def test_refuses_to_overwrite(script, tmp_path, tiny_data):
     out.write_text("precious\n")
     if script == "eval_acc.py":  # an existing JSONL is resumed; its summary is what must not be replaced
         out = tmp_path / "fresh.jsonl"
-        runner.derived_path(out, ".summary.md").write_text("precious\n")
+        outputs.derived_path(out, ".summary.md").write_text("precious\n")
     proc = run_script(script, "--dataset", "lcc", "--output", str(out), *FAST, "--data-dir", str(tiny_data),
                       timeout=120)
     assert_clean_error(proc, "output exists", "--overwrite")
@@ -266,40 +266,40 @@ def test_resume_refuses_a_foreign_file(tmp_path, tiny_data):
 def test_resolve_tasks(tmp_path):
     for name in ("lcc", "trec"):
         (tmp_path / f"{name}.jsonl").write_text("")
-    assert runner.resolve_tasks("all", tmp_path) == ["trec", "lcc"]  # registry order
-    assert runner.resolve_tasks(" lcc , trec,lcc", tmp_path) == ["lcc", "trec"]
-    with pytest.raises(runner.UserError, match="data file not found"):
-        runner.resolve_tasks("lcc,hotpotqa", tmp_path)
-    with pytest.raises(runner.UserError, match="cannot be combined"):
-        runner.resolve_tasks("all,lcc", tmp_path)
+    assert cli_args.resolve_tasks("all", tmp_path) == ["trec", "lcc"]  # registry order
+    assert cli_args.resolve_tasks(" lcc , trec,lcc", tmp_path) == ["lcc", "trec"]
+    with pytest.raises(cli_args.UserError, match="data file not found"):
+        cli_args.resolve_tasks("lcc,hotpotqa", tmp_path)
+    with pytest.raises(cli_args.UserError, match="cannot be combined"):
+        cli_args.resolve_tasks("all,lcc", tmp_path)
     (tmp_path / "empty").mkdir()
-    with pytest.raises(runner.UserError, match="no LongBench task files"):
-        runner.resolve_tasks("all", tmp_path / "empty")
+    with pytest.raises(cli_args.UserError, match="no LongBench task files"):
+        cli_args.resolve_tasks("all", tmp_path / "empty")
 
 
 def test_torn_line_reader(tmp_path):
     path = tmp_path / "r.jsonl"
     path.write_bytes(b'{"a": 1}\n\n{"a": 2}\n{"a": 3, "b": "hal')
-    records, dropped = runner.read_jsonl_records(path)
+    records, dropped = outputs.read_jsonl_records(path)
     assert records == [{"a": 1}, {"a": 2}] and dropped
     assert path.read_bytes().endswith(b'"hal')  # untouched without repair
-    runner.read_jsonl_records(path, repair=True)
+    outputs.read_jsonl_records(path, repair=True)
     assert path.read_bytes() == b'{"a": 1}\n\n{"a": 2}\n'
     path.write_bytes(b'{"a": 1}\n{"a": 2}')  # complete record, newline missing: kept and fixed
-    assert runner.read_jsonl_records(path, repair=True) == ([{"a": 1}, {"a": 2}], False)
+    assert outputs.read_jsonl_records(path, repair=True) == ([{"a": 1}, {"a": 2}], False)
     assert path.read_bytes() == b'{"a": 1}\n{"a": 2}\n'
     path.write_bytes(b'{"a": 1}\n[1, 2]\n{"a": 2}\n')
-    with pytest.raises(runner.UserError, match="r.jsonl:2"):
-        runner.read_jsonl_records(path)
+    with pytest.raises(cli_args.UserError, match="r.jsonl:2"):
+        outputs.read_jsonl_records(path)
 
 
 def test_appender_and_atomic_write(tmp_path):
     path = tmp_path / "sub" / "x.jsonl"
-    with runner.JsonlAppender(path) as out:
+    with outputs.JsonlAppender(path) as out:
         out.append({"a": 1})
-    with runner.JsonlAppender(path) as out:
+    with outputs.JsonlAppender(path) as out:
         out.append({"b": "é"})
-    assert runner.read_jsonl_records(path) == ([{"a": 1}, {"b": "é"}], False)
+    assert outputs.read_jsonl_records(path) == ([{"a": 1}, {"b": "é"}], False)
 
     target = tmp_path / "t.txt"
     target.write_text("old")
@@ -309,31 +309,31 @@ def test_appender_and_atomic_write(tmp_path):
         raise RuntimeError("disk full")
 
     with pytest.raises(RuntimeError):
-        runner.write_atomic(target, boom)
+        outputs.write_atomic(target, boom)
     assert target.read_text() == "old" and sorted(p.name for p in tmp_path.iterdir()) == ["sub", "t.txt"]
-    runner.write_json_atomic(target, {"k": [1]})
+    outputs.write_json_atomic(target, {"k": [1]})
     assert json.loads(target.read_text()) == {"k": [1]}
 
 
 def test_first_token_kl():
     logits = torch.randn(50)
-    assert runner.first_token_kl(logits, logits.clone()) == pytest.approx(0.0, abs=1e-12)
-    assert runner.first_token_kl(logits, logits + 3.0) == pytest.approx(0.0, abs=1e-9)  # shift-invariant
+    assert numbers.first_token_kl(logits, logits.clone()) == pytest.approx(0.0, abs=1e-12)
+    assert numbers.first_token_kl(logits, logits + 3.0) == pytest.approx(0.0, abs=1e-9)  # shift-invariant
     p = torch.tensor([0.5, 0.5]).log()
     q = torch.tensor([0.9, 0.1]).log()
     expected = 0.5 * (torch.tensor(0.5 / 0.9).log() + torch.tensor(0.5 / 0.1).log())
-    assert runner.first_token_kl(p, q) == pytest.approx(float(expected))  # KL(baseline || cached)
-    assert runner.first_token_kl(q, p) != pytest.approx(float(expected))
+    assert numbers.first_token_kl(p, q) == pytest.approx(float(expected))  # KL(baseline || cached)
+    assert numbers.first_token_kl(q, p) != pytest.approx(float(expected))
 
 
 def test_prompt_budget_and_policies():
-    assert runner.prompt_budget(8192, None, 32) == 8160
-    assert runner.prompt_budget(8192, 1024, 32) == 1024
-    with pytest.raises(runner.UserError, match="exceeds"):
-        runner.prompt_budget(2048, 2040, 32)
-    assert runner.policy_list("none, full,boundary:4") == ["none", "full", "boundary:4"]
+    assert setup.prompt_budget(8192, None, 32) == 8160
+    assert setup.prompt_budget(8192, 1024, 32) == 1024
+    with pytest.raises(cli_args.UserError, match="exceeds"):
+        setup.prompt_budget(2048, 2040, 32)
+    assert cli_args.policy_list("none, full,boundary:4") == ["none", "full", "boundary:4"]
     with pytest.raises(Exception, match="repeated"):
-        runner.policy_list("full,full")
+        cli_args.policy_list("full,full")
 
 
 def test_tables_render_text_and_markdown():
@@ -386,21 +386,21 @@ def _module_text(schema_xml: str) -> str:
 def test_prepare_sample_truncates_longbench_style(tokenizer_and_renderer):
     tokenizer, renderer = tokenizer_and_renderer
     sample = next(s for s in load_task("lcc", DATA) if "<" in s.context or "&" in s.context)
-    full = runner.prepare_sample("lcc", sample, tokenizer, renderer, 8000, 8)
+    full = prepare.prepare_sample("lcc", sample, tokenizer, renderer, 8000, 8)
     assert not full.truncated and _module_text(full.schema_xml) == sample.context
     assert "<![CDATA[" in full.schema_xml  # code with '<' or '&' is carried safely
-    cut = runner.prepare_sample("lcc", sample, tokenizer, renderer, 300, 8)
+    cut = prepare.prepare_sample("lcc", sample, tokenizer, renderer, 300, 8)
     assert cut.truncated and cut.prompt_tokens <= 300 and cut.kept_context_tokens < cut.context_tokens
     # The first and the last part of the context survive, the middle is gone.
     text = _module_text(cut.schema_xml)
     assert text.startswith(sample.context[:100]) and text.endswith(sample.context[-100:])
     assert len(text) < len(sample.context) / 2
-    assert runner.layout_prompt_tokens(renderer, cut.schema_xml, cut.prompt_xml)[0] == cut.prompt_tokens
+    assert prepare.layout_prompt_tokens(renderer, cut.schema_xml, cut.prompt_xml)[0] == cut.prompt_tokens
 
 
 @needs_data
 def test_prepare_sample_skips_prompts_whose_question_alone_is_too_long(tokenizer_and_renderer):
     tokenizer, renderer = tokenizer_and_renderer
     sample = load_task("trec", DATA, limit=1)[0]
-    with pytest.raises(runner.PromptTooLong):
-        runner.prepare_sample("trec", sample, tokenizer, renderer, 40, 8)
+    with pytest.raises(prepare.PromptTooLong):
+        prepare.prepare_sample("trec", sample, tokenizer, renderer, 40, 8)

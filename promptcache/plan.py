@@ -35,12 +35,17 @@ from .pml.layout import Layout, ModulePath, Segment
 POLICIES = ("scaffold", "independent")
 
 
-def _is_ancestor(a: ModulePath, b: ModulePath) -> bool:
+def is_ancestor(a: ModulePath, b: ModulePath) -> bool:
+    """Is module ``a`` ``b`` or one of its ancestors? (The ``independent`` policy's context rule.)"""
     return b[: len(a)] == a
 
 
-def _on_scaffold_path(t: Segment, choices: dict[int, int], layout: Layout) -> bool:
-    """Is segment ``t`` present on the path that selects ``choices`` and scaffolds elsewhere?"""
+def on_scaffold_path(t: Segment, choices: dict[int, int], layout: Layout) -> bool:
+    """Is segment ``t`` present on the path that selects ``choices`` and scaffolds elsewhere?
+
+    The ``scaffold`` policy's context rule, stated directly: :class:`Contexts` computes the same
+    contexts as a tree, and tests compare the two.
+    """
     for union, member in t.union_choices.items():
         wanted = choices.get(union, layout.unions[union].scaffold)
         if wanted != member:
@@ -170,7 +175,7 @@ def _independent_skipper(layout: Layout):
             first.setdefault(seg.owner[:k], seg.index)
 
     def skip(t: Segment, s: Segment) -> int | None:
-        if _is_ancestor(t.owner, s.owner):
+        if is_ancestor(t.owner, s.owner):
             return None
         k = 0
         while k < len(s.owner) and t.owner[k] == s.owner[k]:

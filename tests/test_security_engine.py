@@ -14,8 +14,8 @@ from promptcache.engine import PromptCache
 from promptcache.loading import ModelLoadError, load_tokenizer
 from promptcache.models import adapter_for
 from promptcache.modules.keys import KEY_SCHEME, module_keys, segment_digest
-from promptcache.plan import (Contexts, _is_ancestor, _on_scaffold_path, encode_groups,
-                              encoding_contexts, forwards_needed, make_request, stored_segments)
+from promptcache.plan import (Contexts, encode_groups, encoding_contexts, forwards_needed, is_ancestor,
+                              make_request, on_scaffold_path, stored_segments)
 from promptcache.pml.binding import bind
 from promptcache.pml.errors import PromptError, SchemaError
 from promptcache.pml.layout import build_layout
@@ -221,8 +221,8 @@ def _reference_contexts(layout, policy: str) -> list[list[int]]:
     """The definition, quadratic: every earlier segment on the segment's path."""
     segs = layout.segments
     if policy == "scaffold":
-        return [[t.index for t in segs[: s.index] if _on_scaffold_path(t, s.union_choices, layout)] for s in segs]
-    return [[t.index for t in segs[: s.index] if _is_ancestor(t.owner, s.owner)] for s in segs]
+        return [[t.index for t in segs[: s.index] if on_scaffold_path(t, s.union_choices, layout)] for s in segs]
+    return [[t.index for t in segs[: s.index] if is_ancestor(t.owner, s.owner)] for s in segs]
 
 
 def _random_schema(rng: random.Random) -> str:

@@ -242,3 +242,39 @@ def test_an_emptied_batch_frees_its_buffers_and_starts_again_exact():
     for _ in range(3):
         _step(batch, rows)
     _check(rows, alone)
+
+
+@pytest.mark.parametrize("family", ["llama", "falcon-alibi", "gemma3"])
+def test_rows_never_see_padding(family):
+    """Slots past a row's length hold another row's worth of junk: the mask must hide them."""
+    pc = _setup(family)
+    with torch.inference_mode():
+        alone = [Alone(pc, p, 2) for p in PROMPTS]
+        batch = BatchedDecodeBatch(pc.runner, max_rows=4)
+        rows = [Row(pc, batch, p) for p in PROMPTS]
+        for slot, length in enumerate(batch.cache.state.lengths):
+            for layer in batch.cache.layers:
+                layer.buf_k[slot, :, length:] = 50.0
+                layer.buf_v[slot, :, length:] = -50.0
+            batch.cache.positions[slot, length:] = 3
+        for _ in range(2):
+            _step(batch, rows)
+        _check(rows, alone)
+
+
+def test_falcon_alibi_eager_attention():
+    """Falcon's eager path adds the per-row ALiBi bias a second time inside attention."""
+    from promptcache.engine import PromptCache
+    from tiny_models import tiny_model
+    from tiny_tokenizer import tiny_tokenizer
+
+    pc = PromptCache(tiny_model("falcon-alibi", attn_implementation="eager"), tiny_tokenizer(), progress=False)
+    pc.add_schema(FULL_SCHEMA)
+    assert pc.model.config._attn_implementation == "eager"
+    with torch.inference_mode():
+        alone = [Alone(pc, p, 4) for p in PROMPTS]
+        batch = BatchedDecodeBatch(pc.runner, max_rows=4)
+        rows = [Row(pc, batch, p) for p in PROMPTS]
+        for _ in range(4):
+            _step(batch, rows)
+        _check(rows, alone)

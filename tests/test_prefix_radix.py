@@ -11,7 +11,7 @@ from hypothesis.stateful import (Bundle, RuleBasedStateMachine, consumes, initia
 
 from promptcache.prefix import (LFUPolicy, PrefixCacheError, RadixTree, TTLPolicy,
                                 make_policy, sequence_split)
-from promptcache.prefix.radix import _common_len
+from promptcache.prefix.radix import common_len
 
 BPT = 3  # bytes per token in these tests: sizes stay exact under proportional splits
 
@@ -207,7 +207,7 @@ def test_common_len_matches_a_per_token_scan(edge, rest, offset):
     want = lcp(edge, key[offset:])
     if want == limit and limit == len(edge):
         return  # whole edge matches: the tree never asks
-    assert _common_len(edge, key, offset, limit) == want
+    assert common_len(edge, key, offset, limit) == want
 
 
 def test_long_edges_diverging_deep_inside():

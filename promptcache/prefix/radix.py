@@ -23,6 +23,9 @@ exceed ``max_bytes`` after an insert or unlock, or on explicit :meth:`RadixTree.
 ``lock(node)`` pins a node and all its ancestors for a running request.
 
 Not thread-safe: one tree per engine loop, or a lock around every call.
+
+Size (~590 lines): one data structure; its walk, split, lock and eviction bookkeeping share the
+node invariants (bytes, locks, the eviction queue) and would only leak them if split apart.
 """
 
 from __future__ import annotations
@@ -163,7 +166,7 @@ def sequence_split(value: Any, at: int) -> tuple[Any, Any]:
     return value[:at], value[at:]
 
 
-def _common_len(edge: tuple, key: tuple, i: int, limit: int) -> int:
+def common_len(edge: tuple, key: tuple, i: int, limit: int) -> int:
     """Length of the common prefix of ``edge`` and ``key[i:]``, at most ``limit``.
 
     Known: the first token matches and the whole window does not. Binary search over slice
@@ -291,7 +294,7 @@ class RadixTree:
                 i += m
                 node = child
                 continue
-            return node, i, child, _common_len(edge, key, i, min(m, n - i))
+            return node, i, child, common_len(edge, key, i, min(m, n - i))
         return node, i, None, 0
 
     def gather(self, result: MatchResult) -> list[Any]:

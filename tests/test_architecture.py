@@ -107,3 +107,30 @@ def test_lower_layers_do_not_import_upper_ones():
             if name.startswith(lower):
                 bad = sorted(d for d in deps if d.startswith(upper))
                 assert not bad, f"{name} imports {bad}"
+
+
+def private_imports(files: list[Path], packages: tuple[str, ...] = ("promptcache", "eval", "benchmarks")
+                    ) -> list[str]:
+    """``file:line name`` for each ``from <package>... import _name`` (a private name) in ``files``."""
+    found = []
+    for path in files:
+        for node in ast.walk(ast.parse(path.read_text(encoding="utf-8"))):
+            if isinstance(node, ast.ImportFrom) and node.module and node.module.split(".")[0] in packages:
+                found += [f"{path.name}:{node.lineno} {node.module}.{a.name}" for a in node.names
+                          if a.name.startswith("_") and not a.name.startswith("__")]
+    return found
+
+
+def test_issue14_tests_and_benchmarks_import_no_private_names():
+    """Tests, benchmarks and the scripts use public names only (issue 14: nothing outside a module
+    or class uses its private members; a name a test needs gets a public name)."""
+    repo = PACKAGE.parent
+    files = [*sorted((repo / "tests").glob("*.py")), *sorted((repo / "benchmarks").glob("*.py")),
+             *(p for p in (repo / "demo.py", repo / "eval.py", repo / "eval_acc.py") if p.exists())]
+    assert private_imports(files) == []
+
+
+def test_the_private_import_finder_sees_one(tmp_path):
+    bad = tmp_path / "t.py"
+    bad.write_text("from promptcache.prefix.radix import RadixTree, _common_len\nfrom os import _exit\n")
+    assert private_imports([bad]) == ["t.py:1 promptcache.prefix.radix._common_len"]

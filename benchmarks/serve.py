@@ -85,6 +85,9 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--port-ours", type=int, default=8401)
     p.add_argument("--port-vllm", type=int, default=8402)
     p.add_argument("--ours-args", default="", help="extra arguments for promptcache serve (one string)")
+    p.add_argument("--vllm-dtype", default="float32", choices=["float32", "bfloat16", "auto"],
+                   help="vLLM's --dtype (default float32, as our server on CPU; vLLM's own CPU default, auto, "
+                        "downcasts this float32 model to bfloat16)")
     p.add_argument("--vllm-args", default="", help="extra arguments for vLLM's server (one string)")
     p.add_argument("--startup-timeout", type=float, default=900.0, help="seconds to wait for a server")
     p.add_argument("--request-timeout", type=float, default=900.0, help="seconds per request")
@@ -111,7 +114,7 @@ def open_server(name: str, args, schema: Path, out: Path) -> Server:
                           out.with_suffix(".ours.log"), args.startup_timeout)
     python = find_vllm(args.vllm_venv or default_vllm_venv(), args.build_vllm)
     return start_vllm(python, model_folder(args.model), args.port_vllm, args.threads, args.max_batch,
-                      args.vllm_args.split(), out.with_suffix(".vllm.log"), args.startup_timeout)
+                      args.vllm_dtype, args.vllm_args.split(), out.with_suffix(".vllm.log"), args.startup_timeout)
 
 
 def bench_server(name: str, server: Server, work: Workloads, args, log, texts: dict) -> list[dict]:

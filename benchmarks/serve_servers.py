@@ -158,11 +158,12 @@ def start_ours(model: str, port: int, schema: Path, threads: int, max_batch: int
     return _spawn("ours", cmd, env, port, log, timeout_s)
 
 
-def start_vllm(python: Path, folder: str, port: int, threads: int, max_num_seqs: int, extra: list[str],
+def start_vllm(python: Path, folder: str, port: int, threads: int, max_num_seqs: int, dtype: str, extra: list[str],
                log: Path, timeout_s: float) -> Server:
     """vLLM's OpenAI server with prefix caching on (explicit), cached-token counts in ``usage`` (off by default
-    in vLLM), a 2 GiB CPU KV cache, offline, ``threads`` OpenMP threads."""
-    cmd = [str(python), "-m", "vllm.entrypoints.openai.api_server", "--model", folder,
+    in vLLM), a 2 GiB CPU KV cache, offline, ``threads`` OpenMP threads, weights in ``dtype`` (vLLM's CPU
+    default turns a float32 checkpoint into bfloat16; ours serves float32 on CPU)."""
+    cmd = [str(python), "-m", "vllm.entrypoints.openai.api_server", "--model", folder, "--dtype", dtype,
            "--served-model-name", "smollm2-vllm", "--host", "127.0.0.1", "--port", str(port),
            "--enable-prefix-caching", "--enable-prompt-tokens-details", "--max-num-seqs", str(max_num_seqs),
            *extra]

@@ -457,7 +457,7 @@ def test_issue15_inprocess_500_has_logged_id_and_no_traceback(tiny_app, monkeypa
     client, _, scheduler = tiny_app
 
     def broken(req):
-        raise RuntimeError("secret internal detail")
+        raise ArithmeticError("secret internal detail")  # not one the app maps to a 4xx or 503
 
     monkeypatch.setattr(scheduler, "submit", broken)
     with caplog.at_level(logging.ERROR, logger="promptcache.serve"):

@@ -21,7 +21,6 @@ import re
 import socket
 import subprocess
 import sys
-import threading
 import time
 import urllib.error
 import urllib.request
@@ -434,6 +433,9 @@ def test_issue15_inprocess_401_and_no_key(tiny_app):
     assert r.status_code == 401 and r.json()["error"]["message"] == "invalid API key"
     r = client.post("/v1/completions", json=body, headers={"Authorization": ""})
     assert r.status_code == 401 and "missing" in r.json()["error"]["message"]
+    r = client.post("/v1/completions", content=b"{not json", headers={"Authorization": "Bearer wrong",
+                                                                    "Content-Type": "application/json"})
+    assert r.status_code == 401  # the key is checked before the body is validated
     assert client.get("/health", headers={"Authorization": ""}).status_code == 200
 
 

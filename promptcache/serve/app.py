@@ -143,6 +143,7 @@ def create_app(pc, scheduler, config: ServeConfig, metrics: ServeMetrics | None 
         return config.max_schema_body_bytes if path.rstrip("/") == "/v1/schemas" else config.max_body_bytes
 
     app.add_middleware(BodyLimit, limit_for=limit_for, metrics=metrics)
+    app.add_middleware(KeyGate, config=config, metrics=metrics)  # added last: runs first
     _install_error_handlers(app, metrics)
     _add_info_routes(app, pc, scheduler, config, metrics)
     _add_generation_routes(app, pc, scheduler, config, metrics)
@@ -164,10 +165,7 @@ def _install_error_handlers(app: FastAPI, metrics: ServeMetrics) -> None:
     @app.exception_handler(AuthError)
     async def _auth_error(request: Request, exc: AuthError) -> JSONResponse:
         metrics.rejected("unauthorized")
-        headers = {"WWW-Authenticate": "Bearer"} if exc.status == 401 else {}
-        return ApiError(exc.status, exc.message, type_="authentication_error" if exc.status == 401
-                        else "permission_error", code="invalid_api_key" if exc.status == 401 else "forbidden",
-                        headers=headers).response()
+        return _auth_response(exc)
 
     @app.exception_handler(BodyTooLarge)
     async def _too_large(request: Request, exc: BodyTooLarge) -> JSONResponse:
@@ -206,18 +204,47 @@ def _install_error_handlers(app: FastAPI, metrics: ServeMetrics) -> None:
         return internal_error(exc, f"{request.method} {request.url.path}").response()
 
 
-def _api_key(config: ServeConfig) -> Callable[[Request], None]:
-    def check(request: Request) -> None:
-        check_api_key(request.headers.get("authorization"), config.api_key, config.admin_key)
-    return check
+class KeyGate:
+    """ASGI middleware: every ``/v1/`` request needs the API key, schema changes the admin key.
+
+    Checked before anything reads or validates the body, so a client without a key learns
+    nothing from parse errors and costs no parsing. ``/health`` and ``/metrics`` are open.
+    """
+
+    def __init__(self, app, config: ServeConfig, metrics: ServeMetrics) -> None:
+        self.app, self.config, self.metrics = app, config, metrics
+
+    async def __call__(self, scope, receive, send) -> None:
+        if scope["type"] == "http" and scope.get("path", "").startswith("/v1/"):
+            headers = dict(scope.get("headers") or [])
+            authorization = headers.get(b"authorization", b"").decode("latin-1") or None
+            try:
+                if _is_admin_route(scope["method"], scope["path"]):
+                    check_admin_key(authorization, self.config.admin_key)
+                else:
+                    check_api_key(authorization, self.config.api_key, self.config.admin_key)
+            except AuthError as e:
+                self.metrics.rejected("unauthorized")
+                await _auth_response(e)(scope, receive, send)
+                return
+        await self.app(scope, receive, send)
+
+
+def _is_admin_route(method: str, path: str) -> bool:
+    return method in ("POST", "PUT", "PATCH", "DELETE") and path.rstrip("/").startswith("/v1/schemas")
+
+
+def _auth_response(exc: AuthError) -> JSONResponse:
+    headers = {"WWW-Authenticate": "Bearer"} if exc.status == 401 else {}
+    return ApiError(exc.status, exc.message, type_="authentication_error" if exc.status == 401
+                    else "permission_error", code="invalid_api_key" if exc.status == 401 else "forbidden",
+                    headers=headers).response()
 
 
 # ---------------------------------------------------------------- /health, /metrics, /v1/models
 
 
 def _add_info_routes(app: FastAPI, pc, scheduler, config: ServeConfig, metrics: ServeMetrics) -> None:
-    api_key = _api_key(config)
-
     @app.get("/health")
     async def health() -> JSONResponse:
         stats = scheduler.stats()
@@ -233,8 +260,7 @@ def _add_info_routes(app: FastAPI, pc, scheduler, config: ServeConfig, metrics: 
         return Response(body, media_type=content_type)
 
     @app.get("/v1/models")
-    async def models(request: Request) -> dict:
-        api_key(request)
+    async def models() -> dict:
         card = P.ModelCard(id=config.model_name, created=config.created or P.now())
         return P.ModelList(data=[card]).model_dump()
 
@@ -243,11 +269,8 @@ def _add_info_routes(app: FastAPI, pc, scheduler, config: ServeConfig, metrics: 
 
 
 def _add_generation_routes(app: FastAPI, pc, scheduler, config: ServeConfig, metrics: ServeMetrics) -> None:
-    api_key = _api_key(config)
-
     @app.post("/v1/completions")
     async def completions(body: P.CompletionRequest, request: Request) -> Response:
-        api_key(request)
         prompt = body.prompt_text()
         await _check_request(body, config, pc, prompt)
         max_tokens = body.max_tokens if body.max_tokens is not None else config.default_max_tokens
@@ -255,7 +278,6 @@ def _add_generation_routes(app: FastAPI, pc, scheduler, config: ServeConfig, met
 
     @app.post("/v1/chat/completions")
     async def chat_completions(body: P.ChatCompletionRequest, request: Request) -> Response:
-        api_key(request)
         await _check_request(body, config, pc, None)
         try:
             messages = body.chat_messages()
@@ -438,8 +460,6 @@ async def _stream(handle, events: AsyncIterator, first, rid: str, body: P._Gener
 
 
 def _add_schema_routes(app: FastAPI, pc, scheduler, config: ServeConfig) -> None:
-    api_key = _api_key(config)
-
     @app.post("/v1/schemas", status_code=201)
     async def add_schema(request: Request) -> JSONResponse:
         check_admin_key(request.headers.get("authorization"), config.admin_key)
@@ -472,8 +492,7 @@ def _add_schema_routes(app: FastAPI, pc, scheduler, config: ServeConfig) -> None
         return JSONResponse(info, status_code=201)
 
     @app.get("/v1/schemas")
-    async def list_schemas(request: Request) -> dict:
-        api_key(request)
+    async def list_schemas() -> dict:
 
         def summaries(engine) -> list[dict]:
             return [_schema_summary(engine, name) for name in sorted(engine.schemas)]
@@ -482,8 +501,7 @@ def _add_schema_routes(app: FastAPI, pc, scheduler, config: ServeConfig) -> None
         return {"object": "list", "data": data}
 
     @app.get("/v1/schemas/{name}")
-    async def get_schema(name: str, request: Request) -> dict:
-        api_key(request)
+    async def get_schema(name: str) -> dict:
         info = await _engine(scheduler, lambda engine: _schema_info(engine, name), config.info_call_timeout_s)
         if info is None:
             raise _no_schema(name)

@@ -330,3 +330,15 @@ def test_partial_recompute_moves_toward_the_anchor(family):
         assert kls["full"] < 1e-8
         assert kls["none"] > 1e-4
         assert kls["deviation:0.3"] < kls["none"]
+
+
+def test_recompute_generate_reports_ttft_and_releases_its_pins():
+    """The fused recompute prefill finishes inside begin(): the request must still time its first
+    token and unpin its modules (regression: ttft_s stayed None, eval_acc --recompute-sweep failed)."""
+    pc = deep_cache("llama")
+    pc.add_schema(FULL_SCHEMA)
+    for policy in ("boundary:3", "full"):
+        res = pc.generate(MULTI, max_new_tokens=2, recompute=policy)
+        assert res.recomputed_tokens > 0
+        assert res.ttft_s is not None and 0 < res.ttft_s <= res.total_s
+    assert pc.module_cache.report()["device"]["pinned"] == 0

@@ -430,7 +430,9 @@ class ActiveRequest:
         """Run (the next chunk of) the prefill; True once it is complete. Aborts on error."""
         if self.closed:
             raise RuntimeError("this request has already finished or been aborted")
-        if self.job.done:
+        if self.job.done:  # e.g. a fused recompute prefill, finished before the request began
+            if self.ttft_s is None:
+                self._prefilled()
             return True
         try:
             self.job.step(max_tokens)

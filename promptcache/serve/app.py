@@ -9,120 +9,35 @@ engine thread between decode steps.
 Errors are OpenAI's shape, ``{"error": {"message", "type", "param", "code"}}``:
 400 bad request or PML (the PML message with line and column), 401 key, 403 admin actions off,
 404 unknown model, schema or route, 413 body too large, 429 queue full (``Retry-After``), 500
-anything unexpected (an id that is also in the log; never a traceback). See docs/serve.md.
+anything unexpected (an id that is also in the log; never a traceback); they live in
+:mod:`.errors`, the schema endpoints in :mod:`.schemas`. See docs/serve.md.
 """
 
 from __future__ import annotations
 
 import asyncio
 import json
-import logging
 import math
-import uuid
-from typing import Any, AsyncIterator, Callable
+from typing import Any, AsyncIterator
 
 from fastapi import FastAPI, Request
-from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse, Response, StreamingResponse
 from starlette.concurrency import run_in_threadpool
-from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from ..pml.errors import PMLError
-from ..pml.parser import parse_prompt, parse_schema
+from ..pml.parser import parse_prompt
 from ..prefix.runner import is_pml_prompt
 from ..recompute import parse_policy
 from ..runtime.sampling import SamplingOptions
 from . import protocol as P
-from .auth import AuthError, check_admin_key, check_api_key
 from .config import ServeConfig
+from .errors import ApiError, BodyLimit, KeyGate, engine_error, install_error_handlers, internal_error
 from .metrics import ServeMetrics
+from .schemas import add_schema_routes
 
-log = logging.getLogger("promptcache.serve")
 
 SSE_HEADERS = {"Cache-Control": "no-cache", "X-Accel-Buffering": "no"}
 DISCONNECT_POLL_S = 0.5
-
-
-# ---------------------------------------------------------------- errors
-
-
-class ApiError(Exception):
-    """An error answered in OpenAI's shape with ``status``."""
-
-    def __init__(self, status: int, message: str, type_: str = "invalid_request_error",
-                 param: str | None = None, code: str | None = None,
-                 headers: dict[str, str] | None = None, outcome: str = "invalid") -> None:
-        super().__init__(message)
-        self.status, self.message, self.type, self.param, self.code = status, message, type_, param, code
-        self.headers = headers or {}
-        self.outcome = outcome
-
-    def body(self) -> dict:
-        return {"error": {"message": self.message, "type": self.type, "param": self.param, "code": self.code}}
-
-    def response(self) -> JSONResponse:
-        return JSONResponse(self.body(), status_code=self.status, headers=self.headers)
-
-
-class BodyTooLarge(Exception):
-    """Raised from the body reader when a request body passes its limit (answered 413)."""
-
-    def __init__(self, limit: int, seen: int) -> None:
-        super().__init__(f"request body is larger than the limit of {limit} bytes (got at least {seen})")
-        self.limit, self.seen = limit, seen
-
-
-def too_large(limit: int, seen: int) -> ApiError:
-    return ApiError(413, f"request body of {seen} bytes is over the limit of {limit} bytes",
-                    code="request_too_large", outcome="too_large")
-
-
-def internal_error(exc: BaseException, where: str) -> ApiError:
-    """A 500 whose id is logged with the traceback; the body carries the id only."""
-    error_id = uuid.uuid4().hex[:16]
-    log.error("internal error %s in %s: %s", error_id, where, exc,
-              exc_info=(type(exc), exc, exc.__traceback__))
-    return ApiError(500, f"internal server error (id {error_id}; the server log has the details)",
-                    type_="server_error", code="internal_error", outcome="error")
-
-
-def engine_error(exc: BaseException, where: str) -> ApiError:
-    """An exception from the engine: PML and value errors are the client's (400), the rest 500."""
-    if isinstance(exc, PMLError):
-        return ApiError(400, str(exc), param="prompt", code="pml_error")
-    if isinstance(exc, (ValueError, TypeError)):  # window, special-token injection, bad arguments (scheduler contract)
-        return ApiError(400, str(exc), code="invalid_value")
-    return internal_error(exc, where)
-
-
-class BodyLimit:
-    """ASGI middleware: refuse bodies over a per-path limit, by ``Content-Length`` and while reading."""
-
-    def __init__(self, app, limit_for: Callable[[str], int], metrics: ServeMetrics) -> None:
-        self.app, self.limit_for, self.metrics = app, limit_for, metrics
-
-    async def __call__(self, scope, receive, send) -> None:
-        if scope["type"] != "http":
-            await self.app(scope, receive, send)
-            return
-        limit = self.limit_for(scope.get("path", ""))
-        declared = dict(scope.get("headers") or []).get(b"content-length")
-        if declared is not None and declared.isdigit() and int(declared) > limit:
-            self.metrics.rejected("too_large")
-            await too_large(limit, int(declared)).response()(scope, receive, send)
-            return
-        seen = 0
-
-        async def limited_receive():
-            nonlocal seen
-            message = await receive()
-            if message["type"] == "http.request":
-                seen += len(message.get("body", b""))
-                if seen > limit:
-                    raise BodyTooLarge(limit, seen)
-            return message
-
-        await self.app(scope, limited_receive, send)
 
 
 # ---------------------------------------------------------------- the app
@@ -144,101 +59,16 @@ def create_app(pc, scheduler, config: ServeConfig, metrics: ServeMetrics | None 
 
     app.add_middleware(BodyLimit, limit_for=limit_for, metrics=metrics)
     app.add_middleware(KeyGate, config=config, metrics=metrics)  # added last: runs first
-    _install_error_handlers(app, metrics)
+    install_error_handlers(app, metrics)
     _add_info_routes(app, pc, scheduler, config, metrics)
     _add_generation_routes(app, pc, scheduler, config, metrics)
-    _add_schema_routes(app, pc, scheduler, config)
+    add_schema_routes(app, pc, scheduler, config)
     return app
 
 
 def _tier_report(scheduler, config: ServeConfig) -> dict:
     """Module-cache tiers, read on the engine thread (a scrape must not race a schema change)."""
     return scheduler.call(lambda pc: pc.memory_report()["tiers"], timeout=config.metrics_call_timeout_s)
-
-
-def _install_error_handlers(app: FastAPI, metrics: ServeMetrics) -> None:
-    @app.exception_handler(ApiError)
-    async def _api_error(request: Request, exc: ApiError) -> JSONResponse:
-        metrics.rejected(exc.outcome)
-        return exc.response()
-
-    @app.exception_handler(AuthError)
-    async def _auth_error(request: Request, exc: AuthError) -> JSONResponse:
-        metrics.rejected("unauthorized")
-        return _auth_response(exc)
-
-    @app.exception_handler(BodyTooLarge)
-    async def _too_large(request: Request, exc: BodyTooLarge) -> JSONResponse:
-        metrics.rejected("too_large")
-        return too_large(exc.limit, exc.seen).response()
-
-    @app.exception_handler(RequestValidationError)
-    async def _invalid(request: Request, exc: RequestValidationError) -> JSONResponse:
-        metrics.rejected("invalid")
-        errors = exc.errors()
-        first = errors[0] if errors else {}
-        loc = [str(x) for x in first.get("loc", ()) if x != "body"]
-        param = ".".join(loc) or None
-        message = first.get("msg", "invalid request")
-        if first.get("type") == "json_invalid":
-            message, param = "the request body is not valid JSON", None
-        elif param:
-            message = f"{param}: {message}"
-        if len(errors) > 1:
-            message += f" (and {len(errors) - 1} more problem(s))"
-        return ApiError(400, message, param=param, code="invalid_request").response()
-
-    @app.exception_handler(StarletteHTTPException)
-    async def _http(request: Request, exc: StarletteHTTPException) -> JSONResponse:
-        cause = exc.__cause__ or exc.__context__
-        if isinstance(cause, BodyTooLarge):  # FastAPI wraps body-reading errors in a 400
-            return await _too_large(request, cause)
-        metrics.rejected("not_found" if exc.status_code == 404 else "invalid")
-        message = (f"no route {request.method} {request.url.path}" if exc.status_code == 404
-                   else str(exc.detail))
-        return ApiError(exc.status_code, message, code="not_found" if exc.status_code == 404 else None).response()
-
-    @app.exception_handler(Exception)
-    async def _unexpected(request: Request, exc: Exception) -> JSONResponse:
-        metrics.rejected("error")
-        return internal_error(exc, f"{request.method} {request.url.path}").response()
-
-
-class KeyGate:
-    """ASGI middleware: every ``/v1/`` request needs the API key, schema changes the admin key.
-
-    Checked before anything reads or validates the body, so a client without a key learns
-    nothing from parse errors and costs no parsing. ``/health`` and ``/metrics`` are open.
-    """
-
-    def __init__(self, app, config: ServeConfig, metrics: ServeMetrics) -> None:
-        self.app, self.config, self.metrics = app, config, metrics
-
-    async def __call__(self, scope, receive, send) -> None:
-        if scope["type"] == "http" and scope.get("path", "").startswith("/v1/"):
-            headers = dict(scope.get("headers") or [])
-            authorization = headers.get(b"authorization", b"").decode("latin-1") or None
-            try:
-                if _is_admin_route(scope["method"], scope["path"]):
-                    check_admin_key(authorization, self.config.admin_key)
-                else:
-                    check_api_key(authorization, self.config.api_key, self.config.admin_key)
-            except AuthError as e:
-                self.metrics.rejected("unauthorized")
-                await _auth_response(e)(scope, receive, send)
-                return
-        await self.app(scope, receive, send)
-
-
-def _is_admin_route(method: str, path: str) -> bool:
-    return method in ("POST", "PUT", "PATCH", "DELETE") and path.rstrip("/").startswith("/v1/schemas")
-
-
-def _auth_response(exc: AuthError) -> JSONResponse:
-    headers = {"WWW-Authenticate": "Bearer"} if exc.status == 401 else {}
-    return ApiError(exc.status, exc.message, type_="authentication_error" if exc.status == 401
-                    else "permission_error", code="invalid_api_key" if exc.status == 401 else "forbidden",
-                    headers=headers).response()
 
 
 # ---------------------------------------------------------------- /health, /metrics, /v1/models
@@ -454,116 +284,3 @@ async def _stream(handle, events: AsyncIterator, first, rid: str, body: P._Gener
     finally:
         watcher.cancel()
         handle.cancel()
-
-
-# ---------------------------------------------------------------- schemas
-
-
-def _add_schema_routes(app: FastAPI, pc, scheduler, config: ServeConfig) -> None:
-    @app.post("/v1/schemas", status_code=201)
-    async def add_schema(request: Request) -> JSONResponse:
-        check_admin_key(request.headers.get("authorization"), config.admin_key)
-        data = await request.body()
-        if not data.strip():
-            raise ApiError(400, "the request body must be a PML schema document (XML)", code="empty_body")
-        root = config.allowed_schema_root
-        try:  # parsed here, off the engine thread; src= resolves only inside the allowed root, if any
-            schema = await run_in_threadpool(parse_schema, data, None, root, allowed_root=root)
-        except PMLError as e:
-            raise ApiError(400, str(e), code="pml_error") from None
-        replaced = schema.name in pc.schemas
-
-        def add(engine):
-            report = engine.add_schema(schema)
-            return report, _schema_info(engine, schema.name)
-
-        try:
-            report, info = await run_in_threadpool(scheduler.call, add, config.schema_call_timeout_s)
-        except PMLError as e:  # layout errors: context window, parameter lengths...
-            raise ApiError(400, str(e), code="pml_error") from None
-        except ValueError as e:
-            raise ApiError(400, str(e), code="invalid_value") from None
-        except TimeoutError:
-            raise _busy(config.schema_call_timeout_s) from None
-        info["replaced"] = replaced
-        info["encode"] = {"encoded_segments": report.encoded_segments, "forwards": report.forwards,
-                          "encode_ms": round(report.encode_s * 1000, 3), "store_hits": report.store_hits}
-        log.info("schema %r added (%d positions)", schema.name, info["tokens"])
-        return JSONResponse(info, status_code=201)
-
-    @app.get("/v1/schemas")
-    async def list_schemas() -> dict:
-
-        def summaries(engine) -> list[dict]:
-            return [_schema_summary(engine, name) for name in sorted(engine.schemas)]
-
-        data = await _engine(scheduler, summaries, config.info_call_timeout_s)
-        return {"object": "list", "data": data}
-
-    @app.get("/v1/schemas/{name}")
-    async def get_schema(name: str) -> dict:
-        info = await _engine(scheduler, lambda engine: _schema_info(engine, name), config.info_call_timeout_s)
-        if info is None:
-            raise _no_schema(name)
-        return info
-
-    @app.delete("/v1/schemas/{name}")
-    async def delete_schema(name: str, request: Request) -> dict:
-        check_admin_key(request.headers.get("authorization"), config.admin_key)
-
-        def remove(engine) -> bool:
-            if name not in engine.schemas:
-                return False
-            engine.remove_schema(name)
-            return True
-
-        if not await _engine(scheduler, remove, config.info_call_timeout_s):
-            raise _no_schema(name)
-        log.info("schema %r deleted", name)
-        return {"id": name, "object": "schema", "deleted": True}
-
-
-async def _engine(scheduler, fn: Callable, timeout_s: float):
-    """``fn(pc)`` on the engine thread (between decode steps), waited for off the event loop."""
-    try:
-        return await run_in_threadpool(scheduler.call, fn, timeout_s)
-    except TimeoutError:
-        raise _busy(timeout_s) from None
-
-
-def _busy(timeout_s: float) -> ApiError:
-    return ApiError(503, f"the engine did not run this within {timeout_s:g} s; try again later",
-                    type_="server_error", code="engine_busy", headers={"Retry-After": "5"}, outcome="error")
-
-
-def _no_schema(name: str) -> ApiError:
-    return ApiError(404, f"schema {name!r} has not been added to this server", param="name",
-                    code="schema_not_found", outcome="not_found")
-
-
-def _schema_summary(engine, name: str) -> dict:
-    state = engine.schemas[name]
-    layout = state.layout
-    return {"id": name, "object": "schema", "modules": sum(1 for p in layout.modules if p),
-            "unions": len(layout.unions), "tokens": layout.length,
-            "cached_tokens": state.report.stored_tokens, "bytes": state.report.bytes}
-
-
-def _schema_info(engine, name: str) -> dict | None:
-    """What GET /v1/schemas/{name} shows: modules, unions, parameters, tokens and memory."""
-    state = engine.schemas.get(name)
-    if state is None:
-        return None
-    layout = state.layout
-    modules = [{"name": "/".join(path), "cache": info.cache, "start": info.start, "end": info.end,
-                "tokens": info.end - info.start, "union": info.union,
-                "parameters": {p: len(seg.tokens) for p, seg in info.parameters.items()}}
-               for path, info in layout.modules.items() if path]
-    unions = [{"index": u.index, "parent": "/".join(u.parent), "start": u.start, "length": u.length,
-               "members": ["/".join(m) for m in u.members],
-               "scaffold": "/".join(u.members[u.scaffold]) if u.scaffold is not None else None}
-              for u in layout.unions]
-    parameters = [{"module": m["name"], "name": p, "length": n} for m in modules for p, n in m["parameters"].items()]
-    memory = [row for row in engine.memory_report()["modules"] if row["schema"] == name]
-    return {**_schema_summary(engine, name), "open_role": layout.open_role, "modules": modules,
-            "unions": unions, "parameters": parameters, "memory": memory}

@@ -1,0 +1,294 @@
+"""promptcache module caches inside vLLM: ``PromptCacheConnector`` (a KV connector) and :func:`render`.
+
+Use (see docs/vllm.md)::
+
+    from promptcache.integrations.vllm import KeyContext, render
+    ids, params = render(prompt_pml, schema, keys=KeyContext.from_model(model, tokenizer), store=DIR)
+    llm = LLM(model=HF_DIR, dtype="float32", kv_transfer_config=KVTransferConfig(
+        kv_connector="PromptCacheConnector", kv_connector_module_path="promptcache.integrations.vllm",
+        kv_role="kv_both", kv_connector_extra_config={"store": DIR}))
+    llm.generate({"prompt_token_ids": ids},
+                 SamplingParams(temperature=0, extra_args={"kv_transfer_params": params}))
+
+Scheduler side (:meth:`get_num_new_matched_tokens`): the request's ``kv_transfer_params`` list the
+leading spans (content key, start, length, sha256 of the span's token ids); the connector checks
+each span's tokens against the request's prompt and its key against the store, and reports the
+covered run, cut to whole blocks and never including the last prompt token (vLLM computes that
+one to produce the first logits). Worker side (:meth:`start_load_kv`): the entries' per-layer
+``[kv_heads, n, head_dim]`` keys and values are written into the request's paged blocks through
+the attention backend's own ``do_kv_cache_update`` (the same kernel vLLM's forward uses), so the
+connector does not depend on the backend's block layout (CPU: ``[blocks, heads, block, 2*dim]``).
+An entry stored at another offset than the one its key is used at (same relative layout) is
+re-rotated (RoPE ``default`` only).
+
+Save side: not implemented yet (``save_kv_layer``/``wait_for_save`` do nothing): entries come from
+promptcache (``promptcache encode`` or ``PromptCache(..., store=...)``).
+
+``import promptcache`` never imports this module; importing it imports vLLM when vLLM is
+installed. Without vLLM only :func:`render` (request side) is available here.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+import time
+from dataclasses import dataclass, field
+from typing import TYPE_CHECKING, Any
+
+from .vllm_render import PARAMS_KEY, KeyContext, render, supplied_tokens, tokens_digest
+
+__all__ = ["KeyContext", "render", "supplied_tokens", "PromptCacheConnector", "VLLM_AVAILABLE"]
+
+logger = logging.getLogger("promptcache.vllm")
+
+try:  # vLLM is an optional extra: the request side works without it.
+    import torch
+    from vllm.distributed.kv_transfer.kv_connector.v1.base import (
+        KVConnectorBase_V1,
+        KVConnectorMetadata,
+        KVConnectorRole,
+    )
+    VLLM_AVAILABLE = True
+except ImportError:  # pragma: no cover - exercised where vLLM is absent
+    VLLM_AVAILABLE = False
+
+if TYPE_CHECKING:  # pragma: no cover
+    from vllm.forward_context import ForwardContext
+
+
+@dataclass
+class SpanRef:
+    """One stored entry supplying tokens ``start .. start+length-1`` of a request."""
+
+    key: str
+    start: int
+    length: int
+    base: int
+
+
+@dataclass
+class LoadJob:
+    """What one request loads this step: tokens ``lo .. hi-1`` of the concatenated spans."""
+
+    req_id: str
+    spans: list[SpanRef]
+    lo: int
+    hi: int
+    block_ids: list[int]
+
+
+def _spans_of(params: dict[str, Any] | None) -> list[dict[str, Any]]:
+    """The span list of a request's ``kv_transfer_params`` (empty when absent or malformed)."""
+    pc = (params or {}).get(PARAMS_KEY) if isinstance(params, dict) else None
+    spans = pc.get("spans") if isinstance(pc, dict) else None
+    return spans if isinstance(spans, list) else []
+
+
+def _default_inv_freq(hf_config, head_dim: int):
+    """RoPE frequencies of a ``default`` rope config, or ``None`` when the type is another one."""
+    rope = getattr(hf_config, "rope_parameters", None) or getattr(hf_config, "rope_scaling", None) or {}
+    rope_type = rope.get("rope_type", rope.get("type", "default")) if isinstance(rope, dict) else "default"
+    theta = (rope.get("rope_theta") if isinstance(rope, dict) else None) or getattr(hf_config, "rope_theta", None)
+    if rope_type != "default" or theta is None:
+        return None
+    return 1.0 / (float(theta) ** (torch.arange(0, head_dim, 2, dtype=torch.float64) / head_dim))
+
+
+if VLLM_AVAILABLE:
+
+    @dataclass
+    class PromptCacheConnectorMetadata(KVConnectorMetadata):
+        """Scheduler -> worker: the loads of this step."""
+
+        loads: list[LoadJob] = field(default_factory=list)
+
+    class PromptCacheConnector(KVConnectorBase_V1):
+        """vLLM KV connector fed by a promptcache module store (see the module docstring).
+
+        ``kv_connector_extra_config``: ``store`` (directory, ``redis://...``; required), ``log``
+        (optional path of a JSON-lines log: one line per matched and per loaded request).
+        """
+
+        def __init__(self, vllm_config, role, kv_cache_config=None) -> None:
+            super().__init__(vllm_config=vllm_config, role=role, kv_cache_config=kv_cache_config)
+            url = self._kv_transfer_config.get_from_extra_config("store", None)
+            if not url:
+                raise ValueError("PromptCacheConnector: kv_connector_extra_config must name a 'store' "
+                                 "(a directory or redis://...)")
+            from ..store import open_store
+
+            self._store = open_store(str(url), create=False)
+            self._log_path = self._kv_transfer_config.get_from_extra_config("log", None)
+            self._block_size = vllm_config.cache_config.block_size
+            self._matched: dict[str, tuple[int, int, list[SpanRef]]] = {}  # req -> (local, end, spans)
+            self._pending: dict[str, Any] = {}  # req -> (request, lo, hi, spans)
+            mc = vllm_config.model_config
+            self._hf_config = mc.hf_config
+            self._head_dim = mc.get_head_size()
+            self._inv_freq = None
+
+        # ---------------------------------------------------------------- log
+
+        def _log(self, **record: Any) -> None:
+            """One JSON line to the configured log (tests and operators read it)."""
+            if not self._log_path:
+                return
+            record["t"] = time.time()
+            with open(self._log_path, "a", encoding="utf-8") as f:
+                f.write(json.dumps(record) + "\n")
+
+        # ---------------------------------------------------------------- scheduler side
+
+        def _covered(self, request) -> tuple[int, list[SpanRef]]:
+            """Leading prompt tokens the params' spans cover, checked against tokens and store."""
+            ids = list(request.prompt_token_ids or [])
+            n, refs = 0, []
+            for s in _spans_of(getattr(request, "kv_transfer_params", None)):
+                try:
+                    start, length, key = int(s["start"]), int(s["length"]), str(s["key"])
+                    base, sha = int(s.get("base", 0)), str(s["tokens_sha256"])
+                except (KeyError, TypeError, ValueError):
+                    logger.warning("promptcache: request %s: malformed span %r ignored", request.request_id, s)
+                    break
+                if start != n or length <= 0 or start + length > len(ids):
+                    break
+                if tokens_digest(ids[start:start + length]) != sha:
+                    logger.warning("promptcache: request %s: span at %d does not match the prompt's tokens",
+                                   request.request_id, start)
+                    break
+                if not self._store.contains(key):
+                    break
+                refs.append(SpanRef(key, start, length, base))
+                n += length
+            return n, refs
+
+        def get_num_new_matched_tokens(self, request, num_computed_tokens: int) -> tuple[int | None, bool]:
+            """Whole blocks of the covered run beyond what vLLM already has, minus the last token."""
+            covered, refs = self._covered(request)
+            prompt_len = len(request.prompt_token_ids or [])
+            end = min(covered, prompt_len - 1) // self._block_size * self._block_size
+            if end <= num_computed_tokens:
+                self._matched.pop(request.request_id, None)
+                return 0, False
+            self._matched[request.request_id] = (num_computed_tokens, end, refs)
+            return end - num_computed_tokens, False
+
+        def update_state_after_alloc(self, request, blocks, num_external_tokens: int) -> None:
+            """Remember the load once vLLM has allocated blocks for the matched tokens."""
+            if num_external_tokens <= 0:
+                return
+            local, end, refs = self._matched[request.request_id]
+            lo = end - num_external_tokens
+            self._pending[request.request_id] = (request, lo, end, refs)
+            self._log(event="matched", req_id=request.request_id, local=local, lo=lo, hi=end,
+                      tokens=num_external_tokens, keys=[r.key for r in refs])
+
+        def build_connector_meta(self, scheduler_output) -> KVConnectorMetadata:
+            """The loads of requests scheduled this step (new ones, or resumed after preemption)."""
+            meta = PromptCacheConnectorMetadata()
+            for new in scheduler_output.scheduled_new_reqs:
+                job = self._pending.pop(new.req_id, None)
+                if job is not None:
+                    _, lo, hi, refs = job
+                    meta.loads.append(LoadJob(new.req_id, refs, lo, hi, list(new.block_ids[0])))
+            cached = scheduler_output.scheduled_cached_reqs
+            for i, req_id in enumerate(cached.req_ids):
+                job = self._pending.get(req_id)
+                if job is None or req_id not in cached.resumed_req_ids:
+                    continue
+                new_block_ids = cached.new_block_ids[i]
+                if new_block_ids is None:
+                    continue
+                _, lo, hi, refs = self._pending.pop(req_id)
+                meta.loads.append(LoadJob(req_id, refs, lo, hi, list(new_block_ids[0])))
+            return meta
+
+        def request_finished(self, request, block_ids):
+            self._matched.pop(request.request_id, None)
+            self._pending.pop(request.request_id, None)
+            return False, None
+
+        # ---------------------------------------------------------------- worker side
+
+        def register_kv_caches(self, kv_caches: dict[str, torch.Tensor]) -> None:
+            """Nothing to prepare: writes go through each layer's backend; shapes logged once."""
+            shapes = {tuple(t.shape) for t in kv_caches.values()}
+            logger.info("promptcache: %d KV cache layers, shapes %s", len(kv_caches), shapes)
+
+        def _entry_kv(self, spans: list[SpanRef]):
+            """Per layer ``(keys, values)`` ``[heads, n, dim]`` of the spans, concatenated, re-rotated."""
+            from ..modules.relocate import rotate_keys, rotation
+
+            ks: list[list[torch.Tensor]] = []
+            vs: list[list[torch.Tensor]] = []
+            for ref in spans:
+                entry = self._store.get(ref.key)
+                if entry is None:
+                    raise RuntimeError(f"promptcache: store entry {ref.key[:16]} vanished between "
+                                       "scheduling and loading")
+                keys, values = entry.kv.keys, entry.kv.values
+                offset = int(entry.meta.get("offset", ref.base))
+                if offset != ref.base:
+                    if self._inv_freq is None:
+                        self._inv_freq = _default_inv_freq(self._hf_config, self._head_dim)
+                    if self._inv_freq is None:
+                        raise RuntimeError("promptcache: entry stored at another offset and this model's "
+                                           "RoPE is not 'default': cannot re-rotate")
+                    cos, sin = rotation(self._inv_freq, ref.base - offset, keys[0].device)
+                    keys = [rotate_keys(k, cos, sin) for k in keys]
+                ks.append([k[:, :ref.length] for k in keys])
+                vs.append([v[:, :ref.length] for v in values])
+            n_layers = len(ks[0])
+            return ([torch.cat([s[i] for s in ks], dim=1) for i in range(n_layers)],
+                    [torch.cat([s[i] for s in vs], dim=1) for i in range(n_layers)])
+
+        def start_load_kv(self, forward_context: "ForwardContext", **kwargs: Any) -> None:
+            """Write each load's tokens into its paged blocks, layer by layer, synchronously."""
+            from vllm.model_executor.models.utils import extract_layer_index
+
+            meta = self._get_connector_metadata()
+            if not isinstance(meta, PromptCacheConnectorMetadata) or not meta.loads:
+                return
+            if forward_context.attn_metadata is None:
+                return
+            layers = [(name, layer) for name, layer in forward_context.no_compile_layers.items()
+                      if hasattr(layer, "impl") and getattr(layer, "kv_cache", None) is not None
+                      and hasattr(layer.impl, "do_kv_cache_update")]
+            bs = self._block_size
+            for job in meta.loads:
+                t0 = time.perf_counter()
+                keys, values = self._entry_kv(job.spans)
+                if len(keys) != len(layers):
+                    raise RuntimeError(f"promptcache: entries have {len(keys)} layers, vLLM has "
+                                       f"{len(layers)} attention layers (another model?)")
+                pos = torch.arange(job.lo, job.hi)
+                blocks = torch.tensor(job.block_ids, dtype=torch.long)
+                slots = blocks[pos // bs] * bs + pos % bs
+                for name, layer in layers:
+                    idx = extract_layer_index(name)
+                    cache = layer.kv_cache
+                    k = keys[idx][:, job.lo:job.hi].transpose(0, 1).to(cache.device)
+                    v = values[idx][:, job.lo:job.hi].transpose(0, 1).to(cache.device)
+                    want = (layer.num_kv_heads, layer.head_size)
+                    if tuple(k.shape[1:]) != want:
+                        raise RuntimeError(f"promptcache: entry heads/dim {tuple(k.shape[1:])} != vLLM {want}")
+                    dtype = getattr(layer, "dtype", None) or k.dtype
+                    if cache.dtype in (torch.float32, torch.float16, torch.bfloat16):
+                        dtype = cache.dtype
+                    layer.impl.do_kv_cache_update(layer, k.to(dtype).contiguous(), v.to(dtype).contiguous(),
+                                                  cache, slots.to(cache.device))
+                self._log(event="loaded", req_id=job.req_id, lo=job.lo, hi=job.hi, tokens=job.hi - job.lo,
+                          layers=len(layers), ms=round((time.perf_counter() - t0) * 1000, 3))
+
+        def wait_for_layer_load(self, layer_name: str) -> None:
+            """Loads are synchronous in :meth:`start_load_kv`: nothing to wait for."""
+            return
+
+        def save_kv_layer(self, layer_name: str, kv_layer, attn_metadata, **kwargs: Any) -> None:
+            """Save side not implemented yet (see docs/vllm.md)."""
+            return
+
+        def wait_for_save(self) -> None:
+            return

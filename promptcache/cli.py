@@ -53,7 +53,8 @@ def register_validate(sub: argparse._SubParsersAction) -> None:
         "validate", help="check a PML schema (and optionally a prompt) and print its layout",
         description="Parse a PML schema, lay it out with the model's tokenizer and print the "
                     "position table (every module, union, parameter and text run with its token "
-                    "range). With --prompt, also parse the prompt and check it against the schema "
+                    "range; a union's row names its scaffold member, the first one unless the "
+                    "schema names another or says scaffold=\"\"). With --prompt, also parse the prompt and check it against the schema "
                     "(modules exist, at most one member per union, arguments fit their parameters).",
         epilog="Errors are printed as FILE:LINE: message and exit with status 2. Files are read "
                "only if they are regular files within the size limits of docs/security.md.")

@@ -116,8 +116,9 @@ def encoding_contexts(layout: Layout, policy: str) -> Contexts:
     """For every segment (by index), the indices of the segments it attends to when encoded.
 
     - ``scaffold``: everything before it on its own path: its enclosing unions set to the members
-      it lies in, every other union to its scaffold member (none without a scaffold), every
-      non-union module present, parameters holding their scaffolds.
+      it lies in, every other union to its scaffold member (the first member unless the schema
+      names another; nothing for ``scaffold=""``), every non-union module present, parameters
+      holding their scaffolds.
     - ``independent``: only root-level segments and its enclosing modules' segments before it, so
       any subset of modules can be combined in any order.
 

@@ -133,8 +133,9 @@ def contents(draw, names: Names, depth: int, in_module: bool, in_role: bool, max
         elif kind == "union":
             members = [Spec("module", names("u"), children=draw(contents(names, depth + 1, True, in_role, 3)))
                        for _ in range(draw(st.integers(1, 3)))]
-            pick = draw(st.one_of(st.none(), st.integers(0, len(members) - 1)))
-            items.append(Spec("union", scaffold=None if pick is None else members[pick].name, children=members))
+            # the attribute as written: absent (None), explicitly no scaffold (""), or a member
+            written = draw(st.one_of(st.none(), st.just(""), st.sampled_from([m.name for m in members])))
+            items.append(Spec("union", scaffold=written, children=members))
         elif kind == "param":
             scaffold = draw(st.one_of(st.none(), st.sampled_from(["tbd", "city", "n"])))
             items.append(Spec("param", names("p"), length=draw(st.integers(1, 6)), scaffold=scaffold))
@@ -171,7 +172,7 @@ def to_xml(items: list[Spec], gaps: list[str]) -> str:
         if spec.kind == "module":
             return f'<module name="{spec.name}" cache="{str(spec.cache).lower()}">{body}</module>'
         if spec.kind == "union":
-            sc = f' scaffold="{spec.scaffold}"' if spec.scaffold else ""
+            sc = f' scaffold="{spec.scaffold}"' if spec.scaffold is not None else ""
             return f"<union{sc}>{body}</union>"
         op = ' open="true"' if spec.open else ""
         return f"<{spec.name}{op}>{body}</{spec.name}>"
@@ -185,12 +186,20 @@ def shape_of_specs(items: list[Spec]) -> list:
         if s.kind == "module":
             out.append(("module", s.name, s.cache, shape_of_specs(s.children)))
         elif s.kind == "union":
-            out.append(("union", s.scaffold, [(m.name, shape_of_specs(m.children)) for m in s.children]))
+            out.append(("union", _parsed_scaffold(s), [(m.name, shape_of_specs(m.children)) for m in s.children]))
         elif s.kind == "param":
             out.append(("param", s.name, s.length, s.scaffold))
         elif s.kind == "role":
             out.append(("role", s.name, s.open, shape_of_specs(s.children)))
     return out
+
+
+def _parsed_scaffold(union: Spec) -> str | None:
+    """What the reader makes of the written attribute (issue 18): absent -> the first member, as
+    in the paper; ``scaffold=""`` -> no scaffold; a member name -> that member."""
+    if union.scaffold is None:
+        return union.children[0].name
+    return union.scaffold or None
 
 
 def shape_of_nodes(nodes) -> list:

@@ -104,7 +104,8 @@ def test_union_members_and_scaffold_optional():
             <module name="y">Y</module>
         </union></schema>""")
     (u,) = s.root.children
-    assert u.scaffold is None and [m.name for m in u.members] == ["x", "y"]
+    # issue 18: without the attribute the first member is the scaffold (the paper's default)
+    assert u.scaffold == "x" and [m.name for m in u.members] == ["x", "y"]
 
 
 def test_parameter_inside_role_inside_module():

@@ -226,7 +226,8 @@ def _reference_contexts(layout, policy: str) -> list[list[int]]:
 
 
 def _random_schema(rng: random.Random) -> str:
-    """A random schema with nested modules, unions (with and without scaffold) and parameters."""
+    """A random schema with nested modules, unions (a named scaffold, the default first member, or
+    ``scaffold=""`` for none) and parameters."""
     counter = iter(range(10_000))
 
     def body(depth: int) -> str:
@@ -239,7 +240,9 @@ def _random_schema(rng: random.Random) -> str:
                 out.append(f'<module name="m{next(counter)}">{body(depth + 1)}</module>')
             elif kind < 0.85:
                 names = [f"u{next(counter)}" for _ in range(rng.randint(1, 3))]
-                scaffold = f' scaffold="{rng.choice(names)}"' if rng.random() < 0.6 else ""
+                pick = rng.random()
+                scaffold = (f' scaffold="{rng.choice(names)}"' if pick < 0.5
+                            else ' scaffold=""' if pick < 0.75 else "")
                 members = "".join(f'<module name="{n}">{body(depth + 1)}</module>' for n in names)
                 out.append(f"<union{scaffold}>{members}</union>")
             else:

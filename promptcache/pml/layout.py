@@ -95,7 +95,11 @@ class ModuleInfo:
 
 @dataclass
 class UnionInfo:
-    """A union: where it is, its members' paths and the scaffold member's index (or None)."""
+    """A union: where it is, its members' paths and the scaffold member's index.
+
+    ``scaffold`` is None only when the schema says ``scaffold=""`` (no scaffold); a union without
+    the attribute has its first member, as in the paper.
+    """
 
     index: int
     parent: ModulePath
@@ -221,16 +225,12 @@ class _Builder:
     def union(self, u: UnionBlock, owner: ModulePath, pos: int, choices: dict[int, int]) -> int:
         index = len(self.unions)
         members = [owner + (m.name,) for m in u.members]
-        scaffold = None
-        if u.scaffold is not None:
-            names = [m.name for m in u.members]
-            if u.scaffold not in names:
-                raise SchemaError(f"union scaffold {u.scaffold!r} is not one of its members "
-                                  f"({', '.join(names)})", u.loc.file, u.loc.line)
-            scaffold = names.index(u.scaffold)
+        scaffold = _scaffold_index(u)
         info = UnionInfo(index, owner, pos, 0, members, scaffold)
         self.unions.append(info)
-        entry = LayoutEntry(owner, "union", pos, 0, True, label="union")
+        label = (f"union (scaffold: {u.members[scaffold].name})" if scaffold is not None
+                 else "union (no scaffold)")
+        entry = LayoutEntry(owner, "union", pos, 0, True, label=label)
         self.entries.append(entry)
         longest = 0
         first_role, any_role = self.first_role, False
@@ -242,6 +242,21 @@ class _Builder:
         self.first_role = first_role and not any_role
         info.length = entry.length = longest
         return pos + longest
+
+
+def _scaffold_index(u: UnionBlock) -> int | None:
+    """The index of ``u``'s scaffold member (None: no scaffold), checked against its members.
+
+    The reader already resolved the default (first member) and checked the name; a schema built
+    in Python is checked here so that a bad name fails with its location, not as a KeyError later.
+    """
+    if u.scaffold is None:
+        return None
+    names = [m.name for m in u.members]
+    if u.scaffold not in names:
+        raise SchemaError(f"union scaffold {u.scaffold!r} is not one of its members "
+                          f"({', '.join(names)})", u.loc.file, u.loc.line)
+    return names.index(u.scaffold)
 
 
 def _preview(text: str, width: int = 24) -> str:

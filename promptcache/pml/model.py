@@ -73,7 +73,9 @@ class UnionBlock:
     """Alternatives sharing one start position; at most one member is selected by a prompt.
 
     ``scaffold`` names the member that stands in for the selected one when later parts of the
-    schema are encoded (scaffold policy). ``None``: later parts see no member of this union.
+    schema are encoded (scaffold policy). The schema reader follows the Prompt Cache paper: a
+    ``<union>`` without the attribute gets its first member. ``None`` (written ``scaffold=""``):
+    later parts see no member of this union.
     """
 
     members: list[Module] = field(default_factory=list)

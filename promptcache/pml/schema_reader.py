@@ -195,14 +195,26 @@ class SchemaReader(Reader):
             self.union_depth -= 1
         if not members:
             raise self.fail("<union> needs at least one <module> member", el.sourceline)
-        scaffold = attrs.get("scaffold")
-        if scaffold is not None:
-            scaffold = scaffold.strip()
-            names = [m.name for m in members]
-            if scaffold not in names:
-                raise self.fail(f"union scaffold {scaffold!r} is not one of its members "
-                                f"({', '.join(names)})", el.sourceline)
+        scaffold = self.union_scaffold(attrs.get("scaffold"), [m.name for m in members], el)
         return UnionBlock(members, scaffold, self.loc(el.sourceline))
+
+    def union_scaffold(self, raw: str | None, names: list[str], el: etree._Element) -> str | None:
+        """The member that stands in for a union while later parts are encoded, or None.
+
+        As in the paper's implementation, a union without ``scaffold`` uses its first member.
+        ``scaffold=""`` (empty or blank) asks for no scaffold: a module name is never empty, so
+        this spelling cannot collide with a member's name.
+        """
+        if raw is None:
+            return names[0]
+        scaffold = raw.strip()
+        if not scaffold:
+            return None
+        if scaffold not in names:
+            raise self.fail(f"union scaffold {scaffold!r} is not one of its members "
+                            f"({', '.join(names)}); write scaffold=\"\" for no scaffold",
+                            el.sourceline)
+        return scaffold
 
     def parameter(self, el: etree._Element, params: dict[str, int | None] | None) -> Parameter:
         if params is None:

@@ -2,7 +2,8 @@
 """Prompt Cache demo: the same answer, with and without module caches, and how long each takes.
 
     python demo.py                      # default model, persona example, cache on
-    python demo.py --compare            # both modes, both answers, the TTFT speedup
+    python demo.py --compare            # both modes, both answers, the TTFT speedup, and why they differ
+    python demo.py --compare --recompute full   # the remedy: cached tokens recomputed in the prompt's context
     python demo.py --no-use-cache       # the baseline: full prefill of the same tokens
     python demo.py --threads 0          # torch's own thread count (default 1: cannot stall)
     python demo.py --schema examples/code_generation_game.xml \
@@ -60,7 +61,9 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
                    help="default: float32 on CPU, bfloat16 on CUDA")
     p.add_argument("--use-cache", action=argparse.BooleanOptionalAction, default=True,
                    help="splice module caches (on) or run the full-prefill baseline (off)")
-    p.add_argument("--compare", action="store_true", help="run both modes and print the speedup")
+    p.add_argument("--compare", action="store_true",
+                   help="run both modes; print the speedup, the first-token KL between them and why "
+                        "the cached answer can differ (with --recompute, the cached mode recomputes)")
     p.add_argument("--encoding", choices=["scaffold", "independent"], default="scaffold",
                    help="how module caches are encoded (see docs/engine.md)")
     p.add_argument("--placement", choices=["device", "host"], default="device",
@@ -109,7 +112,36 @@ def _mode_message(use_cache: bool, max_new_tokens: int) -> str:
     return f"{how}, then up to {max_new_tokens} generated tokens..."
 
 
-def main(argv: list[str] | None = None) -> int:
+def compare_line(pc, prompt, cached, baseline, recompute: str) -> tuple[str, dict]:
+    """The ``--compare`` explanation (one line) and its JSON fields: what differs and why.
+
+    Why: the default persona prompt selects non-scaffold union members, so its cached answer is
+    the Prompt Cache approximation; saying only "answers identical: False" left that unexplained.
+    """
+    from eval.numbers import first_token_kl
+    from promptcache.explain import explain_prompt
+
+    approx = explain_prompt(pc, prompt)
+    kl = None
+    if cached.first_token_logits is not None and baseline.first_token_logits is not None:
+        kl = first_token_kl(baseline.first_token_logits, cached.first_token_logits)
+    line = f"why: {approx.summary()}"
+    if kl is not None:
+        line += f"; first-token KL(baseline || cached) = {kl:.3g} nats"
+    left = (f" (the {approx.gap_positions} unused positions remain)" if approx.gap_positions else "")
+    if recompute != "none":
+        line += f"; --recompute {recompute} recomputed {cached.recomputed_tokens} cached tokens"
+        line += left if recompute == "full" else ""
+    elif not approx.exact:
+        line += ("; remedy: --recompute full recomputes every cached token in the prompt's own "
+                 f"context{left}; boundary:K or deviation:R are cheaper and partial")
+    fields = {"first_token_kl": kl, "why": line[len("why: "):], "recompute": recompute,
+              "approximation": approx.as_dict()}
+    return line, fields
+
+
+def main(argv: list[str] | None = None, *, model=None, tokenizer=None) -> int:
+    """Run the demo; ``model``/``tokenizer`` replace ``--model`` (tests pass a tiny model)."""
     args = parse_args(argv)
     from promptcache import ModelLoadError, PMLError, PromptCache, load_model
     from promptcache.loading import check_device, set_threads
@@ -129,11 +161,12 @@ def main(argv: list[str] | None = None) -> int:
         set_threads(args.threads)
         device = check_device(args.device)  # a missing CUDA is one line, before any loading
         schema = load_schema(args.schema)   # PML errors of the schema before the model loads
-        progress(f"loading model {args.model} on {device}...")
-        t0 = time.perf_counter()
-        model, tokenizer = load_model(args.model, device=device, dtype=args.dtype)
-        print(f"model {args.model} on {model.device} ({model.dtype}) loaded in "
-              f"{time.perf_counter() - t0:.1f} s", flush=True)
+        if model is None:
+            progress(f"loading model {args.model} on {device}...")
+            t0 = time.perf_counter()
+            model, tokenizer = load_model(args.model, device=device, dtype=args.dtype)
+            print(f"model {args.model} on {model.device} ({model.dtype}) loaded in "
+                  f"{time.perf_counter() - t0:.1f} s", flush=True)
         kwargs = {"encoding": args.encoding, "placement": args.placement, "recompute": args.recompute}
         if args.store:
             kwargs["store"] = args.store
@@ -153,7 +186,7 @@ def main(argv: list[str] | None = None) -> int:
             res = pc.generate(prompt, max_new_tokens=args.max_new_tokens, use_cache=use_cache,
                               temperature=args.temperature, top_p=args.top_p, top_k=args.top_k,
                               repetition_penalty=args.repetition_penalty, stop=args.stop,
-                              seed=args.seed, stream=stream)
+                              seed=args.seed, stream=stream, recompute=args.recompute)
             if stream is None:
                 print(res.text)
             else:
@@ -176,10 +209,12 @@ def main(argv: list[str] | None = None) -> int:
         speedup = results[False].ttft_s / results[True].ttft_s
         same = results[True].token_ids == results[False].token_ids
         print(f"\nspeedup: {speedup:.1f}x  (answers identical: {same})")
+        line, fields = compare_line(pc, prompt, results[True], results[False], args.recompute)
+        print(line, flush=True)
         if args.json:
             print(json.dumps({"cached": _result_json(results[True], encode_ms, store_stats),
                               "baseline": _result_json(results[False], encode_ms, store_stats),
-                              "speedup": round(speedup, 3), "identical": same,
+                              "speedup": round(speedup, 3), "identical": same, **fields,
                               "threads": _torch_threads()}))
     elif args.json:
         print(json.dumps({**_result_json(results[args.use_cache], encode_ms, store_stats),

@@ -1,0 +1,239 @@
+"""promptcache inside vLLM (issue 16): render (request side) and PromptCacheConnector on a real vLLM.
+
+The request-side tests need only promptcache and the default model. The connector tests run vLLM
+(a CPU build in its own venv: $PROMPTCACHE_VLLM_PYTHON, default ~/.cache/promptcache/vllm-venv)
+in ONE subprocess shared by the module (promptcache/integrations/vllm_driver.py); they are skipped
+with the reason when that venv or the converted model folder is absent. The store is filled by
+``promptcache encode`` in another process, so the vLLM process answers from entries it never
+computed (issue 16, test 2, without the TTFT comparison, which is left to the benchmark).
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import queue
+import subprocess
+import sys
+import threading
+import time
+from pathlib import Path
+
+import pytest
+import torch
+
+from promptcache.integrations.vllm_render import KeyContext, exact_prefix, render, supplied_tokens
+from promptcache.loading import converted_dir
+from promptcache.roles import ChatRenderer
+
+REPO = Path(__file__).resolve().parents[1]
+VLLM_PY = Path(os.environ.get("PROMPTCACHE_VLLM_PYTHON",
+                              Path.home() / ".cache/promptcache/vllm-venv/bin/python"))
+MODEL_DIR = converted_dir("smollm2")
+BLOCK = 32
+MARK = "@@promptcache@@ "
+
+DOC_A = ("The lighthouse on Gull Point was built in 1871 from granite quarried on the island. Its lamp "
+         "burned whale oil until 1902, then kerosene, and was electrified in 1938. The last keeper, "
+         "Margaret Doyle, left in 1967 when the light was automated. ") * 2
+DOC_B = ("The island ferry leaves the harbour at seven every morning and returns at six in the evening. "
+         "In winter it runs only on weekdays, and storms cancel about one crossing in ten. ") * 2
+SCHEMA = f"""<schema name="island">
+  <system>You answer questions about Gull Island using only the documents below.
+    <module name="lighthouse">{DOC_A}</module>
+    <module name="ferry">{DOC_B}</module>
+  </system>
+  <user><module name="question"><parameter name="q" length="40"/></module></user>
+</schema>"""
+PROMPT = ('<prompt schema="island"><lighthouse/><ferry/>'
+          '<question q="When was the light automated?"/></prompt>')
+UNION_SCHEMA = """<schema name="u">
+  <system>Pick one.
+    <module name="pick"><union scaffold="short">
+      <module name="short">A short member.</module>
+      <module name="long">A much longer member with many more words in it than the short one.</module>
+    </union></module>
+    <module name="after">Text after the union.</module>
+  </system>
+  <user>Go.</user>
+</schema>"""
+
+
+@pytest.fixture(scope="module")
+def tokenizer():
+    from promptcache import load_tokenizer
+
+    return load_tokenizer("smollm2")
+
+
+def _keys(tokenizer) -> KeyContext:
+    """A key context without a model (the fingerprint is a placeholder): enough for layout tests."""
+    return KeyContext(ChatRenderer(tokenizer), "0" * 64, "float32")
+
+
+def test_issue16_render_default_path_supplies_every_module(tokenizer):
+    """Default path, no unions: the supplied run is the system text and both modules, up to the
+    parameter slot (computed); the token ids are the prompt in position order."""
+    ids, params = render(PROMPT, SCHEMA, keys=_keys(tokenizer))
+    spans = params["promptcache"]["spans"]
+    assert [s["module"] for s in spans if s["module"]] == ["lighthouse", "ferry"]
+    n = supplied_tokens(params)
+    assert n == sum(s["length"] for s in spans) and 200 < n < len(ids)
+    assert [s["start"] for s in spans] == [sum(s["length"] for s in spans[:k]) for k in range(len(spans))]
+    assert tokenizer.decode(ids).count("Gull Point") == 2 and "automated?" in tokenizer.decode(ids[n:])
+
+
+def test_issue16_render_stops_at_union_gap_and_foreign_context(tokenizer):
+    """The scaffold (short) member leaves a position gap before ``after``: the run ends there.
+    The long member closes the gap, but ``after`` was encoded after the scaffold member: the run
+    ends there too (its KV saw tokens the prompt lacks)."""
+    k = _keys(tokenizer)
+    for member in ("short", "long"):
+        _, params = render(f'<prompt schema="u"><pick><{member}/></pick><after/></prompt>', UNION_SCHEMA, keys=k)
+        assert [s["module"] for s in params["promptcache"]["spans"]] == ["", f"pick/{member}"], member
+
+
+def test_issue16_render_store_cuts_at_missing_entry(tokenizer, tmp_path):
+    """With a store, spans end at the first entry the store lacks (here: an empty store)."""
+    from promptcache.store import open_store
+
+    _, params = render(PROMPT, SCHEMA, keys=_keys(tokenizer), store=open_store(str(tmp_path / "s")))
+    assert params["promptcache"]["spans"] == []
+
+
+def test_issue16_import_promptcache_never_imports_vllm():
+    """vLLM stays optional: importing promptcache (and its engine) loads no vllm module."""
+    code = ("import sys, promptcache, promptcache.engine, promptcache.integrations; "
+            "print(any(m == 'vllm' or m.startswith('vllm.') for m in sys.modules))")
+    py = str(VLLM_PY) if VLLM_PY.exists() else sys.executable
+    out = subprocess.run([py, "-c", code], capture_output=True, text=True, timeout=300,
+                         env={**os.environ, "PYTHONPATH": str(REPO)}, cwd=REPO)
+    assert out.returncode == 0, out.stderr[-2000:]
+    assert out.stdout.strip() == "False"
+
+
+# ---------------------------------------------------------------------------- real vLLM
+
+class Driver:
+    """The vLLM driver subprocess: one JSON line in, one marked JSON line out."""
+
+    def __init__(self, store: Path, log: Path) -> None:
+        env = {**os.environ, "PYTHONPATH": str(REPO), "VLLM_CPU_KVCACHE_SPACE": "2", "HF_HUB_OFFLINE": "1",
+               "OMP_NUM_THREADS": "1"}
+        self.proc = subprocess.Popen(
+            [str(VLLM_PY), "-m", "promptcache.integrations.vllm_driver", "--model", str(MODEL_DIR),
+             "--store", str(store), "--log", str(log), "--block-size", str(BLOCK)],
+            stdin=subprocess.PIPE, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, cwd=REPO, env=env)
+        self.lines: queue.Queue[str] = queue.Queue()
+        self.tail: list[str] = []
+        threading.Thread(target=self._pump, daemon=True).start()
+
+    def _pump(self) -> None:
+        for line in self.proc.stdout:  # type: ignore[union-attr]
+            if line.startswith(MARK):
+                self.lines.put(line[len(MARK):])
+            else:
+                self.tail = (self.tail + [line])[-60:]
+        self.lines.put("")
+
+    def read(self, timeout: float) -> dict:
+        try:
+            line = self.lines.get(timeout=timeout)
+        except queue.Empty:
+            line = ""
+        if not line:
+            raise RuntimeError("vLLM driver gave no answer; its last output:\n" + "".join(self.tail))
+        return json.loads(line)
+
+    def ask(self, ids: list[int], params: dict | None, max_tokens: int = 24) -> dict:
+        self.proc.stdin.write(json.dumps({"ids": ids, "params": params, "max_tokens": max_tokens}) + "\n")
+        self.proc.stdin.flush()
+        return self.read(120)
+
+    def close(self) -> None:
+        if self.proc.poll() is None:
+            self.proc.stdin.close()
+            try:
+                self.proc.wait(30)
+            except subprocess.TimeoutExpired:
+                self.proc.kill()
+
+
+@pytest.fixture(scope="module")
+def vllm_setup(tmp_path_factory):
+    """Store filled by ``promptcache encode`` (another process), request rendered here, one vLLM."""
+    if not VLLM_PY.exists():
+        pytest.skip(f"no vLLM venv at {VLLM_PY} (build it as in docs/vllm.md, or set PROMPTCACHE_VLLM_PYTHON)")
+    if not (MODEL_DIR / "config.json").exists():
+        pytest.skip(f"no converted model folder at {MODEL_DIR} (run promptcache once to convert it)")
+    from promptcache import load_model
+
+    tmp = tmp_path_factory.mktemp("vllm")
+    store, log, schema_file = tmp / "store", tmp / "connector.log", tmp / "island.xml"
+    schema_file.write_text(SCHEMA)
+    enc = subprocess.run([sys.executable, "-m", "promptcache", "encode", str(schema_file), "--store", str(store),
+                          "--model", "smollm2", "--device", "cpu", "--threads", "1", "--json"],
+                         capture_output=True, text=True, timeout=300, cwd=REPO)
+    assert enc.returncode == 0, enc.stderr[-2000:]
+    model, tok = load_model("smollm2", device="cpu")
+    ids, params = render(PROMPT, SCHEMA, keys=KeyContext.from_model(model, tok), store=str(store))
+    del model
+    driver = Driver(store, log)
+    try:
+        assert driver.read(300).get("ready")
+        yield {"ids": ids, "params": params, "driver": driver, "log": log, "store": store}
+    finally:
+        driver.close()
+
+
+def _log(path: Path) -> list[dict]:
+    return [json.loads(x) for x in path.read_text().splitlines()] if path.exists() else []
+
+
+def test_issue16_item1_default_path_identical_greedy_text(vllm_setup):
+    """Default-path PML prompt: the connector supplies every stored module's tokens (whole blocks,
+    never the last token), vLLM counts exactly those as cached, and greedy text is identical."""
+    s = vllm_setup
+    ids, params, drv = s["ids"], s["params"], s["driver"]
+    supplied = supplied_tokens(params)
+    assert supplied > 2 * BLOCK, params  # keys agree with `promptcache encode`: the store has them
+    expect = min(supplied, len(ids) - 1) // BLOCK * BLOCK
+    before = len(_log(s["log"]))
+    with_pc = drv.ask(ids, params)
+    plain = drv.ask(ids, None)
+    loaded = [r for r in _log(s["log"])[before:] if r["event"] == "loaded"]
+    assert [r["tokens"] for r in loaded] == [expect]
+    assert with_pc["num_cached_tokens"] == expect and plain["num_cached_tokens"] == 0
+    assert with_pc["token_ids"] == plain["token_ids"], (with_pc["text"], plain["text"])
+    print(f"\nsupplied {expect}/{len(ids)} tokens; text {with_pc['text']!r}; "
+          f"wall {with_pc['wall_ms']:.0f} ms with the connector, {plain['wall_ms']:.0f} ms without")
+
+
+def test_issue16_item1_loaded_kv_is_what_vllm_attends_to(vllm_setup):
+    """Control: the same spans pointing at an entry whose values are scaled change the answer, so
+    the identical text above comes from the loaded KV, not from vLLM recomputing the tokens."""
+    from promptcache.store import CacheEntry, open_store
+    from promptcache.runtime.kv import ModuleKV
+
+    s = vllm_setup
+    store = open_store(str(s["store"]), create=False)
+    params = json.loads(json.dumps(s["params"]))
+    span = params["promptcache"]["spans"][1]  # the lighthouse module
+    entry = store.get(span["key"])
+    poisoned = CacheEntry(ModuleKV(entry.kv.keys, [v * -3.0 for v in entry.kv.values]), dict(entry.meta))
+    key = "poisoned-" + span["key"][:32]
+    assert store.put(key, poisoned)
+    span["key"] = key
+    good = s["driver"].ask(s["ids"], s["params"])
+    bad = s["driver"].ask(s["ids"], params)
+    assert bad["num_cached_tokens"] == good["num_cached_tokens"] > 0
+    assert bad["token_ids"] != good["token_ids"]
+
+
+def test_issue16_item1_mismatched_tokens_supply_nothing(vllm_setup):
+    """Params rendered for another prompt: the span's token digest fails, nothing is loaded."""
+    s = vllm_setup
+    ids = list(s["ids"])
+    ids[5] = (ids[5] + 1) % 1000 + 1
+    out = s["driver"].ask(ids, s["params"], max_tokens=2)
+    assert out["num_cached_tokens"] == 0

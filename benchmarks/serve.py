@@ -79,8 +79,9 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--vllm-venv", type=Path, default=None,
                    help="vLLM's virtual environment (default: <promptcache cache home>/vllm-venv)")
     p.add_argument("--build-vllm", action="store_true", help="build the vLLM venv when it is missing")
-    p.add_argument("--ours-url", default=None, help="use this running server of ours (it must hold the RAG "
-                                                    "schema: see --schema-out)")
+    p.add_argument("--ours-url", default=None, help="use this running server of ours; start it with "
+                   "--schema <out folder>/serve_schema/serve-rag.xml --encoding independent (the benchmark writes "
+                   "that file on every run)")
     p.add_argument("--vllm-url", default=None, help="use this running vLLM server")
     p.add_argument("--port-ours", type=int, default=8401)
     p.add_argument("--port-vllm", type=int, default=8402)
@@ -101,6 +102,7 @@ def parse_args(argv=None) -> argparse.Namespace:
 
 
 def server_plan(args) -> list[str]:
+    """The servers to run, ours first (``--only`` picks one)."""
     return [args.only] if args.only else list(SERVERS)
 
 
@@ -160,6 +162,7 @@ def add_agreement(rows: list[dict], texts: dict) -> None:
 
 
 def find_row(rows: list[dict], server: str, workload: str, c: int) -> dict | None:
+    """The row of one cell, or None when that server or cell did not run."""
     return next((r for r in rows if (r["server"], r["workload"], r["concurrency"]) == (server, workload, c)), None)
 
 
@@ -183,13 +186,15 @@ def ratios(rows: list[dict], concurrency: list[int]) -> dict[str, float]:
             out[f"{server}_{w}_throughput_c8_over_c1"] = _div(val(server, w, hi, "out_tok_per_s"),
                                                               val(server, w, lo, "out_tok_per_s"))
     for w in WORKLOADS:
-        out[f"{w}_c{hi}_ttft_ours_over_vllm"] = _div(val("ours", w, hi, "ttft_p50_ms"), val("vllm", w, hi, "ttft_p50_ms"))
+        out[f"{w}_c{hi}_ttft_ours_over_vllm"] = _div(val("ours", w, hi, "ttft_p50_ms"),
+                                                     val("vllm", w, hi, "ttft_p50_ms"))
         out[f"{w}_c{hi}_tok_s_ours_over_vllm"] = _div(val("ours", w, hi, "out_tok_per_s"),
                                                       val("vllm", w, hi, "out_tok_per_s"))
     return out
 
 
 def _pair(rows, workload, c, key, fmt) -> str:
+    """``ours / vLLM`` for one metric of one cell; ``-`` for a side that did not run."""
     vals = []
     for server in SERVERS:
         r = find_row(rows, server, workload, c)
@@ -218,6 +223,7 @@ def side_by_side(rows: list[dict], workloads: list[str], concurrency: list[int])
 
 
 def markdown(table: list[dict]) -> str:
+    """The side-by-side table as Markdown (for docs/serve_benchmark.md)."""
     head = list(table[0])
     lines = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
     lines += ["| " + " | ".join(str(r[h]) for h in head) + " |" for r in table]
@@ -225,6 +231,7 @@ def markdown(table: list[dict]) -> str:
 
 
 def ratio_lines(rat: dict[str, float]) -> list[str]:
+    """One line per issue target: the value, the bound, met / MISSED / n/a."""
     lines = []
     for key, (text, op, bound) in TARGETS.items():
         value = rat.get(key, float("nan"))
@@ -235,6 +242,7 @@ def ratio_lines(rat: dict[str, float]) -> list[str]:
 
 
 def setup_notes(args, servers: dict[str, Server]) -> dict:
+    """What a reader needs to reproduce the run: command, commit, threads, each server's command and env."""
     commit = subprocess.run(["git", "-C", str(ROOT), "rev-parse", "--short", "HEAD"], capture_output=True,
                             text=True).stdout.strip()
     return {"command": " ".join([Path(sys.argv[0]).name, *sys.argv[1:]]), "commit": commit,
@@ -245,6 +253,7 @@ def setup_notes(args, servers: dict[str, Server]) -> dict:
 
 
 def main(argv=None) -> int:
+    """Build the workloads, run each server in turn, print the table and ratios, write the results."""
     args = parse_args(argv)
     out = Path(args.out)
     out.parent.mkdir(parents=True, exist_ok=True)

@@ -47,6 +47,8 @@ SCHEMA = f"""<schema name="island">
 </schema>"""
 PROMPT = ('<prompt schema="island"><lighthouse/><ferry/>'
           '<question q="When was the light automated?"/></prompt>')
+SCHEMA2 = SCHEMA.replace('name="island"', 'name="harbour"').replace("lighthouse", "harbourmaster")
+PROMPT2 = PROMPT.replace("island", "harbour").replace("lighthouse", "harbourmaster")
 UNION_SCHEMA = """<schema name="u">
   <system>Pick one.
     <module name="pick"><union scaffold="short">
@@ -93,12 +95,14 @@ def test_issue16_render_stops_at_union_gap_and_foreign_context(tokenizer):
         assert [s["module"] for s in params["promptcache"]["spans"]] == ["", f"pick/{member}"], member
 
 
-def test_issue16_render_store_cuts_at_missing_entry(tokenizer, tmp_path):
-    """With a store, spans end at the first entry the store lacks (here: an empty store)."""
+def test_issue16_render_store_marks_missing_entries(tokenizer, tmp_path):
+    """With a store, spans the store lacks are marked (the connector saves them) and supply nothing."""
     from promptcache.store import open_store
 
     _, params = render(PROMPT, SCHEMA, keys=_keys(tokenizer), store=open_store(str(tmp_path / "s")))
-    assert params["promptcache"]["spans"] == []
+    spans = params["promptcache"]["spans"]
+    assert spans and all(s["stored"] is False for s in spans)
+    assert supplied_tokens(params) == 0
 
 
 def test_issue16_import_promptcache_never_imports_vllm():
@@ -171,19 +175,27 @@ def vllm_setup(tmp_path_factory):
     tmp = tmp_path_factory.mktemp("vllm")
     store, log, schema_file = tmp / "store", tmp / "connector.log", tmp / "island.xml"
     schema_file.write_text(SCHEMA)
-    enc = subprocess.run([sys.executable, "-m", "promptcache", "encode", str(schema_file), "--store", str(store),
-                          "--model", "smollm2", "--device", "cpu", "--threads", "1", "--json"],
-                         capture_output=True, text=True, timeout=300, cwd=REPO)
-    assert enc.returncode == 0, enc.stderr[-2000:]
+    _encode(schema_file, store)
     model, tok = load_model("smollm2", device="cpu")
-    ids, params = render(PROMPT, SCHEMA, keys=KeyContext.from_model(model, tok), store=str(store))
+    keys = KeyContext.from_model(model, tok)
+    ids, params = render(PROMPT, SCHEMA, keys=keys, store=str(store))
+    ids2, params2 = render(PROMPT2, SCHEMA2, keys=keys, store=str(store))  # not encoded: vLLM saves it
     del model
     driver = Driver(store, log)
     try:
         assert driver.read(300).get("ready")
-        yield {"ids": ids, "params": params, "driver": driver, "log": log, "store": store}
+        yield {"ids": ids, "params": params, "ids2": ids2, "params2": params2, "driver": driver, "log": log,
+               "store": store, "tmp": tmp}
     finally:
         driver.close()
+
+
+def _encode(schema_file: Path, store: Path) -> None:
+    """``promptcache encode`` in its own process (the store another process filled)."""
+    enc = subprocess.run([sys.executable, "-m", "promptcache", "encode", str(schema_file), "--store", str(store),
+                          "--model", "smollm2", "--device", "cpu", "--threads", "1", "--json"],
+                         capture_output=True, text=True, timeout=300, cwd=REPO)
+    assert enc.returncode == 0, enc.stderr[-2000:]
 
 
 def _log(path: Path) -> list[dict]:
@@ -237,3 +249,44 @@ def test_issue16_item1_mismatched_tokens_supply_nothing(vllm_setup):
     ids[5] = (ids[5] + 1) % 1000 + 1
     out = s["driver"].ask(ids, s["params"], max_tokens=2)
     assert out["num_cached_tokens"] == 0
+
+
+def test_issue16_item2_save_side_fills_the_store_with_promptcache_keys(vllm_setup):
+    """A prompt whose modules the store lacks: vLLM computes them and the connector saves them
+    under promptcache's content keys (the same keys, and the same values to float rounding, as
+    ``promptcache encode`` writes); the next request loads them, with identical greedy text."""
+    from promptcache.store import open_store
+
+    s = vllm_setup
+    ids, params, drv = s["ids2"], s["params2"], s["driver"]
+    spans = params["promptcache"]["spans"]
+    missing = [sp for sp in spans if not sp["stored"]]
+    # The leading system text is the same content in both schemas: one shared entry, stored.
+    assert spans[0]["stored"] and {"harbourmaster", "ferry"} <= {sp["module"] for sp in missing}
+    assert supplied_tokens(params) < BLOCK
+    before = len(_log(s["log"]))
+    first = drv.ask(ids, params)
+    saved = [r for r in _log(s["log"])[before:] if r["event"] == "saved"]
+    assert first["num_cached_tokens"] == 0
+    assert sorted(r["key"] for r in saved) == sorted(sp["key"] for sp in missing) and all(r["ok"] for r in saved)
+    second = drv.ask(ids, params)
+    total = sum(sp["length"] for sp in spans)
+    assert second["num_cached_tokens"] == min(total, len(ids) - 1) // BLOCK * BLOCK > 0
+    assert second["token_ids"] == first["token_ids"]
+    # The same keys and values as promptcache's own encoding of the schema.
+    ref_dir = s["tmp"] / "ref-store"
+    schema_file = s["tmp"] / "harbour.xml"
+    schema_file.write_text(SCHEMA2)
+    _encode(schema_file, ref_dir)
+    ours, ref = open_store(str(s["store"]), create=False), open_store(str(ref_dir), create=False)
+    worst = 0.0
+    for sp in spans:
+        a, b = ours.get(sp["key"]), ref.get(sp["key"])
+        assert a is not None and b is not None, sp["module"]
+        assert {k: a.meta[k] for k in ("model", "dtype", "policy", "positions", "offset")} == \
+            {k: b.meta[k] for k in ("model", "dtype", "policy", "positions", "offset")}
+        for x, y in zip(a.kv.keys + a.kv.values, b.kv.keys + b.kv.values):
+            assert x.shape == y.shape
+            worst = max(worst, float((x - y).abs().max() / y.abs().max()))
+    print(f"\nsaved {len(saved)} entries; worst relative difference to promptcache's: {worst:.2e}")
+    assert worst < 1e-2

@@ -21,8 +21,15 @@ connector does not depend on the backend's block layout (CPU: ``[blocks, heads, 
 An entry stored at another offset than the one its key is used at (same relative layout) is
 re-rotated (RoPE ``default`` only).
 
-Save side: not implemented yet (``save_kv_layer``/``wait_for_save`` do nothing): entries come from
-promptcache (``promptcache encode`` or ``PromptCache(..., store=...)``).
+Save side: a span the store lacks (``render`` lists every span of the exact prefix) is read back
+from the paged blocks after vLLM has computed it (:meth:`save_kv_layer`, per layer) and written
+under its content key with promptcache's meta (:meth:`wait_for_save`), so later requests and other
+processes load it. The block layout is learnt once from the backend's own write kernel on a
+scratch block (the CPU kernel does not store keys as plain ``[block, dim]`` rows); a layout that
+cannot be read back exactly (not float32, blocks not at dim 0) is not saved, with one warning.
+Only spans whose last token
+is computed in the request's first scheduled step, and only when the KV cache dtype is the
+params' dtype.
 
 ``import promptcache`` never imports this module; importing it imports vLLM when vLLM is
 installed. Without vLLM only :func:`render` (request side) is available here.
@@ -69,6 +76,18 @@ class SpanRef:
 
 
 @dataclass
+class SaveJob:
+    """A span vLLM computes this step and the store lacks: save it under ``key`` with ``meta``."""
+
+    req_id: str
+    key: str
+    start: int
+    length: int
+    block_ids: list[int]
+    meta: dict
+
+
+@dataclass
 class LoadJob:
     """What one request loads this step: tokens ``lo .. hi-1`` of the concatenated spans."""
 
@@ -77,6 +96,7 @@ class LoadJob:
     lo: int
     hi: int
     block_ids: list[int]
+    expect: dict | None = None  # model, dtype, policy, positions: checked against each entry's meta
 
 
 def _spans_of(params: dict[str, Any] | None) -> list[dict[str, Any]]:
@@ -84,6 +104,13 @@ def _spans_of(params: dict[str, Any] | None) -> list[dict[str, Any]]:
     pc = (params or {}).get(PARAMS_KEY) if isinstance(params, dict) else None
     spans = pc.get("spans") if isinstance(pc, dict) else None
     return spans if isinstance(spans, list) else []
+
+
+def _expect(request) -> dict | None:
+    """What the request's params say every entry was encoded with (``store.get``'s ``expect``)."""
+    pc = ((getattr(request, "kv_transfer_params", None) or {}).get(PARAMS_KEY)) or {}
+    want = {k: pc[k] for k in ("model", "dtype", "policy", "positions") if k in pc}
+    return want or None
 
 
 def _default_inv_freq(hf_config, head_dim: int):
@@ -103,6 +130,7 @@ if VLLM_AVAILABLE:
         """Scheduler -> worker: the loads of this step."""
 
         loads: list[LoadJob] = field(default_factory=list)
+        saves: list[SaveJob] = field(default_factory=list)
 
     class PromptCacheConnector(KVConnectorBase_V1):
         """vLLM KV connector fed by a promptcache module store (see the module docstring).
@@ -128,6 +156,13 @@ if VLLM_AVAILABLE:
             self._hf_config = mc.hf_config
             self._head_dim = mc.get_head_size()
             self._inv_freq = None
+            self._requests: dict[str, Any] = {}  # req -> request, while it may still save
+            self._saving: set[str] = set()  # keys some request of this process is saving
+            self._save_buf: dict[str, tuple[dict[int, Any], dict[int, Any]]] = {}
+            self._num_layers = 0
+            self._warned_layout = False
+            self._load_errors: set[int] = set()
+            self._layout: Any = None  # learnt block layout (tensor), False when unreadable
 
         # ---------------------------------------------------------------- log
 
@@ -141,10 +176,10 @@ if VLLM_AVAILABLE:
 
         # ---------------------------------------------------------------- scheduler side
 
-        def _covered(self, request) -> tuple[int, list[SpanRef]]:
-            """Leading prompt tokens the params' spans cover, checked against tokens and store."""
+        def _valid_spans(self, request) -> list[tuple[SpanRef, dict]]:
+            """The params' leading spans that are contiguous from 0 and match the prompt's tokens."""
             ids = list(request.prompt_token_ids or [])
-            n, refs = 0, []
+            n, out = 0, []
             for s in _spans_of(getattr(request, "kv_transfer_params", None)):
                 try:
                     start, length, key = int(s["start"]), int(s["length"]), str(s["key"])
@@ -158,14 +193,42 @@ if VLLM_AVAILABLE:
                     logger.warning("promptcache: request %s: span at %d does not match the prompt's tokens",
                                    request.request_id, start)
                     break
-                if not self._store.contains(key):
-                    break
-                refs.append(SpanRef(key, start, length, base))
+                out.append((SpanRef(key, start, length, base), s))
                 n += length
+            return out
+
+        def _covered(self, request) -> tuple[int, list[SpanRef]]:
+            """Leading prompt tokens the params' spans cover, checked against tokens and store."""
+            n, refs = 0, []
+            for ref, _ in self._valid_spans(request):
+                if not self._store.contains(ref.key):
+                    break
+                refs.append(ref)
+                n += ref.length
             return n, refs
+
+        def _save_jobs(self, request, block_ids: list[int], computed_after: int) -> list[SaveJob]:
+            """Spans the store lacks whose tokens are all computed by the end of this step."""
+            pc = (request.kv_transfer_params or {}).get(PARAMS_KEY) or {}
+            common = {k: pc[k] for k in ("model", "dtype", "policy", "positions", "schema") if k in pc}
+            if not {"model", "dtype", "policy", "positions"} <= set(common):
+                return []
+            jobs = []
+            for ref, span in self._valid_spans(request):
+                if ref.start + ref.length > computed_after or ref.key in self._saving:
+                    continue
+                if self._store.contains(ref.key):
+                    continue
+                meta = {**common, "module": str(span.get("module", "")), "offset": ref.base,
+                        "tokens": ref.length, "family": "vllm"}
+                self._saving.add(ref.key)
+                jobs.append(SaveJob(request.request_id, ref.key, ref.start, ref.length, block_ids, meta))
+            return jobs
 
         def get_num_new_matched_tokens(self, request, num_computed_tokens: int) -> tuple[int | None, bool]:
             """Whole blocks of the covered run beyond what vLLM already has, minus the last token."""
+            if _spans_of(getattr(request, "kv_transfer_params", None)):
+                self._requests[request.request_id] = request
             covered, refs = self._covered(request)
             prompt_len = len(request.prompt_token_ids or [])
             end = min(covered, prompt_len - 1) // self._block_size * self._block_size
@@ -191,8 +254,12 @@ if VLLM_AVAILABLE:
             for new in scheduler_output.scheduled_new_reqs:
                 job = self._pending.pop(new.req_id, None)
                 if job is not None:
-                    _, lo, hi, refs = job
-                    meta.loads.append(LoadJob(new.req_id, refs, lo, hi, list(new.block_ids[0])))
+                    req, lo, hi, refs = job
+                    meta.loads.append(LoadJob(new.req_id, refs, lo, hi, list(new.block_ids[0]), _expect(req)))
+                request = self._requests.pop(new.req_id, None)
+                if request is not None:
+                    after = new.num_computed_tokens + scheduler_output.num_scheduled_tokens.get(new.req_id, 0)
+                    meta.saves += self._save_jobs(request, list(new.block_ids[0]), after)
             cached = scheduler_output.scheduled_cached_reqs
             for i, req_id in enumerate(cached.req_ids):
                 job = self._pending.get(req_id)
@@ -201,13 +268,14 @@ if VLLM_AVAILABLE:
                 new_block_ids = cached.new_block_ids[i]
                 if new_block_ids is None:
                     continue
-                _, lo, hi, refs = self._pending.pop(req_id)
-                meta.loads.append(LoadJob(req_id, refs, lo, hi, list(new_block_ids[0])))
+                req, lo, hi, refs = self._pending.pop(req_id)
+                meta.loads.append(LoadJob(req_id, refs, lo, hi, list(new_block_ids[0]), _expect(req)))
             return meta
 
         def request_finished(self, request, block_ids):
             self._matched.pop(request.request_id, None)
             self._pending.pop(request.request_id, None)
+            self._requests.pop(request.request_id, None)
             return False, None
 
         # ---------------------------------------------------------------- worker side
@@ -215,19 +283,20 @@ if VLLM_AVAILABLE:
         def register_kv_caches(self, kv_caches: dict[str, torch.Tensor]) -> None:
             """Nothing to prepare: writes go through each layer's backend; shapes logged once."""
             shapes = {tuple(t.shape) for t in kv_caches.values()}
+            self._num_layers = len(kv_caches)
             logger.info("promptcache: %d KV cache layers, shapes %s", len(kv_caches), shapes)
 
-        def _entry_kv(self, spans: list[SpanRef]):
+        def _entry_kv(self, spans: list[SpanRef], expect: dict | None = None):
             """Per layer ``(keys, values)`` ``[heads, n, dim]`` of the spans, concatenated, re-rotated."""
             from ..modules.relocate import rotate_keys, rotation
 
             ks: list[list[torch.Tensor]] = []
             vs: list[list[torch.Tensor]] = []
             for ref in spans:
-                entry = self._store.get(ref.key)
+                entry = self._store.get(ref.key, expect=expect)
                 if entry is None:
-                    raise RuntimeError(f"promptcache: store entry {ref.key[:16]} vanished between "
-                                       "scheduling and loading")
+                    raise RuntimeError(f"promptcache: store entry {ref.key[:16]} is missing, bad or "
+                                       "not what the params expect (model, dtype, policy)")
                 keys, values = entry.kv.keys, entry.kv.values
                 offset = int(entry.meta.get("offset", ref.base))
                 if offset != ref.base:
@@ -259,21 +328,26 @@ if VLLM_AVAILABLE:
             bs = self._block_size
             for job in meta.loads:
                 t0 = time.perf_counter()
-                keys, values = self._entry_kv(job.spans)
-                if len(keys) != len(layers):
-                    raise RuntimeError(f"promptcache: entries have {len(keys)} layers, vLLM has "
-                                       f"{len(layers)} attention layers (another model?)")
                 pos = torch.arange(job.lo, job.hi)
                 blocks = torch.tensor(job.block_ids, dtype=torch.long)
+                try:
+                    keys, values = self._entry_kv(job.spans, job.expect)
+                    if len(keys) != len(layers):
+                        raise RuntimeError(f"promptcache: entries have {len(keys)} layers, vLLM has "
+                                           f"{len(layers)} attention layers (another model?)")
+                    self._check_shapes(keys, layers)
+                except (RuntimeError, ValueError, KeyError, OSError) as err:
+                    # vLLM recomputes or fails these blocks (kv_load_failure_policy); the engine lives on.
+                    logger.warning("promptcache: request %s: load failed: %s", job.req_id, err)
+                    self._load_errors |= {int(b) for b in blocks[pos // bs].unique()}
+                    self._log(event="load_failed", req_id=job.req_id, error=str(err)[:300])
+                    continue
                 slots = blocks[pos // bs] * bs + pos % bs
                 for name, layer in layers:
                     idx = extract_layer_index(name)
                     cache = layer.kv_cache
                     k = keys[idx][:, job.lo:job.hi].transpose(0, 1).to(cache.device)
                     v = values[idx][:, job.lo:job.hi].transpose(0, 1).to(cache.device)
-                    want = (layer.num_kv_heads, layer.head_size)
-                    if tuple(k.shape[1:]) != want:
-                        raise RuntimeError(f"promptcache: entry heads/dim {tuple(k.shape[1:])} != vLLM {want}")
                     dtype = getattr(layer, "dtype", None) or k.dtype
                     if cache.dtype in (torch.float32, torch.float16, torch.bfloat16):
                         dtype = cache.dtype
@@ -282,13 +356,104 @@ if VLLM_AVAILABLE:
                 self._log(event="loaded", req_id=job.req_id, lo=job.lo, hi=job.hi, tokens=job.hi - job.lo,
                           layers=len(layers), ms=round((time.perf_counter() - t0) * 1000, 3))
 
+        @staticmethod
+        def _check_shapes(keys: list, layers: list) -> None:
+            """Entries must have vLLM's KV heads and head size in every layer."""
+            from vllm.model_executor.models.utils import extract_layer_index
+
+            for name, layer in layers:
+                have = (keys[extract_layer_index(name)].shape[0], keys[extract_layer_index(name)].shape[2])
+                want = (layer.num_kv_heads, layer.head_size)
+                if have != want:
+                    raise RuntimeError(f"promptcache: entry heads/dim {have} != vLLM's {want} in {name}")
+
+        def get_block_ids_with_load_errors(self) -> set[int]:
+            """Blocks whose load failed this step (reported once)."""
+            out, self._load_errors = self._load_errors, set()
+            return out
+
         def wait_for_layer_load(self, layer_name: str) -> None:
             """Loads are synchronous in :meth:`start_load_kv`: nothing to wait for."""
             return
 
+        def _probe_layout(self, layer, kv_layer) -> "torch.Tensor | None":
+            """Where the backend's own write kernel puts each (k/v, token, head, dim) inside one
+            block: ``[2, block, heads, dim]`` offsets into the block's flattened memory, learnt
+            by writing distinct numbers into a scratch block (never the live cache). ``None`` when
+            the layout is not a bijection within one block at dim 0, or not float32 (not exact)."""
+            bs, heads, dim = self._block_size, layer.num_kv_heads, layer.head_size
+            if kv_layer.dtype != torch.float32:
+                return None
+            n = bs * heads * dim
+            scratch = torch.full((1, *kv_layer.shape[1:]), -1.0, dtype=kv_layer.dtype, device=kv_layer.device)
+            if scratch.numel() != 2 * n:
+                return None
+            k = torch.arange(n, dtype=torch.float32).view(bs, heads, dim).to(kv_layer.device)
+            layer.impl.do_kv_cache_update(layer, k, k + n, scratch, torch.arange(bs, device=kv_layer.device))
+            flat = scratch.reshape(-1).cpu()
+            vals = flat.round().long()
+            ok = (vals >= 0) & (vals < 2 * n) & (flat == vals.float())
+            where = torch.full((2 * n,), -1, dtype=torch.long)
+            where[vals[ok]] = torch.nonzero(ok).squeeze(1)
+            if int(ok.sum()) != 2 * n or bool((where < 0).any()):
+                return None
+            return where.view(2, bs, heads, dim)
+
         def save_kv_layer(self, layer_name: str, kv_layer, attn_metadata, **kwargs: Any) -> None:
-            """Save side not implemented yet (see docs/vllm.md)."""
-            return
+            """Copy this layer's K/V of each save job out of the paged blocks, through the block
+            layout learnt from the backend's write kernel (:meth:`_probe_layout`)."""
+            meta = self._get_connector_metadata()
+            if not isinstance(meta, PromptCacheConnectorMetadata) or not meta.saves:
+                return
+            from vllm.forward_context import get_forward_context
+            from vllm.model_executor.models.utils import extract_layer_index
+
+            if self._layout is None:
+                layer = get_forward_context().no_compile_layers.get(layer_name)
+                probe = self._probe_layout(layer, kv_layer) if layer is not None else None
+                self._layout = probe if probe is not None else False
+                if probe is None:
+                    logger.warning("promptcache: KV block layout %s (%s) could not be read back exactly: "
+                                   "modules computed by vLLM are not saved", tuple(kv_layer.shape), kv_layer.dtype)
+            if self._layout is False:
+                return
+            where, bs = self._layout, self._block_size
+            idx = extract_layer_index(layer_name)
+            for job in meta.saves:
+                pos = torch.arange(job.start, job.start + job.length)
+                k = torch.empty(where.shape[2], job.length, where.shape[3], dtype=kv_layer.dtype)
+                v = torch.empty_like(k)
+                blocks = pos // bs
+                for b in blocks.unique().tolist():
+                    sel = torch.nonzero(blocks == b).squeeze(1)
+                    offs = pos[sel] % bs
+                    flat = kv_layer[job.block_ids[b]].reshape(-1).cpu()
+                    k[:, sel] = flat[where[0, offs]].permute(1, 0, 2)  # [m, heads, dim] -> [heads, m, dim]
+                    v[:, sel] = flat[where[1, offs]].permute(1, 0, 2)
+                ks, vs = self._save_buf.setdefault(job.key, ({}, {}))
+                ks[idx], vs[idx] = k, v
 
         def wait_for_save(self) -> None:
-            return
+            """Write each save job whose every layer was copied to the store, under its content key."""
+            meta = self._get_connector_metadata()
+            if not isinstance(meta, PromptCacheConnectorMetadata) or not meta.saves:
+                return
+            from ..runtime.kv import ModuleKV
+            from ..store import CacheEntry, dtype_name
+
+            for job in meta.saves:
+                ks, vs = self._save_buf.pop(job.key, ({}, {}))
+                n = self._num_layers
+                if n == 0 or sorted(ks) != list(range(n)):
+                    continue
+                keys, values = [ks[i] for i in range(n)], [vs[i] for i in range(n)]
+                if dtype_name(keys[0].dtype) != job.meta["dtype"]:
+                    if not self._warned_layout:
+                        logger.warning("promptcache: vLLM's KV dtype %s is not the keys' %s: not saved",
+                                       keys[0].dtype, job.meta["dtype"])
+                        self._warned_layout = True
+                    continue
+                t0 = time.perf_counter()
+                ok = self._store.put(job.key, CacheEntry(ModuleKV(keys, values), dict(job.meta)))
+                self._log(event="saved", req_id=job.req_id, key=job.key, start=job.start, tokens=job.length,
+                          ok=bool(ok), ms=round((time.perf_counter() - t0) * 1000, 3))

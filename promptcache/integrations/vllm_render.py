@@ -119,8 +119,9 @@ def render(prompt_pml: str | Prompt, schema: str | os.PathLike | Schema, tokeniz
 
     ``keys`` (or ``model`` + ``tokenizer``, from which it is built: build it once and reuse it, the
     model fingerprint hashes the weights) says how promptcache keyed the stored modules. ``store``
-    (a ``CacheStore`` or a URL/directory), when given, ends the supplied run at the first entry the
-    store lacks, so the params promise only what is there now (the connector checks again).
+    (a ``CacheStore`` or a URL/directory), when given, marks each span ``stored`` true/false (the
+    connector checks the store again: it loads the leading stored run and saves the missing spans
+    that vLLM computes).
     """
     if keys is None:
         if model is None or tokenizer is None:
@@ -146,23 +147,27 @@ def render(prompt_pml: str | Prompt, schema: str | os.PathLike | Schema, tokeniz
     segs = layout.segments
     for i, n in prefix:
         key = mk[i]
-        if store is not None and not store.contains(key.store_key):
-            break
         start = segs[i].start
-        spans.append({"key": key.store_key, "start": start, "length": n, "entry_length": key.length,
-                      "base": key.base, "module": "/".join(segs[i].owner),
-                      "tokens_sha256": tokens_digest(ids[start:start + n])})
+        span = {"key": key.store_key, "start": start, "length": n, "entry_length": key.length,
+                "base": key.base, "module": "/".join(segs[i].owner),
+                "tokens_sha256": tokens_digest(ids[start:start + n])}
+        if store is not None:
+            span["stored"] = bool(store.contains(key.store_key))
+        spans.append(span)
     params = {PARAMS_KEY: {"version": PARAMS_VERSION, "spans": spans, "model": keys.model,
-                           "dtype": keys.dtype, "policy": keys.policy}}
+                           "dtype": keys.dtype, "policy": keys.policy,
+                           "positions": "relative" if keys.relative else "absolute",
+                           "schema": parsed_schema.name}}
     return ids, params
 
 
 def supplied_tokens(params: dict[str, Any] | None) -> int:
-    """Tokens the params' spans cover from position 0 (before vLLM's block alignment)."""
+    """Tokens the params' leading stored spans cover from position 0 (before vLLM's block
+    alignment); spans marked ``stored: false`` end the run."""
     spans = ((params or {}).get(PARAMS_KEY) or {}).get("spans") or []
     n = 0
     for s in spans:
-        if s["start"] != n:
+        if s["start"] != n or s.get("stored") is False:
             break
         n += s["length"]
     return n

@@ -290,3 +290,31 @@ def test_issue16_item2_save_side_fills_the_store_with_promptcache_keys(vllm_setu
             worst = max(worst, float((x - y).abs().max() / y.abs().max()))
     print(f"\nsaved {len(saved)} entries; worst relative difference to promptcache's: {worst:.2e}")
     assert worst < 1e-2
+
+
+def test_issue16_item1_entry_stored_at_another_offset_is_rerotated(vllm_setup):
+    """An entry whose meta says it was encoded ``d`` positions later (keys rotated by ``d``, as a
+    relative key allows) is rotated back on load: the same greedy text as vLLM's own prefill. A
+    connector that ignored the offset would attend to keys rotated by ``d``: another answer."""
+    from promptcache.modules.relocate import rotate_keys, rotation
+    from promptcache.runtime.kv import ModuleKV
+    from promptcache.store import CacheEntry, open_store
+
+    s = vllm_setup
+    store = open_store(str(s["store"]), create=False)
+    params = json.loads(json.dumps(s["params"]))
+    cfg = json.loads((MODEL_DIR / "config.json").read_text())
+    theta, dim = cfg["rope_parameters"]["rope_theta"], cfg["head_dim"]
+    inv_freq = 1.0 / (theta ** (torch.arange(0, dim, 2, dtype=torch.float64) / dim))
+    d = 1000
+    for span in params["promptcache"]["spans"][:2]:
+        entry = store.get(span["key"])
+        cos, sin = rotation(inv_freq, d, torch.device("cpu"))
+        moved = ModuleKV([rotate_keys(k, cos, sin) for k in entry.kv.keys], entry.kv.values)
+        key = "shifted-" + span["key"][:32]
+        assert store.put(key, CacheEntry(moved, {**entry.meta, "offset": span["base"] + d}))
+        span["key"] = key
+    plain = s["driver"].ask(s["ids"], None)
+    moved_back = s["driver"].ask(s["ids"], params)
+    assert moved_back["num_cached_tokens"] > 0
+    assert moved_back["token_ids"] == plain["token_ids"], (moved_back["text"], plain["text"])

@@ -220,7 +220,7 @@ if VLLM_AVAILABLE:
                 if self._store.contains(ref.key):
                     continue
                 meta = {**common, "module": str(span.get("module", "")), "offset": ref.base,
-                        "tokens": ref.length, "family": "vllm"}
+                        "tokens": ref.length, "source": "vllm"}
                 self._saving.add(ref.key)
                 jobs.append(SaveJob(request.request_id, ref.key, ref.start, ref.length, block_ids, meta))
             return jobs

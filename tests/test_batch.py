@@ -17,7 +17,8 @@ from promptcache.runtime.runner import DecodeSequence
 from single_thread import one_torch_thread  # noqa: F401
 from test_e2e_default_model import EXAMPLES
 from test_roles_and_engine_api import CHAT_MESSAGES, CHAT_PROMPT, CHAT_SCHEMA
-from tiny_models import FAMILIES
+from tiny_tokenizer import tiny_tokenizer
+from tiny_models import FAMILIES, tiny_model
 
 TOL = 1e-4  # float32 logits; measured max differences are printed by the tests (run with -s)
 PROMPTS = [FULL_PROMPTS[k] for k in ("default-ish", "union-gap-param", "single-module-no-suffix", "turns")]
@@ -278,3 +279,20 @@ def test_falcon_alibi_eager_attention():
         for _ in range(4):
             _step(batch, rows)
         _check(rows, alone)
+
+
+def test_batched_step_calls_the_forward_hooks_once_per_forward():
+    """The runner's forward hooks see every forward, batched decode steps included (the scheduler's
+    deadline/cancel tests slow forwards down through them)."""
+    pc = PromptCache(tiny_model("llama"), tiny_tokenizer())
+    runner = pc.runner
+    calls = []
+    runner.forward_hooks.append(lambda call: calls.append((list(call.ids), call.q_pos.tolist())))
+    batch = DecodeBatch(runner, max_rows=2, batched=True)
+    rows = []
+    for text in ("hello there", "a longer plain prompt here"):
+        req = pc.begin(text, use_cache=False)
+        rows.append((batch.add(req.cache), req.next_pos))
+    calls.clear()
+    batch.step([(rows[0][0], 5, rows[0][1]), (rows[1][0], 7, rows[1][1])])
+    assert calls == [([5, 7], [rows[0][1], rows[1][1]])]

@@ -20,7 +20,9 @@ token for some or all rows, ``remove`` a finished row and get its KV back. It ru
   ALiBi bias is one ``[heads, q, k]`` tensor shared by the batch in transformers 5.23), and as
   the baseline of ``benchmarks/batch_decode.py``.
 
-Neither calls the runner's ``forward_hooks`` (batch-1 ``ForwardCall`` objects) nor checks the
+The batched step calls the runner's ``forward_hooks`` once per forward (a ``ForwardCall`` whose
+``ids`` are every row's token, ``q_pos`` their positions, ``visible`` the ``[rows, keys]`` slot
+visibility); the loop runs through ``decode_step``, which calls them per row. Neither checks the
 context window: the scheduler stops a row at ``runner.max_positions``. Every row's logits equal
 the same sequence decoded alone within float rounding (``tests/test_batch.py``: <= 1e-5 on the
 tiny float32 models, 8e-5 on SmolLM2-135M, identical greedy ids).
@@ -34,7 +36,7 @@ import torch
 from transformers.cache_utils import Cache, DynamicLayer
 
 from .kv import ModuleKV, SplicedCache
-from .runner import DecodeSequence, ModelRunner
+from .runner import DecodeSequence, ForwardCall, ModelRunner
 
 
 def cache_kv(cache: SplicedCache) -> ModuleKV:
@@ -272,6 +274,8 @@ class BatchedDecodeBatch:
         visible = torch.arange(state.past + 1, device=dev)[None, :] <= state.len_index[:, None]
         mask = self.runner.adapter.batch_attention_mask(visible[:, None, :], q_pos[:, None], k_pos,
                                                         self.runner.dtype)
+        for hook in self.runner.forward_hooks:  # one batched forward: one call, every row's token
+            hook(ForwardCall(tokens, q_pos, visible, self.cache))
         ids = torch.tensor(tokens, dtype=torch.long, device=dev)[:, None]
         out = self.runner.model(input_ids=ids, position_ids=q_pos[:, None], attention_mask=mask,
                                 past_key_values=self.cache, use_cache=True, logits_to_keep=1)

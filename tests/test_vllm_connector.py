@@ -12,17 +12,15 @@ from __future__ import annotations
 
 import json
 import os
-import queue
 import subprocess
 import sys
-import threading
-import time
 from pathlib import Path
 
 import pytest
 import torch
 
 from promptcache.integrations.vllm import KeyContext, render, supplied_tokens  # works without vLLM
+from promptcache.integrations.vllm_driver import DriverProcess
 from promptcache.loading import converted_dir
 from promptcache.roles import ChatRenderer
 
@@ -31,7 +29,6 @@ VLLM_PY = Path(os.environ.get("PROMPTCACHE_VLLM_PYTHON",
                               Path.home() / ".cache/promptcache/vllm-venv/bin/python"))
 MODEL_DIR = converted_dir("smollm2")
 BLOCK = 32
-MARK = "@@promptcache@@ "
 
 DOC_A = ("The lighthouse on Gull Point was built in 1871 from granite quarried on the island. Its lamp "
          "burned whale oil until 1902, then kerosene, and was electrified in 1938. The last keeper, "
@@ -118,51 +115,6 @@ def test_issue16_import_promptcache_never_imports_vllm():
 
 # ---------------------------------------------------------------------------- real vLLM
 
-class Driver:
-    """The vLLM driver subprocess: one JSON line in, one marked JSON line out."""
-
-    def __init__(self, store: Path, log: Path) -> None:
-        env = {**os.environ, "PYTHONPATH": str(REPO), "VLLM_CPU_KVCACHE_SPACE": "2", "HF_HUB_OFFLINE": "1",
-               "OMP_NUM_THREADS": "1"}
-        self.proc = subprocess.Popen(
-            [str(VLLM_PY), "-m", "promptcache.integrations.vllm_driver", "--model", str(MODEL_DIR),
-             "--store", str(store), "--log", str(log), "--block-size", str(BLOCK)],
-            stdin=subprocess.PIPE, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, cwd=REPO, env=env)
-        self.lines: queue.Queue[str] = queue.Queue()
-        self.tail: list[str] = []
-        threading.Thread(target=self._pump, daemon=True).start()
-
-    def _pump(self) -> None:
-        for line in self.proc.stdout:  # type: ignore[union-attr]
-            if line.startswith(MARK):
-                self.lines.put(line[len(MARK):])
-            else:
-                self.tail = (self.tail + [line])[-60:]
-        self.lines.put("")
-
-    def read(self, timeout: float) -> dict:
-        try:
-            line = self.lines.get(timeout=timeout)
-        except queue.Empty:
-            line = ""
-        if not line:
-            raise RuntimeError("vLLM driver gave no answer; its last output:\n" + "".join(self.tail))
-        return json.loads(line)
-
-    def ask(self, ids: list[int], params: dict | None, max_tokens: int = 24) -> dict:
-        self.proc.stdin.write(json.dumps({"ids": ids, "params": params, "max_tokens": max_tokens}) + "\n")
-        self.proc.stdin.flush()
-        return self.read(120)
-
-    def close(self) -> None:
-        if self.proc.poll() is None:
-            self.proc.stdin.close()
-            try:
-                self.proc.wait(30)
-            except subprocess.TimeoutExpired:
-                self.proc.kill()
-
-
 @pytest.fixture(scope="module")
 def vllm_setup(tmp_path_factory):
     """Store filled by ``promptcache encode`` (another process), request rendered here, one vLLM."""
@@ -181,7 +133,7 @@ def vllm_setup(tmp_path_factory):
     ids, params = render(PROMPT, SCHEMA, keys=keys, store=str(store))
     ids2, params2 = render(PROMPT2, SCHEMA2, keys=keys, store=str(store))  # not encoded: vLLM saves it
     del model
-    driver = Driver(store, log)
+    driver = DriverProcess(VLLM_PY, MODEL_DIR, store, log, block_size=BLOCK)
     try:
         assert driver.read(300).get("ready")
         yield {"ids": ids, "params": params, "ids2": ids2, "params2": params2, "driver": driver, "log": log,

@@ -6,17 +6,24 @@ Run with a Python that has vLLM (not promptcache's own venv)::
 
 Each stdin line ``{"ids": [...], "params": {...} | null, "max_tokens": N}`` is generated alone,
 greedily; each answer is one stdout line prefixed ``@@promptcache@@ `` (vLLM logs to stdout too):
-``{"token_ids", "text", "num_cached_tokens", "wall_ms"}``. The first such line is
+``{"token_ids", "text", "num_cached_tokens", "wall_ms"}``. ``{"reset_prefix_cache": true}``
+empties vLLM's prefix cache (answer ``{"reset": bool}``). The first such line is
 ``{"ready": true}`` once the engine has started. Why a process: vLLM is an optional extra with its
 own torch build, and its engine start costs a minute, so a test module shares one.
+:class:`DriverProcess` is the client (it imports no vLLM).
 """
 
 from __future__ import annotations
 
 import argparse
 import json
+import os
+import queue
+import subprocess
 import sys
+import threading
 import time
+from pathlib import Path
 
 MARK = "@@promptcache@@ "
 
@@ -35,6 +42,7 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--block-size", type=int, default=32)
     ap.add_argument("--max-model-len", type=int, default=4096)
     ap.add_argument("--no-connector", action="store_true", help="plain vLLM (the baseline)")
+    ap.add_argument("--prefix-caching", action="store_true", help="vLLM's own prefix caching on (default off)")
     args = ap.parse_args(argv)
 
     from vllm import LLM, SamplingParams
@@ -49,13 +57,16 @@ def main(argv: list[str] | None = None) -> int:
                                kv_connector_module_path="promptcache.integrations.vllm",
                                kv_role="kv_both", kv_connector_extra_config=extra)
     llm = LLM(model=args.model, dtype=args.dtype, block_size=args.block_size,
-              max_model_len=args.max_model_len, enable_prefix_caching=False,
+              max_model_len=args.max_model_len, enable_prefix_caching=args.prefix_caching,
               kv_transfer_config=ktc, seed=0)
     _say({"ready": True})
     for line in sys.stdin:
         if not line.strip():
             continue
         job = json.loads(line)
+        if job.get("reset_prefix_cache"):
+            _say({"reset": bool(llm.reset_prefix_cache())})
+            continue
         extra_args = {"kv_transfer_params": job["params"]} if job.get("params") else None
         sp = SamplingParams(temperature=0.0, max_tokens=int(job.get("max_tokens", 16)), extra_args=extra_args)
         t0 = time.perf_counter()
@@ -65,6 +76,65 @@ def main(argv: list[str] | None = None) -> int:
         _say({"token_ids": list(comp.token_ids), "text": comp.text,
               "num_cached_tokens": out.num_cached_tokens, "wall_ms": round(wall, 3)})
     return 0
+
+
+class DriverProcess:
+    """Client of the driver: starts it with ``python`` (a vLLM venv), one JSON line in, one out.
+
+    ``read``/``ask`` raise ``RuntimeError`` with the driver's last output lines when it dies or
+    stays silent past the timeout.
+    """
+
+    def __init__(self, python: str | os.PathLike, model: str | os.PathLike, store: str | os.PathLike,
+                 log: str | os.PathLike | None = None, *, block_size: int = 32, extra: list[str] | None = None,
+                 env: dict[str, str] | None = None) -> None:
+        repo = Path(__file__).resolve().parents[2]
+        env = {**os.environ, "PYTHONPATH": str(repo), "VLLM_CPU_KVCACHE_SPACE": "2", "HF_HUB_OFFLINE": "1",
+               "OMP_NUM_THREADS": "1", **(env or {})}
+        cmd = [str(python), "-m", "promptcache.integrations.vllm_driver", "--model", str(model),
+               "--store", str(store), "--block-size", str(block_size), *(extra or [])]
+        if log is not None:
+            cmd += ["--log", str(log)]
+        self.proc = subprocess.Popen(cmd, stdin=subprocess.PIPE, stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
+                                     text=True, cwd=repo, env=env)
+        self.lines: queue.Queue[str] = queue.Queue()
+        self.tail: list[str] = []
+        threading.Thread(target=self._pump, daemon=True).start()
+
+    def _pump(self) -> None:
+        for line in self.proc.stdout:  # type: ignore[union-attr]
+            if line.startswith(MARK):
+                self.lines.put(line[len(MARK):])
+            else:
+                self.tail = (self.tail + [line])[-60:]
+        self.lines.put("")
+
+    def read(self, timeout: float) -> dict:
+        """The next answer (the first is ``{"ready": true}``)."""
+        try:
+            line = self.lines.get(timeout=timeout)
+        except queue.Empty:
+            line = ""
+        if not line:
+            raise RuntimeError("vLLM driver gave no answer; its last output:\n" + "".join(self.tail))
+        return json.loads(line)
+
+    def send(self, job: dict, timeout: float = 120) -> dict:
+        self.proc.stdin.write(json.dumps(job) + "\n")  # type: ignore[union-attr]
+        self.proc.stdin.flush()  # type: ignore[union-attr]
+        return self.read(timeout)
+
+    def ask(self, ids: list[int], params: dict | None, max_tokens: int = 24, timeout: float = 120) -> dict:
+        """Greedy generation of ``ids`` with ``kv_transfer_params`` ``params`` (or none)."""
+        return self.send({"ids": ids, "params": params, "max_tokens": max_tokens}, timeout)
+
+    def close(self) -> None:
+        if self.proc.poll() is None:
+            self.proc.stdin.close()  # type: ignore[union-attr]
+            try:
+                self.proc.wait(30)
+            except subprocess.TimeoutExpired:
+                self.proc.kill()
 
 
 if __name__ == "__main__":

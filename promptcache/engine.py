@@ -36,7 +36,8 @@ from .recompute import Selection, cached_spans, choose, parse_policy, prefill_wi
 from .results import EncodeReport, GenerationResult
 from .roles import ChatRenderer
 from .runtime.kv import ModuleKV, SplicedCache
-from .runtime.runner import ActiveRequest, ChunkedPrefill, ModelRunner, oracle_forward
+from .runtime.request import ActiveRequest, ChunkedPrefill
+from .runtime.runner import ModelRunner, oracle_forward
 from .runtime.sampling import SamplingOptions, check_max_new_tokens, eos_token_ids
 
 __all__ = ["PromptCache", "ActiveRequest", "GenerationResult", "EncodeReport", "SchemaState",

@@ -44,7 +44,8 @@ from ..pml.model import Prompt
 from ..results import GenerationResult
 from ..roles import SENTINEL, encode_literal
 from ..runtime.kv import ModuleKV, SplicedCache
-from ..runtime.runner import ActiveRequest, ChunkedPrefill, ModelRunner
+from ..runtime.request import ActiveRequest, ChunkedPrefill
+from ..runtime.runner import ModelRunner
 from ..runtime.sampling import SamplingOptions, check_max_new_tokens
 from .radix import MatchResult, RadixTree
 

@@ -16,22 +16,21 @@ layout positions (:meth:`ModelRunner.index_causal`).
 
 Decoding is batch-ready: :meth:`ModelRunner.decode_step` takes a list of
 :class:`DecodeSequence` (each with its own cache, token and position) and returns one logits row
-per sequence. It still runs them one at a time (batch 1 per forward); batching them into one
-forward is the server's job and changes nothing in this interface.
+per sequence, one forward each; :class:`~promptcache.runtime.batch.DecodeBatch` runs concurrent
+requests in ONE forward per step. A request's life from admission to its end (chunked prefill,
+finish, abort) is :mod:`promptcache.runtime.request`.
 """
 
 from __future__ import annotations
 
-import time
 from dataclasses import dataclass
 from typing import Callable, Sequence
 
 import torch
 
 from ..pml.errors import PromptError
-from ..results import GenerationResult
 from .kv import ModuleKV, SplicedCache
-from .sampling import SamplingOptions, StopChecker, TokenChooser
+from .sampling import SamplingOptions, TokenStream
 
 
 
@@ -239,256 +238,6 @@ class ModelRunner:
         """Wait for the device (CUDA) so that wall-clock times are honest."""
         if self.device.type == "cuda":
             torch.cuda.synchronize(self.device)
-
-
-class ChunkedPrefill:
-    """The prefill of a request's computed tokens, runnable in chunks (each chunk one forward).
-
-    Why: a server interleaves a long prefill with the running requests' decode steps. Chunk ``k``
-    appends its tokens to ``cache`` and attends to everything the cache holds by the request rule:
-    ``by_position`` (PML: :meth:`ModelRunner.causal_visible` of the keys' layout positions, gaps
-    and all; the tokens must be sorted by position), else every past key and causally among the
-    new tokens (plain text and baselines: contiguous positions after the past). That is the
-    unchunked prefill's visibility restricted to the chunk's rows, so the result equals it to
-    float rounding. One chunk (``step()`` with no limit) IS the unchunked prefill.
-    """
-
-    def __init__(self, runner: ModelRunner, cache: SplicedCache, ids: Sequence[int], q_pos: torch.Tensor,
-                 by_position: bool) -> None:
-        if len(ids) == 0:
-            raise ValueError("a prefill needs at least one token (the last prompt token is always computed)")
-        self.runner = runner
-        self.cache = cache
-        self.ids = list(ids)
-        self.q_pos = q_pos
-        self.by_position = by_position
-        self.done_tokens = 0
-        self.logits: torch.Tensor | None = None
-        self.forwards = 0
-
-    @classmethod
-    def finished(cls, runner: ModelRunner, cache: SplicedCache, logits: torch.Tensor) -> "ChunkedPrefill":
-        """A prefill already run elsewhere (the fused recompute path, which is not chunked)."""
-        job = cls.__new__(cls)
-        job.runner, job.cache, job.ids, job.q_pos, job.by_position = runner, cache, [], None, True
-        job.done_tokens, job.logits, job.forwards = 0, logits, 1
-        return job
-
-    @property
-    def remaining(self) -> int:
-        return len(self.ids) - self.done_tokens
-
-    @property
-    def done(self) -> bool:
-        return self.logits is not None
-
-    def step(self, max_tokens: int | None = None) -> torch.Tensor | None:
-        """Run the next chunk of at most ``max_tokens`` tokens (``None``: all that remain).
-
-        Returns the first-token logits after the last chunk, ``None`` before."""
-        if self.done:
-            return self.logits
-        if max_tokens is not None and max_tokens < 1:
-            raise ValueError(f"a prefill chunk needs at least one token, got {max_tokens}")
-        a = self.done_tokens
-        b = len(self.ids) if max_tokens is None else min(len(self.ids), a + max_tokens)
-        q_pos = self.q_pos[a:b]
-        visible = self.runner.causal_visible(self.cache.key_positions, q_pos) if self.by_position else None
-        last = b == len(self.ids)
-        out = self.runner.forward(self.cache, self.ids[a:b], q_pos, visible, logits=last)
-        self.done_tokens = b
-        self.forwards += 1
-        if last:
-            self.logits = out
-        return self.logits
-
-
-class TokenStream:
-    """One sequence's token loop after its prefill: choose, check stops, budget, text to show.
-
-    ``next_pos`` is the position the last chosen token is fed back at (the caller advances it).
-    The budget is ``max_new_tokens`` cut at the context window (``max_positions``).
-    :meth:`take_text` gives the text that may be shown so far: it holds back a trailing partial
-    character and any tail that could still grow into a stop string, so streamed pieces join to
-    exactly :attr:`text` once :attr:`done`.
-    """
-
-    def __init__(self, options: SamplingOptions, prompt_ids: list[int], device: torch.device,
-                 eos_ids: set[int], detokenize: Callable[[list[int]], str], max_new_tokens: int,
-                 next_pos: int, max_positions: int | None) -> None:
-        self.chooser = TokenChooser(options, prompt_ids, device)
-        self.stopper = StopChecker(eos_ids, options.stop, detokenize)
-        self.max_new_tokens = max_new_tokens
-        self.budget = max_new_tokens
-        if max_positions is not None:
-            self.budget = max(0, min(max_new_tokens, max_positions - next_pos))
-        self.next_pos = next_pos
-        self.generated: list[int] = []
-        self.text = ""
-        self.shown = 0
-        self.stopped = False       # EOS or a stop string
-        self.done = self.budget == 0
-
-    def push(self, logits: torch.Tensor) -> int:
-        """Choose the next token from ``logits``; returns it (feed it back unless :attr:`done`)."""
-        token = self.chooser(logits)
-        self.generated.append(token)
-        self.stopped, self.text = self.stopper.done(self.generated)
-        self.done = self.stopped or len(self.generated) >= self.budget
-        return token
-
-    @property
-    def window_full(self) -> bool:
-        """The window, not ``max_new_tokens``, EOS or a stop string, ended generation."""
-        return self.budget < self.max_new_tokens and not self.stopped
-
-    @property
-    def finish_reason(self) -> str:
-        """``"stop"`` (EOS or stop string), ``"window"`` or ``"length"``."""
-        return "stop" if self.stopped else "window" if self.window_full else "length"
-
-    def _safe_end(self) -> int:
-        text = self.text
-        end = len(text)
-        while end > self.shown and text[end - 1] == "\ufffd":  # a character still being decoded
-            end -= 1
-        hold = 0
-        for s in self.stopper.stop:
-            for k in range(min(len(s) - 1, end), hold, -1):
-                if text.endswith(s[:k], 0, end):
-                    hold = k
-                    break
-        return end - hold
-
-    def take_text(self) -> str:
-        """The text not shown yet that can be shown now (everything once :attr:`done`)."""
-        end = len(self.text) if self.done else self._safe_end()
-        if end <= self.shown:
-            return ""
-        out = self.text[self.shown:end]
-        self.shown = end
-        return out
-
-
-CloseFn = Callable[[list[int], "SplicedCache | ModuleKV | None", bool], None]
-
-
-@dataclass(eq=False)
-class ActiveRequest:
-    """One request between admission and its end: its prefill, its cache and how it is released.
-
-    Made by ``PromptCache.begin`` (PML) or ``PrefixRunner.begin`` (plain text, chat). The life of
-    a request: :meth:`prefill_step` until :attr:`prefilled` (one call without a limit runs the
-    whole prefill; with ``max_tokens`` one chunk per call), then decoding by the caller (the
-    :meth:`generate` loop, or a server's batch), then exactly one of :meth:`finish` (caches the
-    prompt and the generated tokens in the prefix tree where that applies, releases leases and
-    pins) or :meth:`abort` (releases only). Not thread-safe: the engine's thread owns it.
-
-    ``cached_tokens``/``computed_tokens``/``recomputed_tokens``: prompt tokens reused, prefilled,
-    recomputed; ``modules``: PML modules the prompt selected; ``ttft_s``: from ``t0`` (the call,
-    prompt not yet parsed) to the first-token logits, set when the prefill ends.
-    """
-
-    runner: ModelRunner
-    kind: str                       # "pml", "text" or "chat"
-    job: ChunkedPrefill
-    next_pos: int                   # position of the first generated token
-    cached_tokens: int
-    computed_tokens: int
-    recomputed_tokens: int
-    consulted_cache: bool           # GenerationResult.use_cache: a cache was looked up
-    modules: list[str]
-    t0: float
-    prompt_source: list[int] | Callable[[], list[int]]
-    on_close: CloseFn
-    on_prefilled: Callable[[], None] | None = None
-    ttft_s: float | None = None
-    closed: bool = False
-
-    @property
-    def cache(self) -> SplicedCache:
-        return self.job.cache
-
-    @property
-    def logits(self) -> torch.Tensor | None:
-        """First-token logits once :attr:`prefilled`, else ``None``."""
-        return self.job.logits
-
-    @property
-    def prefilled(self) -> bool:
-        return self.job.done
-
-    @property
-    def prompt_ids(self) -> list[int]:
-        """The prompt's tokens in position order (built on first use: after TTFT for PML)."""
-        if callable(self.prompt_source):
-            self.prompt_source = self.prompt_source()
-        return self.prompt_source
-
-    @torch.inference_mode()
-    def prefill_step(self, max_tokens: int | None = None) -> bool:
-        """Run (the next chunk of) the prefill; True once it is complete. Aborts on error."""
-        if self.closed:
-            raise RuntimeError("this request has already finished or been aborted")
-        if self.job.done:  # e.g. a fused recompute prefill, finished before the request began
-            if self.ttft_s is None:
-                self._prefilled()
-            return True
-        try:
-            self.job.step(max_tokens)
-            if self.job.done:
-                self._prefilled()
-        except BaseException:
-            self.abort()
-            raise
-        return self.job.done
-
-    def _prefilled(self) -> None:
-        if self.on_prefilled is not None:
-            callback, self.on_prefilled = self.on_prefilled, None
-            callback()
-        self.runner.sync()
-        self.ttft_s = time.perf_counter() - self.t0
-
-    def finish(self, generated_ids: Sequence[int] = (), kv: SplicedCache | ModuleKV | None = None) -> None:
-        """End normally: ``kv`` (the request's cache, or the KV a decode batch gave back) holds
-        the prompt and the generated tokens fed back; the prefix path caches them. Idempotent."""
-        self._close(list(generated_ids), kv, True)
-
-    def abort(self) -> None:
-        """End without caching anything (error, cancel, deadline); releases leases and pins."""
-        self._close([], None, False)
-
-    def _close(self, generated: list[int], kv, completed: bool) -> None:
-        if self.closed:
-            return
-        self.closed = True
-        try:
-            if self.on_prefilled is not None:  # pins not released yet (prefill never finished)
-                callback, self.on_prefilled = self.on_prefilled, None
-                callback()
-        finally:
-            self.on_close(generated, kv, completed)
-
-    def generate(self, options: SamplingOptions, max_new_tokens: int, stream: Callable[[str], None] | None,
-                 eos_ids: set[int], detokenize: Callable[[list[int]], str]) -> GenerationResult:
-        """The one-request path: prefill, decode loop, finish (abort on any error)."""
-        try:
-            self.prefill_step()
-            logits = self.logits
-            first = logits.float().cpu()
-            prompt_ids = self.prompt_ids  # for the repetition penalty; after TTFT
-            generated, text, window_full = self.runner.decode(logits, self.cache, prompt_ids, options,
-                                                              max_new_tokens, stream, self.next_pos,
-                                                              eos_ids, detokenize)
-        except BaseException:
-            self.abort()
-            raise
-        self.finish(generated, self.cache)
-        self.runner.sync()
-        return GenerationResult(text, generated, self.ttft_s, time.perf_counter() - self.t0,
-                                len(prompt_ids), self.cached_tokens, self.computed_tokens,
-                                self.consulted_cache, self.recomputed_tokens, first, window_full)
 
 
 def oracle_forward(model, adapter, plan, device: torch.device, dtype: torch.dtype) -> torch.Tensor:

@@ -107,3 +107,70 @@ def check_max_new_tokens(max_new_tokens: int) -> None:
         raise ValueError(f"max_new_tokens must be an integer >= 0, got {max_new_tokens!r}")
     if max_new_tokens < 0:
         raise ValueError(f"max_new_tokens must be >= 0 (0 = prefill only), got {max_new_tokens}")
+
+
+class TokenStream:
+    """One sequence's token loop after its prefill: choose, check stops, budget, text to show.
+
+    ``next_pos`` is the position the last chosen token is fed back at (the caller advances it).
+    The budget is ``max_new_tokens`` cut at the context window (``max_positions``).
+    :meth:`take_text` gives the text that may be shown so far: it holds back a trailing partial
+    character and any tail that could still grow into a stop string, so streamed pieces join to
+    exactly :attr:`text` once :attr:`done`.
+    """
+
+    def __init__(self, options: SamplingOptions, prompt_ids: list[int], device: torch.device,
+                 eos_ids: set[int], detokenize: Callable[[list[int]], str], max_new_tokens: int,
+                 next_pos: int, max_positions: int | None) -> None:
+        self.chooser = TokenChooser(options, prompt_ids, device)
+        self.stopper = StopChecker(eos_ids, options.stop, detokenize)
+        self.max_new_tokens = max_new_tokens
+        self.budget = max_new_tokens
+        if max_positions is not None:
+            self.budget = max(0, min(max_new_tokens, max_positions - next_pos))
+        self.next_pos = next_pos
+        self.generated: list[int] = []
+        self.text = ""
+        self.shown = 0
+        self.stopped = False       # EOS or a stop string
+        self.done = self.budget == 0
+
+    def push(self, logits: torch.Tensor) -> int:
+        """Choose the next token from ``logits``; returns it (feed it back unless :attr:`done`)."""
+        token = self.chooser(logits)
+        self.generated.append(token)
+        self.stopped, self.text = self.stopper.done(self.generated)
+        self.done = self.stopped or len(self.generated) >= self.budget
+        return token
+
+    @property
+    def window_full(self) -> bool:
+        """The window, not ``max_new_tokens``, EOS or a stop string, ended generation."""
+        return self.budget < self.max_new_tokens and not self.stopped
+
+    @property
+    def finish_reason(self) -> str:
+        """``"stop"`` (EOS or stop string), ``"window"`` or ``"length"``."""
+        return "stop" if self.stopped else "window" if self.window_full else "length"
+
+    def _safe_end(self) -> int:
+        text = self.text
+        end = len(text)
+        while end > self.shown and text[end - 1] == "\ufffd":  # a character still being decoded
+            end -= 1
+        hold = 0
+        for s in self.stopper.stop:
+            for k in range(min(len(s) - 1, end), hold, -1):
+                if text.endswith(s[:k], 0, end):
+                    hold = k
+                    break
+        return end - hold
+
+    def take_text(self) -> str:
+        """The text not shown yet that can be shown now (everything once :attr:`done`)."""
+        end = len(self.text) if self.done else self._safe_end()
+        if end <= self.shown:
+            return ""
+        out = self.text[self.shown:end]
+        self.shown = end
+        return out

@@ -6,6 +6,10 @@ subcommand, write such a function and append it to :data:`SUBCOMMANDS`. :class:`
 what tests inject instead of real models (today: a token renderer).
 
 Errors of the PML layer are printed as ``FILE:LINE: message`` on stderr with exit status 2.
+
+Size: the argument parsing of five subcommands (validate, analyze, encode, store, serve) and their
+argument checks, kept in one file so the whole command line reads in one place; the work itself
+lives in the modules each handler calls (imported lazily, so ``--help`` never imports torch).
 """
 
 from __future__ import annotations

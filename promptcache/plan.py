@@ -17,6 +17,9 @@ the cached path's logits. Cached tokens may have seen context that the prompt do
 module); such *ghost* tokens are included in the plan with ``in_prompt=False`` (invisible to the
 computed tokens) so that the oracle holds for every prompt. ``plan.complete`` is True when there is
 no ghost, i.e. the prompt's own tokens explain every cached value.
+
+Size: the three questions share the layout and context data (the context tree, the scaffold
+path); split this file only if a fourth question appears.
 """
 
 from __future__ import annotations

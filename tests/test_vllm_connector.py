@@ -270,3 +270,20 @@ def test_issue16_item1_entry_stored_at_another_offset_is_rerotated(vllm_setup):
     moved_back = s["driver"].ask(s["ids"], params)
     assert moved_back["num_cached_tokens"] > 0
     assert moved_back["token_ids"] == plain["token_ids"], (moved_back["text"], plain["text"])
+
+
+def test_issue16_params_naming_another_model_fail_the_load_without_quarantine(vllm_setup):
+    """Params are client input: params claiming another model make the load fail (reported to
+    vLLM, which recomputes: the same answer), and the store entry stays (no quarantine)."""
+    from promptcache.store import open_store
+
+    s = vllm_setup
+    params = json.loads(json.dumps(s["params"]))
+    params["promptcache"]["model"] = "f" * 64
+    before = len(_log(s["log"]))
+    out = s["driver"].ask(s["ids"], params)
+    plain = s["driver"].ask(s["ids"], None)
+    assert [r["event"] for r in _log(s["log"])[before:]].count("load_failed") == 1
+    assert out["token_ids"] == plain["token_ids"]
+    store = open_store(str(s["store"]), create=False)
+    assert all(store.contains(sp["key"]) for sp in s["params"]["promptcache"]["spans"])

@@ -289,14 +289,17 @@ if VLLM_AVAILABLE:
         def _entry_kv(self, spans: list[SpanRef], expect: dict | None = None):
             """Per layer ``(keys, values)`` ``[heads, n, dim]`` of the spans, concatenated, re-rotated."""
             from ..modules.relocate import rotate_keys, rotation
+            from ..store.base import check_expect
 
             ks: list[list[torch.Tensor]] = []
             vs: list[list[torch.Tensor]] = []
             for ref in spans:
-                entry = self._store.get(ref.key, expect=expect)
-                if entry is None:
-                    raise RuntimeError(f"promptcache: store entry {ref.key[:16]} is missing, bad or "
-                                       "not what the params expect (model, dtype, policy)")
+                entry = self._store.get(ref.key)  # no expect=: a store quarantines a mismatch, and
+                if entry is None:                 # the params come from clients
+                    raise RuntimeError(f"promptcache: store entry {ref.key[:16]} is missing or bad")
+                why = check_expect(entry, expect)
+                if why is not None:
+                    raise RuntimeError(f"promptcache: store entry {ref.key[:16]}: {why}")
                 keys, values = entry.kv.keys, entry.kv.values
                 offset = int(entry.meta.get("offset", ref.base))
                 if offset != ref.base:

@@ -55,7 +55,8 @@ def main(argv: list[str] | None = None) -> int:
             extra["log"] = args.log
         ktc = KVTransferConfig(kv_connector="PromptCacheConnector",
                                kv_connector_module_path="promptcache.integrations.vllm",
-                               kv_role="kv_both", kv_connector_extra_config=extra)
+                               kv_role="kv_both", kv_connector_extra_config=extra,
+                               kv_load_failure_policy="recompute")
     llm = LLM(model=args.model, dtype=args.dtype, block_size=args.block_size,
               max_model_len=args.max_model_len, enable_prefix_caching=args.prefix_caching,
               kv_transfer_config=ktc, seed=0)

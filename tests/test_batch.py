@@ -154,7 +154,11 @@ def test_a_step_over_some_rows_leaves_the_others_exact():
 
 
 @pytest.mark.parametrize("family", ["llama", "falcon-alibi", "gemma3"])
-def test_capacity_growth_stays_exact(family):
+def test_capacity_growth_stays_exact(family, monkeypatch):
+    import promptcache.runtime.batch as batch_module
+
+    monkeypatch.setattr(batch_module, "CAPACITY_HEADROOM", 0)  # grow within the 40 steps
+    monkeypatch.setattr(batch_module, "CAPACITY_ROUND", 1)
     pc = _setup(family)
     steps = 40
     with torch.inference_mode():
@@ -296,3 +300,23 @@ def test_batched_step_calls_the_forward_hooks_once_per_forward():
     calls.clear()
     batch.step([(rows[0][0], 5, rows[0][1]), (rows[1][0], 7, rows[1][1])])
     assert calls == [([5, 7], [rows[0][1], rows[1][1]])]
+
+
+def test_capacity_grows_by_headroom_not_doubling(monkeypatch):
+    """A row that outgrows the buffer gets room for what it needs plus a headroom, at least a
+    quarter more, not twice its length (doubling eight 4k-token rows allocated gigabytes and
+    paused the server for seconds). Headroom and rounding are zeroed so the rule is visible."""
+    import promptcache.runtime.batch as batch_module
+
+    monkeypatch.setattr(batch_module, "CAPACITY_HEADROOM", 0)
+    monkeypatch.setattr(batch_module, "CAPACITY_ROUND", 1)
+    pc = _setup("llama")
+    with torch.inference_mode():
+        batch = BatchedDecodeBatch(pc.runner, max_rows=2)
+        row = Row(pc, batch, PROMPTS[3])
+        length = batch.cache.state.lengths[0]
+        cap = batch.cache.capacity
+        assert cap == length + 1
+        for _ in range(cap - length + 1):  # the last step needs key slot ``cap``
+            _step(batch, [row])
+        assert batch.cache.capacity == -(-5 * cap // 4)

@@ -137,7 +137,7 @@ def vllm_setup(tmp_path_factory):
     try:
         assert driver.read(300).get("ready")
         yield {"ids": ids, "params": params, "ids2": ids2, "params2": params2, "driver": driver, "log": log,
-               "store": store, "tmp": tmp}
+               "store": store, "tmp": tmp, "fingerprint": keys.model}
     finally:
         driver.close()
 
@@ -287,3 +287,46 @@ def test_issue16_params_naming_another_model_fail_the_load_without_quarantine(vl
     assert out["token_ids"] == plain["token_ids"]
     store = open_store(str(s["store"]), create=False)
     assert all(store.contains(sp["key"]) for sp in s["params"]["promptcache"]["spans"])
+
+
+def test_issue16_prefix_keys_recomputed_from_tokens_equal_render(tokenizer):
+    """The keys a connector recomputes from the request's tokens equal render's (promptcache's)
+    keys, and a key for other tokens or another model does not match."""
+    from promptcache.integrations.vllm_render import prefix_span_keys
+
+    k = _keys(tokenizer)
+    ids, params = render(PROMPT, SCHEMA, keys=k)
+    spans = params["promptcache"]["spans"]
+    bounds = [(sp["start"], sp["start"] + sp["length"]) for sp in spans]
+    assert prefix_span_keys(ids, bounds, model=k.model, dtype=k.dtype) == [sp["key"] for sp in spans]
+    other = list(ids)
+    other[20] += 1
+    assert prefix_span_keys(other, bounds, model=k.model, dtype=k.dtype)[1] != spans[1]["key"]
+    assert prefix_span_keys(ids, bounds, model="1" * 64, dtype=k.dtype)[0] != spans[0]["key"]
+
+
+def test_issue16_connector_with_fingerprint_rejects_keys_that_are_not_the_tokens(vllm_setup):
+    """A connector given the model's fingerprint recomputes each span's key from the request's
+    tokens: render's params are supplied as before; a span renamed to another (stored) key is
+    not, so a client cannot make vLLM load, or save under, a key of its choosing. (A second
+    engine: about a minute more.)"""
+    from promptcache.store import open_store
+
+    s = vllm_setup
+    store = open_store(str(s["store"]), create=False)
+    params = json.loads(json.dumps(s["params"]))
+    span = params["promptcache"]["spans"][0]
+    renamed = "renamed-" + span["key"][:32]
+    assert store.put(renamed, store.get(span["key"]))
+    span["key"] = renamed
+    log = s["tmp"] / "checked.log"
+    drv = DriverProcess(VLLM_PY, MODEL_DIR, s["store"], log, block_size=BLOCK,
+                        extra=["--model-fingerprint", s["fingerprint"]])
+    try:
+        assert drv.read(300).get("ready")
+        good = drv.ask(s["ids"], s["params"], max_tokens=4)
+        bad = drv.ask(s["ids"], params, max_tokens=4)
+    finally:
+        drv.close()
+    assert good["num_cached_tokens"] == min(supplied_tokens(s["params"]), len(s["ids"]) - 1) // BLOCK * BLOCK > 0
+    assert bad["num_cached_tokens"] == 0

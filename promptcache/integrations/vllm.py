@@ -149,6 +149,17 @@ if VLLM_AVAILABLE:
 
             self._store = open_store(str(url), create=False)
             self._log_path = self._kv_transfer_config.get_from_extra_config("log", None)
+            # Optional: this model's promptcache fingerprint (promptcache.store.model_fingerprint).
+            # When set, every span's key is recomputed from the request's tokens and must match.
+            fp = self._kv_transfer_config.get_from_extra_config("model_fingerprint", None)
+            self._fixed = None
+            if fp:
+                from ..store import dtype_name
+
+                positions = str(self._kv_transfer_config.get_from_extra_config("positions", "relative"))
+                self._fixed = {"model": str(fp), "dtype": dtype_name(vllm_config.model_config.dtype),
+                               "policy": str(self._kv_transfer_config.get_from_extra_config("policy", "scaffold")),
+                               "relative": positions == "relative"}
             self._block_size = vllm_config.cache_config.block_size
             self._matched: dict[str, tuple[int, int, list[SpanRef]]] = {}  # req -> (local, end, spans)
             self._pending: dict[str, Any] = {}  # req -> (request, lo, hi, spans)
@@ -195,6 +206,15 @@ if VLLM_AVAILABLE:
                     break
                 out.append((SpanRef(key, start, length, base), s))
                 n += length
+            if self._fixed is not None and out:
+                from .vllm_render import prefix_span_keys
+
+                want = prefix_span_keys(ids, [(r.start, r.start + r.length) for r, _ in out], **self._fixed)
+                for k, ((ref, _), key) in enumerate(zip(out, want)):
+                    if ref.key != key:
+                        logger.warning("promptcache: request %s: span at %d names key %s, not its content "
+                                       "key: ignored from there", request.request_id, ref.start, ref.key[:16])
+                        return out[:k]
             return out
 
         def _covered(self, request) -> tuple[int, list[SpanRef]]:
@@ -211,6 +231,9 @@ if VLLM_AVAILABLE:
             """Spans the store lacks whose tokens are all computed by the end of this step."""
             pc = (request.kv_transfer_params or {}).get(PARAMS_KEY) or {}
             common = {k: pc[k] for k in ("model", "dtype", "policy", "positions", "schema") if k in pc}
+            if self._fixed is not None:  # the keys were checked against these: record them, not the client's
+                common.update({k: v for k, v in self._fixed.items() if k != "relative"},
+                              positions="relative" if self._fixed["relative"] else "absolute")
             if not {"model", "dtype", "policy", "positions"} <= set(common):
                 return []
             jobs = []

@@ -43,6 +43,8 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--max-model-len", type=int, default=4096)
     ap.add_argument("--no-connector", action="store_true", help="plain vLLM (the baseline)")
     ap.add_argument("--prefix-caching", action="store_true", help="vLLM's own prefix caching on (default off)")
+    ap.add_argument("--model-fingerprint", default=None,
+                    help="promptcache fingerprint of the model: the connector then checks every key")
     args = ap.parse_args(argv)
 
     from vllm import LLM, SamplingParams
@@ -53,6 +55,8 @@ def main(argv: list[str] | None = None) -> int:
         extra = {"store": args.store}
         if args.log:
             extra["log"] = args.log
+        if args.model_fingerprint:
+            extra["model_fingerprint"] = args.model_fingerprint
         ktc = KVTransferConfig(kv_connector="PromptCacheConnector",
                                kv_connector_module_path="promptcache.integrations.vllm",
                                kv_role="kv_both", kv_connector_extra_config=extra,

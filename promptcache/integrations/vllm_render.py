@@ -171,3 +171,20 @@ def supplied_tokens(params: dict[str, Any] | None) -> int:
             break
         n += s["length"]
     return n
+
+
+def prefix_span_keys(ids: Sequence[int], bounds: Sequence[tuple[int, int]], *, model: str, dtype: str,
+                     policy: str = "scaffold", relative: bool = True) -> list[str]:
+    """Content keys of spans ``bounds`` (``(start, end)``, contiguous from 0) of an exact prefix,
+    recomputed from the tokens alone: under the exactness rule each span's encoding context is
+    the spans before it, at their own positions, so its key needs no layout. Why: a connector
+    configured with its model's fingerprint checks client-sent keys with this (a client cannot
+    make vLLM load or save under a key that is not its tokens' content key).
+    The same keys as :func:`promptcache.modules.keys.module_keys` gives such spans."""
+    from ..modules.keys import KEY_SCHEME, segment_digest
+    from ..store.keys import make_key
+
+    fixed = {"scheme": KEY_SCHEME, "model": model, "dtype": dtype, "policy": policy,
+             "positions": "relative" if relative else "absolute"}
+    digests = [segment_digest(list(ids[s:e]), range(s, e), 0) for s, e in bounds]
+    return [make_key({**fixed, "context": digests[:k], "segment": d}) for k, d in enumerate(digests)]

@@ -27,9 +27,11 @@ under its content key with promptcache's meta (:meth:`wait_for_save`), so later 
 processes load it. The block layout is learnt once from the backend's own write kernel on a
 scratch block (the CPU kernel does not store keys as plain ``[block, dim]`` rows); a layout that
 cannot be read back exactly (not float32, blocks not at dim 0) is not saved, with one warning.
-Only spans whose last token
-is computed in the request's first scheduled step, and only when the KV cache dtype is the
-params' dtype.
+Only spans whose last token is computed in the request's first scheduled step, only when the KV
+cache dtype is the keys' dtype, and each key at most once per vLLM process.
+
+``kv_connector_extra_config["model_fingerprint"]`` makes the connector recompute every span's
+key from the request's own tokens (params are client input: docs/vllm.md, "Checks").
 
 ``import promptcache`` never imports this module; importing it imports vLLM when vLLM is
 installed. Without vLLM only :func:`render` (request side) is available here.
@@ -135,8 +137,9 @@ if VLLM_AVAILABLE:
     class PromptCacheConnector(KVConnectorBase_V1):
         """vLLM KV connector fed by a promptcache module store (see the module docstring).
 
-        ``kv_connector_extra_config``: ``store`` (directory, ``redis://...``; required), ``log``
-        (optional path of a JSON-lines log: one line per matched and per loaded request).
+        ``kv_connector_extra_config``: ``store`` (directory, ``redis://...``; required),
+        ``model_fingerprint`` (+ ``policy``, ``positions``: keys checked against the tokens),
+        ``log`` (a JSON-lines log: matched, loaded, saved, load_failed).
         """
 
         def __init__(self, vllm_config, role, kv_cache_config=None) -> None:

@@ -187,7 +187,7 @@ def test_stats_and_stored_values_own_their_memory():
         assert node.value.num_layers == pc.num_layers
         assert node.value.positions.tolist() == list(range(len(node.prefix_tokens()) - len(node.key),
                                                            len(node.prefix_tokens())))
-        for k, v in node.value.pairs():
+        for k, v in zip(node.value.keys, node.value.values):
             assert k.shape == v.shape == (pc.kv_heads, len(node.key), pc.head_dim)
             for t in (k, v):
                 storages[t.untyped_storage().data_ptr()] = t.untyped_storage().nbytes()

@@ -83,15 +83,6 @@ class ModuleKV:
         n = first.num_layers
         return ModuleKV(first.keys + self.keys[n:], first.values + self.values[n:], self.positions)
 
-    def pairs(self) -> list[tuple[torch.Tensor, torch.Tensor]]:
-        """``[(keys, values)]`` per layer (the store entry's layout)."""
-        return list(zip(self.keys, self.values))
-
-    @staticmethod
-    def from_pairs(pairs: Sequence[tuple[torch.Tensor, torch.Tensor]],
-                   positions: torch.Tensor | None = None) -> "ModuleKV":
-        return ModuleKV([k for k, _ in pairs], [v for _, v in pairs], positions)
-
     @staticmethod
     def from_layers(layers: Sequence[tuple[torch.Tensor, torch.Tensor]], start: int, end: int,
                     positions: torch.Tensor | None = None) -> "ModuleKV":

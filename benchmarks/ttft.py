@@ -15,17 +15,42 @@ prints a table of medians and ratios, writes CSV and a PNG plot.
     python benchmarks/ttft.py                                   # default model, CPU, float32
     python benchmarks/ttft.py --lengths 512,1024 --repeats 3
     python benchmarks/ttft.py --random-weights llama-7b --device cuda   # latency only, random weights
+    python benchmarks/ttft.py --fastpath --lengths 1024 --threads 1     # issue 17: bf16, compiled, peers
+
+Fast path (``--fastpath``, or ``--variants``/``--peers``): beside the five columns above (the model as
+loaded, fp32 eager on CPU by default), each extra *variant* (a dtype, eager or compiled) times its
+own baseline prefill (a) and scaffold cached TTFT (c) on the same prompts in the same interleaved
+loop, and each *peer* times its full prefill and its prefix-cached request on the same token ids:
+
+- ``llamacpp``: llama.cpp (``llama-cpp-python``, when importable) on the GGUF the bundled model was
+  converted from, the prompt's prefix (everything before our computed suffix) kept in its KV;
+- ``vllm``: vLLM's CPU build in its own venv (``--vllm-venv``, default
+  ``~/.cache/promptcache/vllm-venv``, see benchmarks/serve_servers.py), prefix caching on, warmed with
+  the same prefix, so it computes the suffix plus the part of the prefix that does not fill a block
+  (the JSON says how many tokens it reused); its times are ``LLM.generate`` with one new token.
+
+A compiled variant is warmed up explicitly (``pc.warmup()``) before any timing; the warm-up time is
+reported on its own line and in the JSON, never inside a TTFT. The ratios table compares every
+variant's cached TTFT with the first column's (issue 17's target: the compiled bf16 persona case
+at most 0.5x of fp32 eager) and with the peers' prefix-cached TTFT (target: below), and the
+variant's full-prefill baseline with vLLM's prefill (target: within 1.3x); baseline speedups a/c are
+within one variant, so in one dtype.
 """
 
 from __future__ import annotations
 
 import argparse
 import copy
+import inspect
 import json
+import os
 import statistics
 import sys
+import tempfile
 import time
+from dataclasses import dataclass
 from pathlib import Path
+from typing import Callable
 
 import torch
 
@@ -35,12 +60,44 @@ if __package__ in (None, ""):  # run as a file: the repository root replaces ben
 from benchmarks.common import (ROOT, doc_case, persona_case, print_table, set_threads,  # noqa: E402
                                sync, write_csv)
 from promptcache import PromptCache, load_model  # noqa: E402
+
 RANDOM_CONFIGS = {
     "llama-7b": dict(hidden_size=4096, intermediate_size=11008, num_hidden_layers=32, num_attention_heads=32,
                      num_key_value_heads=32, max_position_embeddings=16384),
     "llama-1b": dict(hidden_size=2048, intermediate_size=8192, num_hidden_layers=16, num_attention_heads=32,
                      num_key_value_heads=8, max_position_embeddings=16384),
+    # For tests and dry runs: a forward takes milliseconds.
+    "tiny": dict(hidden_size=64, intermediate_size=128, num_hidden_layers=2, num_attention_heads=4,
+                 num_key_value_heads=2, max_position_embeddings=40960),
 }
+DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
+FASTPATH_VARIANTS = "bf16,bf16+compile"
+
+
+@dataclass(frozen=True)
+class Variant:
+    """An extra engine column: a dtype, eager or compiled (``bf16+compile``)."""
+
+    key: str            # column prefix in the CSV/JSON, e.g. "bf16c"
+    label: str          # e.g. "bf16 compiled"
+    dtype: torch.dtype
+    compile: bool
+
+
+def parse_variants(text: str) -> list[Variant]:
+    """``"bf16,bf16+compile"`` -> variants; an unknown dtype or flag is an argparse error naming it."""
+    out = []
+    for item in (t.strip() for t in text.split(",")):
+        if not item or item == "none":
+            continue
+        name, _, flag = item.partition("+")
+        if name not in DTYPES or flag not in ("", "compile"):
+            raise argparse.ArgumentTypeError(f"bad variant {item!r}: expected DTYPE or DTYPE+compile with DTYPE "
+                                             f"one of {', '.join(DTYPES)}")
+        compiled = flag == "compile"
+        out.append(Variant(name + ("c" if compiled else ""), name + (" compiled" if compiled else " eager"),
+                           DTYPES[name], compiled))
+    return out
 
 
 def parse_args(argv=None) -> argparse.Namespace:
@@ -50,14 +107,37 @@ def parse_args(argv=None) -> argparse.Namespace:
                    help=f"a preset ({', '.join(RANDOM_CONFIGS)}) or a JSON file of LlamaConfig fields: random "
                         "weights of that shape with the --model tokenizer (latency does not depend on weights)")
     p.add_argument("--device", default=None)
-    p.add_argument("--dtype", default=None, choices=["float32", "bfloat16", "float16"])
+    p.add_argument("--dtype", default=None, choices=["float32", "bfloat16", "float16"],
+                   help="dtype of the first (five-way) column (default: float32 on CPU)")
+    p.add_argument("--placement", default="device", choices=["device", "host"],
+                   help="where module caches live between requests (host: copied to the device per request)")
     p.add_argument("--lengths", default="512,1024,2048,4096,8192", help="document lengths in tokens")
     p.add_argument("--repeats", type=int, default=3, help="runs per measurement (median reported)")
     p.add_argument("--no-persona", action="store_true", help="skip the persona case")
+    p.add_argument("--only", default=None, choices=["scaffold"],
+                   help="'scaffold': time only (a) and (c) of the first column (no independent encoding, "
+                        "DynamicCache copy or floor): shorter runs for long prompts on big models")
     p.add_argument("--threads", type=int, default=None,
-                   help="torch CPU threads (default: torch's choice; 1 is steadier on a busy machine)")
+                   help="torch CPU threads (default: torch's choice; 1 is steadier on a busy machine); also "
+                        "the peers' threads")
+    p.add_argument("--variants", type=parse_variants, default=[],
+                   help="extra engine columns, comma list of DTYPE or DTYPE+compile (fp32, bf16, fp16), e.g. "
+                        f"{FASTPATH_VARIANTS}")
+    p.add_argument("--peers", default="none",
+                   help="comma list of llamacpp, vllm; 'auto' = those available (llama_cpp importable, the vLLM "
+                        "venv present); 'none' (default)")
+    p.add_argument("--fastpath", action="store_true",
+                   help=f"shorthand for --variants {FASTPATH_VARIANTS} --peers auto (issue 17's comparison)")
+    p.add_argument("--llamacpp-gguf", default=None, help="GGUF for the llama.cpp peer (default: the bundled "
+                                                         "model's own GGUF)")
+    p.add_argument("--vllm-venv", default=None, help="vLLM venv (default: ~/.cache/promptcache/vllm-venv)")
+    p.add_argument("--vllm-dtype", default="bfloat16", help="vLLM weights dtype (default bfloat16: its CPU default)")
     p.add_argument("--out", default=str(ROOT / "results" / "ttft"), help="output prefix for .csv/.png/.json")
-    return p.parse_args(argv)
+    args = p.parse_args(argv)
+    if args.fastpath:
+        args.variants = args.variants or parse_variants(FASTPATH_VARIANTS)
+        args.peers = "auto" if args.peers == "none" else args.peers
+    return args
 
 
 def build_model(args):
@@ -70,38 +150,220 @@ def build_model(args):
         config = LlamaConfig(vocab_size=len(tokenizer), **fields)
         dtype, device = model.dtype, model.device
         del model
+        torch.manual_seed(0)
         with torch.device(device):
             model = LlamaForCausalLM(config).to(dtype).eval()
     return model, tokenizer
 
 
+# ---------------------------------------------------------------- engine variants
+
+
+def engine_supports(name: str) -> bool:
+    """Whether this checkout's ``PromptCache`` takes keyword ``name`` (the fast path lands separately)."""
+    return name in inspect.signature(PromptCache.__init__).parameters
+
+
+def build_variant(model, tokenizer, variant: Variant, placement: str) -> tuple[PromptCache | None, dict]:
+    """The variant's engine on its own copy of the weights, warmed up when compiled; (None, why) if unsupported.
+
+    A copy per variant: compiled copies must not share a module with the eager ones (issue 17: they
+    share dynamo's wrapper and its recompile limit)."""
+    info: dict = {"variant": variant.label}
+    if variant.compile and not engine_supports("compile"):
+        info["skipped"] = "PromptCache has no compile= in this checkout"
+        return None, info
+    copy_ = copy.deepcopy(model).to(variant.dtype).eval()
+    kwargs = {"compile": True} if variant.compile else {}
+    pc = PromptCache(copy_, tokenizer, encoding="scaffold", placement=placement, progress=False, **kwargs)
+    if variant.compile:
+        t0 = time.perf_counter()
+        report = pc.warmup() if hasattr(pc, "warmup") else None
+        info["warmup_s"] = round(time.perf_counter() - t0, 2)
+        info["warmup_report"] = _jsonable(report)
+    return pc, info
+
+
+def _jsonable(obj):
+    """A report object as JSON-friendly data (dataclass, dict or its repr)."""
+    import dataclasses
+
+    if obj is None or isinstance(obj, (int, float, str, bool)):
+        return obj
+    if dataclasses.is_dataclass(obj):
+        obj = dataclasses.asdict(obj)
+    if isinstance(obj, dict):
+        return {str(k): _jsonable(v) for k, v in obj.items()}
+    if isinstance(obj, (list, tuple)):
+        return [_jsonable(v) for v in obj]
+    return repr(obj)
+
+
+# ---------------------------------------------------------------- peers
+
+
+class VllmPeer:
+    """vLLM's CPU build through promptcache's driver process (its own venv): full prefill from an empty
+    prefix cache, and the same prompt after a request for its prefix (vLLM's prefix-cache hit)."""
+
+    name = "vLLM"
+
+    def __init__(self, python: Path, folder: str, threads: int, dtype: str, max_model_len: int) -> None:
+        from promptcache.integrations.vllm_driver import DriverProcess
+
+        self.work = Path(tempfile.mkdtemp(prefix="pc-ttft-vllm-"))
+        extra = ["--no-connector", "--prefix-caching", "--dtype", dtype, "--max-model-len", str(max_model_len)]
+        self.driver = DriverProcess(python, folder, self.work / "store", extra=extra,
+                                    env={"OMP_NUM_THREADS": str(threads)})
+        self.driver.read(900)  # engine start: about a minute
+        self.dtype = dtype
+        self.prefix: list[int] = []
+        self.ids: list[int] = []
+        self.last: dict = {}
+
+    def prepare(self, prefix: list[int], suffix: list[int]) -> None:
+        self.prefix, self.ids = list(prefix), list(prefix) + list(suffix)
+
+    def cached_s(self) -> float:
+        self.driver.send({"reset_prefix_cache": True})
+        self.driver.ask(self.prefix, None, max_tokens=1, timeout=600)
+        self.last = self.driver.ask(self.ids, None, max_tokens=1, timeout=600)
+        return self.last["wall_ms"] / 1000
+
+    def prefill_s(self) -> float:
+        self.driver.send({"reset_prefix_cache": True})
+        return self.driver.ask(self.ids, None, max_tokens=1, timeout=600)["wall_ms"] / 1000
+
+    def first_token(self) -> int:
+        return int(self.last["token_ids"][0])
+
+    def info(self) -> dict:
+        return {"cached_tokens": self.last.get("num_cached_tokens"), "dtype": self.dtype}
+
+    def close(self) -> None:
+        self.driver.close()
+
+
+def vllm_python(venv: str | None) -> Path | None:
+    """The vLLM venv's python when it exists (no probe import here: the driver's start reports failures)."""
+    from benchmarks.serve_servers import default_vllm_venv
+
+    python = (Path(venv) if venv else default_vllm_venv()) / "bin" / "python"
+    return python if python.exists() else None
+
+
+def build_peers(args, max_prompt_tokens: int) -> tuple[dict, dict]:
+    """Peers asked for by ``--peers`` (``auto``: the available ones); (peers, why each missing one is missing)."""
+    from benchmarks import llamacpp
+
+    wanted = [p.strip() for p in args.peers.split(",") if p.strip() and p.strip() != "none"]
+    auto = wanted == ["auto"]
+    if auto:
+        wanted = ["llamacpp", "vllm"]
+    peers, missing = {}, {}
+    threads = args.threads or 1
+    for name in wanted:
+        if name not in ("llamacpp", "vllm"):
+            raise SystemExit(f"--peers: unknown peer {name!r} (llamacpp, vllm, auto, none)")
+        if args.random_weights:
+            missing[name] = "random weights: a peer would run other weights"
+        elif name == "llamacpp":
+            gguf = Path(args.llamacpp_gguf) if args.llamacpp_gguf else llamacpp.gguf_for(args.model)
+            if not llamacpp.available():
+                missing[name] = f"llama_cpp not importable (build: {llamacpp.BUILD_HINT})"
+            elif gguf is None:
+                missing[name] = f"no GGUF known for {args.model!r}: pass --llamacpp-gguf"
+            else:
+                peers[name] = llamacpp.LlamaCppPeer(gguf, n_ctx=max_prompt_tokens + 64, threads=threads)
+        else:
+            from benchmarks.serve_servers import model_folder
+
+            python = vllm_python(args.vllm_venv)
+            if python is None:
+                missing[name] = "no vLLM venv (benchmarks/serve.py --build-vllm builds it)"
+            else:
+                print(f"starting vLLM ({args.vllm_dtype}) from {python} ...", flush=True)
+                peers[name] = VllmPeer(python, model_folder(args.model), threads, args.vllm_dtype,
+                                       max_model_len=max_prompt_tokens + 64)
+    for name, why in missing.items():
+        print(f"peer {name}: skipped ({why})", flush=True)
+        if not auto:
+            raise SystemExit(f"--peers {name}: {why}")
+    return peers, missing
+
+
+# ---------------------------------------------------------------- measurement
+
+
 @torch.inference_mode()
-def measure(pcs: dict[str, PromptCache], schema: str, prompt: str, repeats: int) -> dict:
-    scaffold, independent = pcs["scaffold"], pcs["independent"]
-    enc = {k: pc.add_schema(schema) for k, pc in pcs.items()}
+def measure(pcs: dict[str, PromptCache], schema: str, prompt: str, repeats: int,
+            variants: dict[str, PromptCache] | None = None, peers: dict | None = None,
+            only_scaffold: bool = False) -> dict:
+    variants, peers = variants or {}, peers or {}
+    scaffold, independent = pcs["scaffold"], pcs.get("independent")
+    engines = {k: pc for k, pc in pcs.items()} | {f"var:{k}": pc for k, pc in variants.items()}
+    enc = {k: pc.add_schema(schema) for k, pc in engines.items()}
     model, device = scaffold.model, scaffold.device
     name = enc["scaffold"].schema
-    scaffold.generate(prompt, max_new_tokens=1)  # warm-up
+    for pc in [scaffold, *variants.values()]:
+        pc.generate(prompt, max_new_tokens=1)  # warm-up (a compiled variant may meet a new shape bucket here)
+        pc.generate(prompt, max_new_tokens=1, use_cache=False)
     res = scaffold.generate(prompt, max_new_tokens=1)
     row = {"case": name, "prompt_tokens": res.prompt_tokens, "cached_tokens": res.cached_tokens,
            "computed_tokens": res.computed_tokens,
            "encode_ms_scaffold": enc["scaffold"].encode_s * 1000,
-           "encode_ms_independent": enc["independent"].encode_s * 1000}
-
+           "encode_ms_independent": enc["independent"].encode_s * 1000 if "independent" in enc else float("nan")}
+    ref_token = res.token_ids[0]
 
     # (b) and (e) on the same tokens: prefix = everything before the computed suffix.
     state, request = scaffold.request(prompt)
     ids = scaffold.prompt_ids(state, request)
     n_suffix = len(request.computed_ids)
     prefix, suffix = ids[:-n_suffix], ids[-n_suffix:]
+    timers: dict[str, Callable[[], float]] = {
+        "a_baseline_ms": lambda: scaffold.generate(prompt, 1, use_cache=False).ttft_s,
+        "c_scaffold_ms": lambda: scaffold.generate(prompt, 1).ttft_s}
+    if not only_scaffold:
+        timers |= reference_timers(model, device, prefix, suffix, independent, prompt)
+    for key, pc in variants.items():
+        timers[f"{key}_a_ms"] = lambda pc=pc: pc.generate(prompt, 1, use_cache=False).ttft_s
+        timers[f"{key}_c_ms"] = lambda pc=pc: pc.generate(prompt, 1).ttft_s
+        row[f"{key}_top_as_ref"] = pc.generate(prompt, 1).token_ids[0] == ref_token
+    for key, peer in peers.items():
+        peer.prepare(prefix, suffix)
+        timers[f"{key}_a_ms"] = peer.prefill_s
+        timers[f"{key}_c_ms"] = peer.cached_s
+
+    # Interleaved: every repeat runs every timer once, so machine noise hits them alike.
+    samples: dict[str, list[float]] = {k: [] for k in timers}
+    for _ in range(repeats):
+        for key, fn in timers.items():
+            samples[key].append(fn() * 1000)
+    row.update({k: statistics.median(v) for k, v in samples.items()})
+    for key, peer in peers.items():
+        row[f"{key}_top_as_ref"] = peer.first_token() == ref_token
+        row[f"{key}_cached_tokens"] = peer.info().get("cached_tokens")
+    row["speedup_a_over_c"] = row["a_baseline_ms"] / row["c_scaffold_ms"]
+    if not only_scaffold:
+        row["c_over_floor"] = row["c_scaffold_ms"] / row["e_floor_ms"]
+        row["b_over_c"] = row["b_prefix_reuse_ms"] / row["c_scaffold_ms"]
+    for pc in engines.values():
+        pc.remove_schema(name)
+    return row
+
+
+def reference_timers(model, device, prefix: list[int], suffix: list[int], independent: PromptCache | None,
+                     prompt: str) -> dict[str, Callable[[], float]]:
+    """(b) DynamicCache prefix reuse, (d) independent encoding and (e) the floor, on the first column's model."""
     from transformers import DynamicCache
 
+    n = len(prefix) + len(suffix)
     prefix_cache = DynamicCache()
     model(input_ids=torch.tensor([prefix], device=device), past_key_values=prefix_cache, use_cache=True,
           logits_to_keep=1)
     suffix_ids = torch.tensor([suffix], device=device)
-    suffix_pos = torch.arange(len(prefix), len(ids), device=device)[None]
-    mask = torch.ones(1, len(ids), dtype=torch.long, device=device)
+    suffix_pos = torch.arange(len(prefix), n, device=device)[None]
+    mask = torch.ones(1, n, dtype=torch.long, device=device)
 
     def prefix_reuse() -> float:
         sync(device)
@@ -123,23 +385,9 @@ def measure(pcs: dict[str, PromptCache], schema: str, prompt: str, repeats: int)
         sync(device)
         return time.perf_counter() - t0
 
-    # Interleaved: every repeat runs all five once, so machine noise hits them alike.
-    timers = {"a_baseline_ms": lambda: scaffold.generate(prompt, 1, use_cache=False).ttft_s,
-              "b_prefix_reuse_ms": prefix_reuse,
-              "c_scaffold_ms": lambda: scaffold.generate(prompt, 1).ttft_s,
-              "d_independent_ms": lambda: independent.generate(prompt, 1).ttft_s,
-              "e_floor_ms": floor}
-    samples: dict[str, list[float]] = {k: [] for k in timers}
-    for _ in range(repeats):
-        for key, fn in timers.items():
-            samples[key].append(fn() * 1000)
-    row.update({k: statistics.median(v) for k, v in samples.items()})
-    row["speedup_a_over_c"] = row["a_baseline_ms"] / row["c_scaffold_ms"]
-    row["c_over_floor"] = row["c_scaffold_ms"] / row["e_floor_ms"]
-    row["b_over_c"] = row["b_prefix_reuse_ms"] / row["c_scaffold_ms"]
-    for pc in pcs.values():
-        pc.remove_schema(name)
-    return row
+    return {"b_prefix_reuse_ms": prefix_reuse,
+            "d_independent_ms": lambda: independent.generate(prompt, 1).ttft_s,
+            "e_floor_ms": floor}
 
 
 TTFT_COLUMNS = [("case", "case", "{}"), ("prompt", "prompt_tokens", "{}"), ("computed", "computed_tokens", "{}"),
@@ -147,6 +395,40 @@ TTFT_COLUMNS = [("case", "case", "{}"), ("prompt", "prompt_tokens", "{}"), ("com
                 ("(c) scaffold ms", "c_scaffold_ms", "{:.1f}"), ("(d) indep ms", "d_independent_ms", "{:.1f}"),
                 ("(e) floor ms", "e_floor_ms", "{:.1f}"), ("a/c", "speedup_a_over_c", "{:.1f}x"),
                 ("c/e", "c_over_floor", "{:.2f}"), ("b/c", "b_over_c", "{:.2f}")]
+SCAFFOLD_COLUMNS = [c for c in TTFT_COLUMNS if c[1] in ("case", "prompt_tokens", "computed_tokens", "a_baseline_ms",
+                                                        "c_scaffold_ms", "speedup_a_over_c")]
+PEER_LABELS = {"llamacpp": "llama.cpp (prefix kept in its KV)", "vllm": "vLLM CPU (prefix cache warm)"}
+
+
+def ratio_rows(rows: list[dict], first_label: str, variants: list[Variant], peers: list[str]) -> list[dict]:
+    """One row per (case, engine column): TTFTs, a/c in that column's dtype, and c or a against the others.
+
+    ``c/first`` is against the first column's cached TTFT; ``c/<peer>`` against the peer's prefix-cached
+    TTFT; ``a/vllm a`` the full-prefill baseline against vLLM's full prefill."""
+    out = []
+    for r in rows:
+        columns = [(first_label, "a_baseline_ms", "c_scaffold_ms")]
+        columns += [(v.label, f"{v.key}_a_ms", f"{v.key}_c_ms") for v in variants if f"{v.key}_c_ms" in r]
+        columns += [(PEER_LABELS[p], f"{p}_a_ms", f"{p}_c_ms") for p in peers]
+        for label, a, c in columns:
+            o = {"case": r["case"], "column": label, "a_ms": r[a], "c_ms": r[c], "a_over_c": r[a] / r[c],
+                 "c_over_first": r[c] / r["c_scaffold_ms"]}
+            for p in peers:
+                o[f"c_over_{p}"] = r[c] / r[f"{p}_c_ms"]
+                if p == "vllm":
+                    o["a_over_vllm_a"] = r[a] / r["vllm_a_ms"]
+            out.append(o)
+    return out
+
+
+def ratio_columns(peers: list[str]) -> list[tuple[str, str, str]]:
+    cols = [("case", "case", "{}"), ("column", "column", "{}"), ("(a) base ms", "a_ms", "{:.1f}"),
+            ("(c) cached ms", "c_ms", "{:.1f}"), ("a/c", "a_over_c", "{:.1f}x"),
+            ("c/first c", "c_over_first", "{:.2f}")]
+    cols += [(f"c/{p} c", f"c_over_{p}", "{:.2f}") for p in peers]
+    if "vllm" in peers:
+        cols.append(("a/vllm a", "a_over_vllm_a", "{:.2f}"))
+    return cols
 
 
 def plot(rows: list[dict], path: Path) -> None:
@@ -163,7 +445,8 @@ def plot(rows: list[dict], path: Path) -> None:
     for key, label in [("a_baseline_ms", "(a) baseline prefill"), ("b_prefix_reuse_ms", "(b) DynamicCache copy"),
                        ("c_scaffold_ms", "(c) promptcache scaffold"), ("d_independent_ms", "(d) promptcache independent"),
                        ("e_floor_ms", "(e) floor: suffix forward")]:
-        ax.plot(x, [r[key] for r in docs], marker="o", label=label)
+        if key in docs[0]:
+            ax.plot(x, [r[key] for r in docs], marker="o", label=label)
     ax.set_xscale("log", base=2)
     ax.set_yscale("log")
     ax.set_xlabel("prompt tokens")
@@ -175,28 +458,71 @@ def plot(rows: list[dict], path: Path) -> None:
     fig.savefig(path, dpi=120)
 
 
+def compile_report(pc: PromptCache) -> dict | None:
+    """The compiled engine's own report (recompiles, buckets), when this checkout has one."""
+    return _jsonable(pc.compile_report()) if hasattr(pc, "compile_report") else None
+
+
 def main(argv=None) -> int:
     args = parse_args(argv)
     set_threads(args.threads)
     model, tokenizer = build_model(args)
-    pcs = {enc: PromptCache(model, tokenizer, encoding=enc, progress=False) for enc in ("scaffold", "independent")}
+    encodings = ("scaffold",) if args.only == "scaffold" else ("scaffold", "independent")
+    pcs = {enc: PromptCache(model, tokenizer, encoding=enc, placement=args.placement, progress=False)
+           for enc in encodings}
+    first_label = f"{str(model.dtype).removeprefix('torch.')} eager"
+    load = os.getloadavg()
     print(f"model {args.model}{' (random weights: ' + args.random_weights + ')' if args.random_weights else ''} "
-          f"on {model.device}, {model.dtype}, torch threads {torch.get_num_threads()}", flush=True)
+          f"on {model.device}, {model.dtype}, placement {args.placement}, torch threads {torch.get_num_threads()}, "
+          f"load average {load[0]:.2f} {load[1]:.2f} {load[2]:.2f}", flush=True)
     cases = [doc_case(tokenizer, int(n)) for n in args.lengths.split(",") if n]
     if not args.no_persona:
         cases.append(persona_case(tokenizer))
+    variants, variant_info = {}, []
+    for v in args.variants:
+        pc, info = build_variant(model, tokenizer, v, args.placement)
+        variant_info.append(info)
+        if pc is None:
+            print(f"variant {v.label}: skipped ({info['skipped']})", flush=True)
+            continue
+        variants[v.key] = pc
+        if "warmup_s" in info:
+            print(f"variant {v.label}: warm-up {info['warmup_s']:.1f} s (not part of any TTFT)", flush=True)
+    max_tokens = max(len(tokenizer(s)["input_ids"]) for s, _ in cases) + 256
+    peers, missing = build_peers(args, max_tokens)
     rows = []
-    for schema, prompt in cases:
-        rows.append(measure(pcs, schema, prompt, args.repeats))
-        r = rows[-1]
-        print(f"  {r['case']}: a={r['a_baseline_ms']:.1f} c={r['c_scaffold_ms']:.1f} "
-              f"e={r['e_floor_ms']:.1f} ms", flush=True)
+    try:
+        for schema, prompt in cases:
+            rows.append(measure(pcs, schema, prompt, args.repeats, variants, peers, args.only == "scaffold"))
+            r = rows[-1]
+            extra = " ".join(f"{k}_c={r[k + '_c_ms']:.1f}" for k in [*variants, *peers])
+            print(f"  {r['case']}: a={r['a_baseline_ms']:.1f} c={r['c_scaffold_ms']:.1f} {extra} ms", flush=True)
+    finally:
+        for peer in peers.values():
+            peer.close()
     print()
-    print_table(rows, TTFT_COLUMNS)
+    print_table(rows, SCAFFOLD_COLUMNS if args.only == "scaffold" else TTFT_COLUMNS)
+    ratios = []
+    if variants or peers:
+        shown = [v for v in args.variants if v.key in variants]
+        ratios = ratio_rows(rows, first_label, shown, list(peers))
+        print(f"\nfast path, medians of {args.repeats} interleaved runs (c/first c: target <= 0.5 for the compiled "
+              "bf16 persona case; c/peer c: target < 1; a/vllm a: target <= 1.3)")
+        print_table(ratios, ratio_columns(list(peers)))
     out = Path(args.out)
     write_csv(rows, out.with_suffix(".csv"))
     plot(rows, out.with_suffix(".png"))
-    print(f"\nwrote {out.with_suffix('.csv')} and (with document cases) {out.with_suffix('.png')}")
+    for v in args.variants:
+        if v.key in variants and v.compile:
+            next(i for i in variant_info if i["variant"] == v.label)["compile_report"] = compile_report(variants[v.key])
+    meta = {"model": args.model, "random_weights": args.random_weights, "device": str(model.device),
+            "first_column": first_label, "placement": args.placement, "threads": torch.get_num_threads(),
+            "repeats": args.repeats, "load_average_start": load, "load_average_end": os.getloadavg(),
+            "variants": variant_info, "peers_missing": missing, "torch": torch.__version__}
+    out.with_suffix(".json").write_text(json.dumps({"meta": meta, "rows": rows, "ratios": ratios}, indent=1,
+                                                   default=str))
+    print(f"\nwrote {out.with_suffix('.csv')}, {out.with_suffix('.json')} and (with document cases) "
+          f"{out.with_suffix('.png')}")
     return 0
 
 

@@ -61,6 +61,10 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--plot", default=None, metavar="PNG",
                         help="sweep plot path (default <output>.sweep.png; sweep mode only)")
     parser.add_argument("--no-warmup", action="store_true", help="skip the untimed warm-up run")
+    parser.add_argument("--split", default="all", choices=["all", "tune", "heldout"],
+                        help="only the samples of this split (eval/synthetic.py SPLITS, fixed by sample id; "
+                             "synthetic samples follow their source): recompute policies were tuned on "
+                             "'tune', 'heldout' is never tuned on. --limit applies within the split")
     return parser
 
 
@@ -81,6 +85,19 @@ def output_paths(args: argparse.Namespace) -> dict[str, Path]:
     elif args.plot:
         raise UserError("--plot needs --recompute-sweep (the plot is quality vs TTFT per policy)")
     return runner.output_paths(args.output, plot)
+
+
+def load_split(tasks: list[str], data_dir: Path, split: str, limit: int | None) -> dict:
+    """The samples of ``split`` per task, at most ``limit`` each (file order)."""
+    if split == "all":
+        return runner.load_samples(tasks, data_dir, limit)
+    from eval.synthetic import in_split  # noqa: PLC0415
+
+    loaded = {task: in_split(task, samples, split)[:limit]
+              for task, samples in runner.load_samples(tasks, data_dir, None).items()}
+    if not any(loaded.values()):
+        raise UserError(f"no samples of split {split!r} in {', '.join(tasks)} (eval/synthetic.py SPLITS)")
+    return loaded
 
 
 def run_config(args: argparse.Namespace) -> dict:
@@ -160,6 +177,8 @@ def write_summaries(records: list[dict], paths: dict[str, Path], args: argparse.
                              accuracy_summary, format_table, split_by_policy, sweep_figure, sweep_summary)
 
     mode = f"{args.model}, {args.encoding}{', split passages' if args.split_passages else ''}"
+    if args.split != "all":
+        mode += f", {args.split} split"
     if args.recompute_sweep is None:
         policy = policies[0]
         recs = split_by_policy(records).get(policy, [])
@@ -194,7 +213,7 @@ def main(argv: list[str] | None = None) -> int:
     tasks = runner.resolve_tasks(args.tasks, data_dir)
     paths = output_paths(args)
     records = existing_records(paths, args)
-    samples = runner.load_samples(tasks, data_dir, args.limit)
+    samples = load_split(tasks, data_dir, args.split, args.limit)
     done = {(r["dataset"], r["id"], r["recompute"]) for r in records}
     todo = [(task, sample, [p for p in policies if (task, sample.id, p) not in done])
             for task in tasks for sample in samples[task]]
@@ -214,6 +233,8 @@ def main(argv: list[str] | None = None) -> int:
         from promptcache.engine import PromptCache  # noqa: PLC0415
         from promptcache.loading import load_model  # noqa: PLC0415
         from promptcache.pml.errors import PMLError  # noqa: PLC0415
+
+        from eval.synthetic import split_of  # noqa: PLC0415
 
         print(f"loading {args.model} on {device}...", file=sys.stderr)
         model, tokenizer = load_model(args.model, device=device, dtype=args.dtype)
@@ -246,6 +267,7 @@ def main(argv: list[str] | None = None) -> int:
                     continue
                 for record in new:
                     record["config"] = config
+                    record["split"] = split_of(task, sample)
                     out.append(record)
                 records.extend(new)
                 same += all(r["identical"] for r in new)

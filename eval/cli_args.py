@@ -15,7 +15,7 @@ from typing import Callable, Sequence
 from promptcache.loading import DEFAULT_THREADS, THREADS_HELP  # light (no torch); same rule as demo.py
 
 from .data import (DATA_DIR_ENV, REQUIRED_FIELDS, EvalDataError, Sample, available_tasks, default_data_dir,
-                   load_task)
+                   load_task, task_data_file)
 from .tasks import TASK_NAMES, get_task
 
 DEFAULT_MODEL = "smollm2"
@@ -157,8 +157,8 @@ def resolve_tasks(spec: str, data_dir: Path) -> list[str]:
         task = get_task(name).name  # UnknownTaskError (an EvalDataError) lists the known tasks
         if task in tasks:
             continue
-        if not (data_dir / f"{task}.jsonl").is_file():
-            raise UserError(f"task {task!r}: data file not found: {data_dir / (task + '.jsonl')}")
+        if not task_data_file(task, data_dir).is_file():  # a synthetic task reads its source's file
+            raise UserError(f"task {task!r}: data file not found: {task_data_file(task, data_dir)}")
         tasks.append(task)
     return tasks
 

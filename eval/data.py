@@ -18,7 +18,7 @@ from typing import Any, Iterable, Sequence
 
 from promptcache.fsutil import json_lines
 
-from .tasks import TASK_NAMES, EvalDataError, get_task
+from .tasks import SYNTHETIC_TASKS, TASK_NAMES, EvalDataError, get_task
 
 HUB_DATASET = "THUDM/LongBench"
 DATA_DIR_ENV = "PROMPTCACHE_LONGBENCH_DIR"
@@ -29,7 +29,7 @@ _DEFAULT_DIRS = (_REPO_ROOT / "shared" / "longbench-mini", _REPO_ROOT.parent / "
 REQUIRED_FIELDS = ("_id", "input", "context", "answers")
 
 __all__ = ["EvalDataError", "Sample", "load_task", "read_jsonl", "available_tasks", "default_data_dir",
-           "split_passages", "truncate_middle", "HUB_DATASET", "REQUIRED_FIELDS"]
+           "split_passages", "task_data_file", "truncate_middle", "HUB_DATASET", "REQUIRED_FIELDS"]
 
 
 @dataclass
@@ -142,10 +142,22 @@ def load_task(name: str, data_dir: str | os.PathLike[str] | None = None, from_hu
     task = get_task(name).name
     if limit is not None and limit < 0:
         raise EvalDataError(f"task {task!r}: limit must be >= 0, got {limit}")
+    directory = Path(data_dir) if data_dir is not None else default_data_dir()
+    if task in SYNTHETIC_TASKS:  # built from the source task's samples (local or hub)
+        from .synthetic import build_task  # noqa: PLC0415 - synthetic imports this module
+
+        return build_task(task, directory, from_hub=from_hub, limit=limit)
     if from_hub:
         return _load_from_hub(task, limit)
-    directory = Path(data_dir) if data_dir is not None else default_data_dir()
     return read_jsonl(task, directory / f"{task}.jsonl", limit)
+
+
+def task_data_file(task: str, data_dir: str | os.PathLike[str]) -> Path:
+    """The JSONL file a task reads: its own, or for a synthetic task its source task's."""
+    from .synthetic import source_task  # noqa: PLC0415
+
+    name = get_task(task).name
+    return Path(data_dir) / f"{source_task(name) if name in SYNTHETIC_TASKS else name}.jsonl"
 
 
 def available_tasks(data_dir: str | os.PathLike[str] | None = None) -> list[str]:
@@ -162,6 +174,7 @@ def available_tasks(data_dir: str | os.PathLike[str] | None = None) -> list[str]
 _HEADERS = {
     "hotpotqa": "Passage", "2wikimqa": "Passage", "musique": "Passage",
     "passage_retrieval_en": "Paragraph", "passage_count": "Paragraph",
+    "synthetic_qa": "Passage", "synthetic_retrieval": "Paragraph",  # eval/synthetic.py
 }
 
 

@@ -44,6 +44,7 @@ from typing import Sequence
 import torch
 
 from .pml.layout import ModulePath
+from . import recompute_auto
 from .runtime.kv import ModuleKV, SplicedCache
 from .runtime.runner import ModelRunner
 
@@ -74,14 +75,22 @@ class RecomputePolicy:
     """A parsed policy string."""
 
     kind: str
-    k: int = 0            # boundary:K
-    ratio: float = 0.0    # deviation:R
+    k: int = 0            # boundary:K, tail:T
+    ratio: float = 0.0    # deviation:R; boundary:P% (ratio = P / 100, k = 0)
+    budget: float = 0.0   # auto:B
+    parts: tuple["RecomputePolicy", ...] = ()  # A+B: the union of token-rule policies
 
     def __str__(self) -> str:
         if self.kind == "boundary":
-            return f"boundary:{self.k}"
+            return f"boundary:{self.ratio * 100:g}%" if self.ratio else f"boundary:{self.k}"
+        if self.kind == "tail":
+            return f"tail:{self.k}"
         if self.kind == "deviation":
             return f"deviation:{self.ratio:g}"
+        if self.kind == "auto":
+            return f"auto:{self.budget:g}"
+        if self.kind == "mix":
+            return "+".join(str(p) for p in self.parts)
         return self.kind
 
 
@@ -97,57 +106,137 @@ class Selection:
     positions: torch.Tensor
     scores: torch.Tensor | None = None
     fresh: ModuleKV | None = None
+    policy: str = ""  # the policy that chose them (``auto:B``: the one it picked for this request)
 
     def __len__(self) -> int:
         return int(self.indices.numel())
 
 
-def parse_policy(spec: str | RecomputePolicy) -> RecomputePolicy:
-    """Parse ``none``, ``boundary:K`` (integer K >= 0), ``deviation:R`` (0 < R <= 1) or ``full``."""
-    if isinstance(spec, RecomputePolicy):
-        return spec
-    usage = "use 'none', 'boundary:K' (K >= 0 tokens), 'deviation:R' (0 < R <= 1) or 'full'"
-    if not isinstance(spec, str):
-        raise ValueError(f"recompute policy must be a string, got {type(spec).__name__}; {usage}")
-    kind, sep, arg = spec.strip().partition(":")
-    kind = kind.strip().lower()
+USAGE = ("use 'none', 'boundary:K' (K >= 0 tokens), 'boundary:P%' (0 < P <= 100), 'tail:T' (T >= 0), "
+         "a '+' union of those (e.g. 'boundary:4+tail:16'), 'deviation:R' (0 < R <= 1), 'full' or "
+         "'auto:B' (B >= 1: at most B x the TTFT of 'none' by the cost model)")
+
+
+def _count(spec: str, name: str, arg: str) -> int:
+    """A non-negative integer argument (``boundary:K``, ``tail:T``)."""
+    try:
+        k = int(arg)
+    except ValueError:
+        raise ValueError(f"recompute policy {spec!r}: {name} must be an integer; {USAGE}") from None
+    if k < 0:
+        raise ValueError(f"recompute policy {spec!r}: {name} must be >= 0, got {k}; {USAGE}")
+    return k
+
+
+def _number(spec: str, name: str, arg: str, low: float, high: float, closed_low: bool = False) -> float:
+    """A float argument in ``(low, high]`` (``[low, high]`` with ``closed_low``); rejects nan."""
+    try:
+        x = float(arg)
+    except ValueError:
+        raise ValueError(f"recompute policy {spec!r}: {name} must be a number; {USAGE}") from None
+    ok = (low <= x if closed_low else low < x) and x <= high  # nan fails both
+    if not ok:
+        span = f"{'[' if closed_low else '('}{low:g}, {high:g}]"
+        raise ValueError(f"recompute policy {spec!r}: {name} must be in {span}, got {arg}; {USAGE}")
+    return x
+
+
+def _parse_one(spec: str, part: str) -> RecomputePolicy:
+    kind, sep, arg = part.strip().partition(":")
+    kind, arg = kind.strip().lower(), arg.strip()
     if kind in ("none", "full"):
         if sep:
-            raise ValueError(f"recompute policy {spec!r}: {kind!r} takes no argument; {usage}")
+            raise ValueError(f"recompute policy {spec!r}: {kind!r} takes no argument; {USAGE}")
         return RecomputePolicy(kind)
+    if kind == "boundary" and arg.endswith("%"):
+        return RecomputePolicy("boundary", ratio=_number(spec, "P", arg[:-1], 0.0, 100.0) / 100)
     if kind == "boundary":
-        try:
-            k = int(arg)
-        except ValueError:
-            raise ValueError(f"recompute policy {spec!r}: K must be an integer; {usage}") from None
-        if k < 0:
-            raise ValueError(f"recompute policy {spec!r}: K must be >= 0, got {k}; {usage}")
-        return RecomputePolicy("boundary", k=k)
+        return RecomputePolicy("boundary", k=_count(spec, "K", arg))
+    if kind == "tail":
+        return RecomputePolicy("tail", k=_count(spec, "T", arg))
     if kind == "deviation":
-        try:
-            ratio = float(arg)
-        except ValueError:
-            raise ValueError(f"recompute policy {spec!r}: R must be a number; {usage}") from None
-        if not 0.0 < ratio <= 1.0:  # also rejects nan
-            raise ValueError(f"recompute policy {spec!r}: R must be in (0, 1], got {arg}; {usage}")
-        return RecomputePolicy("deviation", ratio=ratio)
-    raise ValueError(f"unknown recompute policy {spec!r}; {usage}")
+        return RecomputePolicy("deviation", ratio=_number(spec, "R", arg, 0.0, 1.0))
+    if kind == "auto":
+        return RecomputePolicy("auto", budget=_number(spec, "B", arg, 1.0, 1e6, closed_low=True))
+    raise ValueError(f"unknown recompute policy {spec!r}; {USAGE}")
+
+
+def parse_policy(spec: str | RecomputePolicy) -> RecomputePolicy:
+    """Parse a policy string (forms in :data:`USAGE`); ``ValueError`` names the accepted forms."""
+    if isinstance(spec, RecomputePolicy):
+        return spec
+    if not isinstance(spec, str):
+        raise ValueError(f"recompute policy must be a string, got {type(spec).__name__}; {USAGE}")
+    parts = [_parse_one(spec, part) for part in spec.split("+")]
+    if len(parts) == 1:
+        return parts[0]
+    bad = [str(p) for p in parts if p.kind not in ("boundary", "tail")]
+    if bad:
+        raise ValueError(f"recompute policy {spec!r}: only boundary and tail combine with '+', not "
+                         f"{', '.join(bad)}; {USAGE}")
+    return RecomputePolicy("mix", parts=tuple(parts))
 
 
 # ------------------------------------------------------------------ selection
 
-def boundary_indices(spans: Sequence[CachedSpan], k: int) -> list[int]:
-    """The first ``k`` tokens of every module but the first (rules in the module docstring)."""
+def module_tokens(spans: Sequence[CachedSpan]) -> list[list[int]]:
+    """Cached-token indices of every module but the first, each in position order.
+
+    Spans are grouped by owner; root text (owner ``()``) and the first owner are left out: they
+    saw everything before them when encoded (rules in the module docstring).
+    """
     by_owner: dict[ModulePath, list[int]] = {}
     for span in spans:  # spans are in position order, so each owner's list is too
         by_owner.setdefault(span.owner, []).extend(range(span.offset, span.offset + span.length))
     owners = list(by_owner)
+    return [by_owner[o] for o in owners if o != () and o != owners[0]]
+
+
+def boundary_indices(spans: Sequence[CachedSpan], k: int, share: float = 0.0) -> list[int]:
+    """The first ``k`` tokens (``share`` > 0: ``ceil(share x length)``) of every module but the first."""
     chosen: list[int] = []
-    for owner in owners:
-        if owner == () or owner == owners[0]:
-            continue
-        chosen += by_owner[owner][:k]
+    for tokens in module_tokens(spans):
+        n = math.ceil(round(share * len(tokens), 9)) if share else k
+        chosen += tokens[:n]
     return sorted(chosen)
+
+
+def tail_indices(spans: Sequence[CachedSpan], t: int) -> list[int]:
+    """The last ``t`` cached tokens, in position order, of the modules ``boundary`` may recompute.
+
+    Why: the uncached question follows the cached text, and its first token attends most to the
+    nearest tokens; those are the last module's last tokens (stale when encoded apart).
+    """
+    tokens = sorted(i for group in module_tokens(spans) for i in group)
+    return tokens[len(tokens) - t:] if t else []
+
+
+def rule_indices(spans: Sequence[CachedSpan], pol: RecomputePolicy) -> list[int]:
+    """The tokens of a token-rule policy (``boundary``, ``tail`` or their ``+`` union)."""
+    if pol.kind == "boundary":
+        return boundary_indices(spans, pol.k, pol.ratio)
+    if pol.kind == "tail":
+        return tail_indices(spans, pol.k)
+    return sorted(set().union(*(rule_indices(spans, p) for p in pol.parts)))
+
+
+def resolve_auto(budget: float, spans: Sequence[CachedSpan], computed: int) -> RecomputePolicy:
+    """The policy ``auto:budget`` runs for this request's shape (:mod:`promptcache.recompute_auto`).
+
+    ``full`` if the cost model says it fits, else the largest level of ``AUTO_FAMILY`` that fits
+    (``none`` when not even one token does). Deterministic: a function of the spans and the count.
+    """
+    model = recompute_auto.COST_MODEL
+    cached = sum(s.length for s in spans)
+    if model.full_ratio(computed, cached) <= budget:
+        return RecomputePolicy("full")
+    family = recompute_auto.AUTO_FAMILY
+
+    def count(level: int) -> int:
+        return len(rule_indices(spans, parse_policy(family.format(k=level)))) if level else 0
+
+    level = recompute_auto.pick_level(budget, computed, cached, count, model)
+    return parse_policy(family.format(k=level)) if level else RecomputePolicy("none")
 
 
 def top_k_by_score(scores: torch.Tensor, k: int) -> torch.Tensor:
@@ -211,13 +300,15 @@ def choose(runner: ModelRunner, pieces: Sequence[ModuleKV], spans: Sequence[Cach
     pol = parse_policy(policy)
     past_pos = past_positions(pieces, runner.device)
     n = int(past_pos.numel())
+    if pol.kind == "auto":
+        pol = resolve_auto(pol.budget, spans, len(computed[0]) if computed else 1)
     scores, fresh = None, None
     if pol.kind == "none" or n == 0:
         idx: list[int] | torch.Tensor = []
     elif pol.kind == "full":
         idx = list(range(n))
-    elif pol.kind == "boundary":
-        idx = boundary_indices(spans, pol.k)
+    elif pol.kind in ("boundary", "tail", "mix"):
+        idx = rule_indices(spans, pol)
     else:
         c = min(CHECK_LAYER, runner.num_layers - 1)
         fresh = check_pass(runner, spans, past_pos, computed, c)
@@ -226,7 +317,7 @@ def choose(runner: ModelRunner, pieces: Sequence[ModuleKV], spans: Sequence[Cach
         k = min(n, max(1, math.ceil(round(pol.ratio * n, 9))))
         idx = top_k_by_score(scores, k)
     idx = torch.as_tensor(idx, dtype=torch.long).reshape(-1)
-    return Selection(idx, past_pos.cpu()[idx], scores, fresh)
+    return Selection(idx, past_pos.cpu()[idx], scores, fresh, str(pol))
 
 
 # ------------------------------------------------------------------ recompute

@@ -61,9 +61,13 @@ from benchmarks.common import (ROOT, doc_case, persona_case, print_table, set_th
                                sync, write_csv)
 from promptcache import PromptCache, load_model  # noqa: E402
 
-RANDOM_CONFIGS = {
+RANDOM_CONFIGS = {  # vocab_size: at least this (the tokenizer's size when larger)
     "llama-7b": dict(hidden_size=4096, intermediate_size=11008, num_hidden_layers=32, num_attention_heads=32,
-                     num_key_value_heads=32, max_position_embeddings=16384),
+                     num_key_value_heads=32, max_position_embeddings=40960, vocab_size=32000),
+    # SmolLM2-135M's shape (the default model), for machines without its GGUF (the GPU check).
+    "smollm2": dict(hidden_size=576, intermediate_size=1536, num_hidden_layers=30, num_attention_heads=9,
+                    num_key_value_heads=3, max_position_embeddings=40960, rope_theta=100000.0,
+                    tie_word_embeddings=True, vocab_size=49152),
     "llama-1b": dict(hidden_size=2048, intermediate_size=8192, num_hidden_layers=16, num_attention_heads=32,
                      num_key_value_heads=8, max_position_embeddings=16384),
     # For tests and dry runs: a forward takes milliseconds.
@@ -106,6 +110,9 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--random-weights", default=None,
                    help=f"a preset ({', '.join(RANDOM_CONFIGS)}) or a JSON file of LlamaConfig fields: random "
                         "weights of that shape with the --model tokenizer (latency does not depend on weights)")
+    p.add_argument("--tokenizer", default=None,
+                   help="with --random-weights: 'char' (the tests' character-level ChatML tokenizer, always "
+                        "available) or a folder with a tokenizer; the --model weights are then never loaded")
     p.add_argument("--device", default=None)
     p.add_argument("--dtype", default=None, choices=["float32", "bfloat16", "float16"],
                    help="dtype of the first (five-way) column (default: float32 on CPU)")
@@ -140,19 +147,42 @@ def parse_args(argv=None) -> argparse.Namespace:
     return args
 
 
-def build_model(args):
-    model, tokenizer = load_model(args.model, device=args.device, dtype=args.dtype)
-    if args.random_weights:
-        from transformers import LlamaConfig, LlamaForCausalLM
+def load_tokenizer(spec: str):
+    """``char``: the tests' in-memory character tokenizer (no files needed); else a tokenizer folder."""
+    if spec == "char":
+        sys.path.insert(0, str(ROOT / "tests"))
+        from tiny_tokenizer import tiny_tokenizer
 
-        fields = (RANDOM_CONFIGS[args.random_weights] if args.random_weights in RANDOM_CONFIGS
-                  else json.loads(Path(args.random_weights).read_text()))
-        config = LlamaConfig(vocab_size=len(tokenizer), **fields)
+        return tiny_tokenizer()
+    from transformers import AutoTokenizer
+
+    return AutoTokenizer.from_pretrained(spec)
+
+
+def build_model(args):
+    """The --model (weights and tokenizer), or random weights of a preset shape with its tokenizer."""
+    tokenizer_only = getattr(args, "tokenizer", None)
+    if tokenizer_only and not args.random_weights:
+        raise SystemExit("--tokenizer needs --random-weights (it replaces the --model tokenizer)")
+    if tokenizer_only:
+        from promptcache.loading import check_device, default_dtype
+
+        tokenizer, device = load_tokenizer(tokenizer_only), check_device(args.device)
+        dtype = getattr(torch, args.dtype) if args.dtype else default_dtype(device)
+    else:
+        model, tokenizer = load_model(args.model, device=args.device, dtype=args.dtype)
         dtype, device = model.dtype, model.device
+        if not args.random_weights:
+            return model, tokenizer
         del model
-        torch.manual_seed(0)
-        with torch.device(device):
-            model = LlamaForCausalLM(config).to(dtype).eval()
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    fields = dict(RANDOM_CONFIGS[args.random_weights] if args.random_weights in RANDOM_CONFIGS
+                  else json.loads(Path(args.random_weights).read_text()))
+    fields["vocab_size"] = max(len(tokenizer), fields.get("vocab_size", 0))
+    torch.manual_seed(0)
+    with torch.device(device):
+        model = LlamaForCausalLM(LlamaConfig(**fields)).to(dtype).eval()
     return model, tokenizer
 
 

@@ -21,7 +21,8 @@ import torch
 from engine_fixtures import (DEFAULT_PATH_PROMPT, DEFAULT_PATH_SCHEMA, FULL_PROMPTS, FULL_SCHEMA,
                              make_cache)
 from promptcache.engine import PromptCache
-from promptcache.recompute import (CHECK_LAYER, RecomputePolicy, boundary_indices, CachedSpan,
+from promptcache import recompute_auto
+from promptcache.recompute import (CHECK_LAYER, RecomputePolicy, boundary_indices, CachedSpan, rule_indices,
                                    parse_policy, top_k_by_score)
 from promptcache.runtime.runner import DecodeSequence
 from tiny_models import tiny_model
@@ -342,3 +343,88 @@ def test_recompute_generate_reports_ttft_and_releases_its_pins():
         assert res.recomputed_tokens > 0
         assert res.ttft_s is not None and 0 < res.ttft_s <= res.total_s
     assert pc.module_cache.report()["device"]["pinned"] == 0
+
+
+# ------------------------------------------------------------------ issue 18: new rules and auto:B
+
+def test_issue18_item3_parse_new_forms():
+    assert parse_policy("auto:1.3") == RecomputePolicy("auto", budget=1.3)
+    assert parse_policy("boundary:2%") == RecomputePolicy("boundary", ratio=0.02)
+    assert parse_policy("tail:8") == RecomputePolicy("tail", k=8)
+    mix = parse_policy("boundary:4+tail:16")
+    assert mix.kind == "mix" and [str(p) for p in mix.parts] == ["boundary:4", "tail:16"]
+    for spec in ("auto:1.3", "boundary:2%", "tail:8", "boundary:4+tail:16", "boundary:0.5%+tail:0"):
+        assert str(parse_policy(spec)) == spec and parse_policy(str(parse_policy(spec))) == parse_policy(spec)
+
+
+@pytest.mark.parametrize("spec, words", [
+    ("auto:0.5", "[1, "), ("auto:x", "number"), ("auto", "number"), ("auto:nan", "[1, "),
+    ("auto:inf", "[1, "), ("boundary:0%", "(0, 100]"), ("boundary:101%", "(0, 100]"),
+    ("boundary:x%", "number"), ("tail:-1", ">= 0"), ("tail:1.5", "integer"),
+    ("full+tail:3", "combine"), ("auto:1.3+tail:2", "combine"), ("deviation:0.1+boundary:2", "combine"),
+    ("boundary:2+", "unknown"),
+])
+def test_issue18_item3_bad_specs(spec, words):
+    with pytest.raises(ValueError) as err:
+        parse_policy(spec)
+    assert words in str(err.value) and "auto:B" in str(err.value)
+
+
+def test_issue18_item2_share_tail_and_union_rules():
+    spans = [CachedSpan((), 0, 5, [0] * 5), CachedSpan(("a",), 5, 3, [0] * 3),
+             CachedSpan(("a", "a2"), 8, 4, [0] * 4), CachedSpan(("a",), 12, 2, [0] * 2),
+             CachedSpan((), 14, 1, [0]), CachedSpan(("b",), 15, 6, [0] * 6)]
+    # per module ceil(share x length): a (5 tokens) 3, a/a2 (4) 2, b (6) 3
+    assert boundary_indices(spans, 0, 0.5) == [5, 6, 7, 8, 9, 15, 16, 17]
+    assert rule_indices(spans, parse_policy("boundary:50%")) == [5, 6, 7, 8, 9, 15, 16, 17]
+    # tail: the last T tokens of the recomputable modules (root text never)
+    assert rule_indices(spans, parse_policy("tail:3")) == [18, 19, 20]
+    assert rule_indices(spans, parse_policy("tail:8")) == [11, 12, 13, 15, 16, 17, 18, 19, 20][-8:]
+    assert rule_indices(spans, parse_policy("tail:0")) == []
+    assert rule_indices(spans, parse_policy("boundary:1+tail:3")) == [5, 8, 15, 18, 19, 20]
+
+
+@pytest.mark.parametrize("policy", ["tail:5", "boundary:2+tail:4", "boundary:20%"])
+def test_issue18_item2_new_rules_equal_partial_oracle(policy):
+    pc = deep_cache("llama")
+    pc.add_schema(FULL_SCHEMA)
+    sel = pc.select_tokens(MULTI, policy)
+    assert len(sel) > 0
+    got = pc.next_token_logits(MULTI, recompute=policy)
+    assert maxdiff(got, partial_oracle_logits(pc, MULTI, sel.indices)) < TOL
+
+
+@pytest.mark.parametrize("budget", [1.0, 1.1, 1.3, 2.0, 1e5])
+def test_issue18_item3_auto_fits_the_budget_by_the_cost_model(budget):
+    pc = deep_cache("llama")
+    pc.add_schema(FULL_SCHEMA)
+    res = pc.generate(MULTI, max_new_tokens=1, recompute="none")
+    c, n = res.computed_tokens, res.cached_tokens
+    sel = pc.select_tokens(MULTI, f"auto:{budget:g}")
+    model = recompute_auto.COST_MODEL
+    if sel.policy == "full":
+        assert model.full_ratio(c, n) <= budget and len(sel) == n
+        return
+    assert model.full_ratio(c, n) > budget
+    assert model.ratio(len(sel), c, n) <= budget
+    # the largest level that fits: one level more does not (unless nothing more can be chosen)
+    level = 0 if sel.policy == "none" else int(sel.policy.rsplit(":", 1)[1])
+    more = pc.select_tokens(MULTI, recompute_auto.AUTO_FAMILY.format(k=level + 1))
+    assert len(more) == len(sel) or model.ratio(len(more), c, n) > budget
+    if budget == 1.0:
+        assert sel.policy == "none"
+    if budget == 1.3:
+        assert 0 < len(sel) < n  # a real partial choice on this prompt
+
+
+@pytest.mark.parametrize("budget", [1.3, 2.0, 1e5])
+def test_issue18_item3_auto_equals_the_chosen_policy_bit_for_bit(budget):
+    pc = deep_cache("llama")
+    pc.add_schema(FULL_SCHEMA)
+    spec = f"auto:{budget:g}"
+    chosen = pc.select_tokens(MULTI, spec).policy
+    assert chosen != spec and not chosen.startswith("auto")
+    a = pc.generate(MULTI, max_new_tokens=3, recompute=spec)
+    b = pc.generate(MULTI, max_new_tokens=3, recompute=chosen)
+    assert torch.equal(a.first_token_logits, b.first_token_logits)
+    assert a.token_ids == b.token_ids and a.recomputed_tokens == b.recomputed_tokens

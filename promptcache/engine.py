@@ -35,6 +35,7 @@ from .prefix.runner import PrefixRunner, is_pml_prompt
 from .recompute import Selection, cached_spans, choose, parse_policy, prefill_with_recompute, prepare
 from .results import EncodeReport, GenerationResult
 from .roles import ChatRenderer
+from .runtime.compiled import CompiledForwards, WarmupReport, resolve_dtype
 from .runtime.kv import ModuleKV, SplicedCache
 from .runtime.request import ActiveRequest, ChunkedPrefill
 from .runtime.runner import ModelRunner, oracle_forward
@@ -73,6 +74,12 @@ class PromptCache:
             exceed it, is refused before any tensor is allocated, and generation stops at it.
             ``None`` (default): the model's own (:meth:`ModelAdapter.max_positions`), which may be
             unknown (ALiBi Falcon: no check). A smaller value tightens the limit.
+        dtype: cast the model (in place) to this dtype first (``"bf16"``, ``"fp32"``, ``"fp16"`` or a
+            ``torch.dtype``); ``None`` keeps the model's. Module caches and store keys follow it.
+        compile: run PML cached prefills and their decode through ``torch.compile``d forwards over a
+            static KV buffer, one graph per shape bucket (see docs/fastpath.md,
+            :mod:`promptcache.runtime.compiled`); :meth:`warmup` compiles ahead, :meth:`compile_report`
+            says what ran compiled and what did not, and why.
     """
 
     def __init__(self, model, tokenizer, *, encoding: str = "scaffold", placement: str = "device",
@@ -81,7 +88,8 @@ class PromptCache:
                  max_device_bytes: int | None = None, max_host_bytes: int | None = None,
                  prefix_cache: bool = True, prefix_max_bytes: int | None = None,
                  prefix_policy: str = "lru", prefix_ttl_s: float | None = None,
-                 max_positions: int | None = None) -> None:
+                 max_positions: int | None = None, dtype: str | torch.dtype | None = None,
+                 compile: bool = False) -> None:
         if encoding not in POLICIES:
             raise ValueError(f"encoding must be one of {', '.join(POLICIES)}, not {encoding!r}")
         if placement not in ("device", "host"):
@@ -94,6 +102,9 @@ class PromptCache:
         self.device = torch.device(device) if device is not None else next(model.parameters()).device
         if self.device != next(model.parameters()).device:
             model.to(self.device)
+        cast = resolve_dtype(dtype)
+        if cast is not None and cast != next(model.parameters()).dtype:
+            model.to(cast)
         self.dtype = next(model.parameters()).dtype
         self.encoding = encoding
         self.placement = placement
@@ -106,6 +117,7 @@ class PromptCache:
                                   self.max_positions)
         self.num_layers, self.kv_heads, self.head_dim = self.runner.num_layers, self.runner.kv_heads, \
             self.runner.head_dim
+        self.fast = CompiledForwards(self.runner, self.adapter.family) if compile else None
         self.schemas: dict[str, SchemaState] = {}
         if store is not None:
             from .store import open_store
@@ -281,7 +293,11 @@ class PromptCache:
                     job = ChunkedPrefill.finished(runner, cache, logits)
                     return job, max(request.computed_pos) + 1, len(selection), pinned
             q_pos = runner.positions(request.computed_pos)
-            cache = runner.new_cache(pieces, _room(runner, reserve, len(request.computed_ids), chunk))
+            room = _room(runner, reserve, len(request.computed_ids), chunk)
+            if self.fast is not None:  # the static buffer: the pieces land there directly
+                cache = self.fast.new_cache(pieces, room, len(request.computed_ids))
+            else:
+                cache = runner.new_cache(pieces, room)
             job = ChunkedPrefill(runner, cache, request.computed_ids, q_pos, by_position=True)
             return job, int(q_pos.max()) + 1, 0, pinned
         except BaseException:
@@ -339,7 +355,7 @@ class PromptCache:
         release = lambda: self.encoder.release(pinned)  # noqa: E731
         return ActiveRequest(runner, "pml", job, next_pos, request.num_cached, len(request.computed_ids),
                              recomputed, True, modules, t0, lambda: self.prompt_ids(state, request),
-                             _nothing_to_close, on_prefilled=release)
+                             _release_static(job.cache), on_prefilled=release)
 
     @torch.inference_mode()
     def select_tokens(self, prompt, policy: str) -> Selection:
@@ -389,6 +405,26 @@ class PromptCache:
                          insert_prefix=insert_prefix, prefill=False)
         return req.generate(options, max_new_tokens, stream, self.eos_ids, self.renderer.decode)
 
+    def warmup(self, suffix_lengths=None, cache_lengths=None) -> WarmupReport:
+        """Compile the fast path's graphs now instead of at the first requests (``compile=True``).
+
+        ``suffix_lengths``: new-token counts to expect (default 1 and 16: decode and a short
+        question); ``cache_lengths``: cache sizes (default: each added schema's whole layout plus
+        ``reserve_tokens``). Each is rounded up to its bucket. Returns seconds per bucket.
+        """
+        if self.fast is None:
+            return WarmupReport(compiled=False, reason="compile=False")
+        if cache_lengths is None and self.schemas:
+            cache_lengths = [max((g.start + len(g.tokens) for g in s.layout.segments), default=0)
+                             + self.reserve_tokens for s in self.schemas.values()]
+        return self.fast.warmup(suffix_lengths, cache_lengths)
+
+    def compile_report(self) -> dict:
+        """What the fast path did: buckets used, compiles (seconds), recompiles, eager fallbacks and why."""
+        if self.fast is None:
+            return {"enabled": False, "eager_reason": "compile=False"}
+        return self.fast.report()
+
     def prefix_stats(self) -> dict:
         """Prefix caching counters: hits, misses, hit rate, tokens reused/computed, bytes, evictions."""
         return self.prefix.stats()
@@ -421,6 +457,14 @@ class PromptCache:
 
 def _nothing_to_close(generated: list[int], kv, completed: bool) -> None:  # noqa: ARG001
     """PML requests cache nothing at the end (their module pins go when the prefill is done)."""
+
+
+def _release_static(cache) -> Callable[[list[int], object, bool], None]:
+    """The end of a PML request: a static (compiled-path) cache gives its buffer back to the pool."""
+    release = getattr(cache, "release", None)
+    if release is None:
+        return _nothing_to_close
+    return lambda generated, kv, completed: release()
 
 
 def _room(runner: ModelRunner, reserve: int | None, computed: int, chunk: int | None) -> int:

@@ -148,6 +148,9 @@ class ModelRunner:
         """
         for hook in self.forward_hooks:
             hook(ForwardCall(ids, q_pos, visible, cache))
+        compiled = getattr(cache, "compiled", None)  # a static-buffer cache: the fast path
+        if compiled is not None and last_layer is None:
+            return compiled.forward(cache, ids, q_pos, visible, keep=keep, logits=logits)
         past_pos = cache.key_positions
         input_ids = torch.tensor([list(ids)], dtype=torch.long, device=self.device)
         if self.index_causal(past_pos, q_pos, visible):

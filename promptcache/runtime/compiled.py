@@ -1,0 +1,449 @@
+"""The fast path: a request's spliced KV in a fixed-size buffer, run through compiled forwards.
+
+Why: once splicing is free, the suffix forward is what a user waits for; an eager forward over a
+growing ``DynamicCache`` has a new shape every call, so it cannot be compiled once and reused.
+Here a PML request's cache is a :class:`StaticSplicedCache`: per layer one ``[1, kv_heads, C,
+head_dim]`` buffer whose capacity ``C`` is a *cache bucket*; the module pieces are copied
+straight into it (one copy per piece and layer, the same copy the eager path makes when it
+materialises its buffer: no concatenation in between), and every forward writes its new keys at
+the buffer's write position. A forward of ``n`` new tokens is padded to a *suffix bucket* ``S``
+(the padded rows see only themselves, and no real query sees them: the 4-D mask hides them and
+every unwritten slot), so one compiled graph per ``(S, C)`` pair serves every prompt:
+
+* suffix buckets: :data:`SUFFIX_BUCKETS` (1 is decode); a longer suffix runs in chunks of the largest;
+* cache buckets: powers of two from :data:`MIN_CACHE_BUCKET` (a request whose cache outgrows its
+  bucket during decode moves to the next one: one copy).
+
+Compiled graphs are made by ``torch.compile(fullgraph=True, dynamic=False)`` (CUDA: mode
+``"reduce-overhead"``, CUDA graphs); the inductor cache is kept on disk
+(:data:`INDUCTOR_CACHE_ENV`, default ``~/.cache/promptcache/inductor``) with the FX graph cache on,
+so a second process loads its kernels instead of compiling them. Nothing falls back to eager in
+silence: a bucket's first call compiles it (counted, timed), later calls run under dynamo's
+``fail_on_recompile`` stance, and a recompile, a failed compile or an unsupported case runs the
+same forward eagerly over the same buffer, warns once per reason and is counted in
+:meth:`CompiledForwards.report`.
+"""
+
+from __future__ import annotations
+
+import os
+import time
+import warnings
+import weakref
+from dataclasses import dataclass, field
+from typing import Sequence
+
+import torch
+from transformers.cache_utils import Cache, CacheLayerMixin
+
+from .kv import ModuleKV
+
+#: Suffix lengths a compiled forward is padded to (1: decode). Longer suffixes run in chunks of the last.
+SUFFIX_BUCKETS: tuple[int, ...] = (1, 16, 32, 64, 128, 256, 512)
+#: The smallest cache bucket; the others are its doublings.
+MIN_CACHE_BUCKET = 256
+#: Environment variable naming the inductor's on-disk cache (set here only when unset).
+INDUCTOR_CACHE_ENV = "TORCHINDUCTOR_CACHE_DIR"
+DEFAULT_INDUCTOR_DIR = os.path.join("~", ".cache", "promptcache", "inductor")
+#: Families whose forward is traceable over the static buffer (RoPE, positions given explicitly).
+#: ALiBi families (MPT, Falcon-ALiBi) build their bias from ``cache.key_positions`` in Python
+#: per forward, and Falcon's patched attention is not covered by the tests: they run eager.
+COMPILABLE_FAMILIES = ("llama", "qwen2", "mistral")
+
+_DTYPES = {"fp32": torch.float32, "float32": torch.float32, "float": torch.float32,
+           "bf16": torch.bfloat16, "bfloat16": torch.bfloat16,
+           "fp16": torch.float16, "float16": torch.float16, "half": torch.float16}
+
+
+def resolve_dtype(dtype: str | torch.dtype | None) -> torch.dtype | None:
+    """``"bf16"``/``"bfloat16"``/``torch.bfloat16``... -> a torch dtype (``None`` stays ``None``)."""
+    if dtype is None or isinstance(dtype, torch.dtype):
+        return dtype
+    if isinstance(dtype, str) and dtype.lower() in _DTYPES:
+        return _DTYPES[dtype.lower()]
+    raise ValueError(f"dtype must be one of {', '.join(sorted(_DTYPES))} or a torch.dtype, not {dtype!r}")
+
+
+def suffix_bucket(n: int) -> int:
+    """The smallest suffix bucket holding ``n`` tokens (the largest when none does: chunks)."""
+    for b in SUFFIX_BUCKETS:
+        if n <= b:
+            return b
+    return SUFFIX_BUCKETS[-1]
+
+
+def cache_bucket(n: int) -> int:
+    """The smallest cache bucket (a power of two >= :data:`MIN_CACHE_BUCKET`) holding ``n`` keys."""
+    cap = MIN_CACHE_BUCKET
+    while cap < n:
+        cap *= 2
+    return cap
+
+
+def setup_inductor_cache() -> str:
+    """Point inductor at an on-disk cache (unless the user already did) and turn the FX graph
+    cache on, so a second process reuses compiled kernels. Returns the directory."""
+    path = os.environ.get(INDUCTOR_CACHE_ENV)
+    if not path:
+        path = os.path.expanduser(DEFAULT_INDUCTOR_DIR)
+        os.environ[INDUCTOR_CACHE_ENV] = path
+    os.makedirs(path, exist_ok=True)
+    import torch._inductor.config as inductor_config
+
+    inductor_config.fx_graph_cache = True
+    return path
+
+
+# ---------------------------------------------------------------------------------------- buffers
+
+
+class StaticBuffer:
+    """Per-layer K/V buffers ``[1, kv_heads, capacity, head_dim]`` and the write position.
+
+    One buffer serves one request at a time (leased from :class:`BufferPool`); the write position
+    is a 0-d tensor set before each forward, so its value never becomes a compile guard (the
+    ``cumulative_length`` lesson of transformers' StaticCache: a reused buffer must be reset).
+    """
+
+    def __init__(self, num_layers: int, kv_heads: int, head_dim: int, capacity: int,
+                 dtype: torch.dtype, device: torch.device) -> None:
+        shape = (1, kv_heads, capacity, head_dim)
+        self.capacity = capacity
+        self.keys = [torch.zeros(shape, dtype=dtype, device=device) for _ in range(num_layers)]
+        self.values = [torch.zeros(shape, dtype=dtype, device=device) for _ in range(num_layers)]
+        self.write_at = torch.zeros((), dtype=torch.long, device=device)
+        for t in (*self.keys, *self.values, self.write_at):
+            torch._dynamo.mark_static_address(t)  # CUDA graphs need fixed addresses
+
+
+class BufferPool:
+    """Free :class:`StaticBuffer` objects per capacity; a busy bucket gets another buffer."""
+
+    def __init__(self, shape: tuple[int, int, int], dtype: torch.dtype, device: torch.device) -> None:
+        self.shape, self.dtype, self.device = shape, dtype, device
+        self.free: dict[int, list[StaticBuffer]] = {}
+        self.allocated: dict[int, int] = {}
+
+    def lease(self, capacity: int) -> StaticBuffer:
+        free = self.free.setdefault(capacity, [])
+        if free:
+            return free.pop()
+        self.allocated[capacity] = self.allocated.get(capacity, 0) + 1
+        return StaticBuffer(*self.shape, capacity, self.dtype, self.device)
+
+    def give_back(self, buf: StaticBuffer) -> None:
+        self.free.setdefault(buf.capacity, []).append(buf)
+
+
+class StaticLayer(CacheLayerMixin):
+    """One layer of a :class:`StaticSplicedCache`: writes new K/V at the write position and
+    returns the whole buffer (the mask hides what is not the request's). Outside a forward,
+    ``keys``/``values`` are views of the tokens held, like every other cache of the package."""
+
+    is_compileable = True
+    is_sliding = False
+
+    def __init__(self, cache: "StaticSplicedCache", index: int) -> None:
+        super().__init__()
+        self.cache, self.index = cache, index
+        self.is_initialized = True
+
+    def lazy_initialization(self, key_states: torch.Tensor, value_states: torch.Tensor) -> None:
+        """Nothing to do: the buffers exist before the first forward."""
+
+    def update(self, key_states: torch.Tensor, value_states: torch.Tensor, *args, **kwargs):
+        buf = self.cache.buffer
+        k, v = buf.keys[self.index], buf.values[self.index]
+        slots = torch.arange(key_states.shape[-2], device=k.device) + buf.write_at
+        k.index_copy_(2, slots, key_states)
+        v.index_copy_(2, slots, value_states)
+        return k, v
+
+    def get_mask_sizes(self, query_length: int) -> tuple[int, int]:
+        return self.cache.buffer.capacity, 0
+
+    def get_seq_length(self) -> int:
+        return self.cache.length
+
+    def get_max_length(self) -> int:
+        return self.cache.buffer.capacity
+
+
+class StaticSplicedCache(Cache):
+    """A request cache in a leased :class:`StaticBuffer` (module docstring).
+
+    Same contract as :class:`~promptcache.runtime.kv.SplicedCache` for the rest of the package:
+    ``layers[i].keys``/``values`` are ``[1, H, n, D]`` views of the ``n`` tokens held and
+    ``key_positions`` their layout positions. ``compiled`` routes
+    :meth:`ModelRunner.forward` to :meth:`CompiledForwards.forward`. The buffer goes back to the
+    pool on :meth:`release` (the request's end) or when the cache is garbage-collected.
+    """
+
+    def __init__(self, owner: "CompiledForwards", buffer: StaticBuffer, num_layers: int) -> None:
+        Cache.__init__(self, layers=[StaticLayer(self, i) for i in range(num_layers)])
+        self.compiled = owner
+        self.buffer = buffer
+        self.length = 0
+        self.key_positions = torch.zeros(0, dtype=torch.long, device=owner.device)
+        self._finalizer = weakref.finalize(self, owner.pool.give_back, buffer)
+
+    def refresh_views(self) -> None:
+        """Point ``layers[i].keys``/``values`` at the tokens held (after a forward or a copy)."""
+        n = self.length
+        for layer, k, v in zip(self.layers, self.buffer.keys, self.buffer.values):
+            layer.keys, layer.values = k[..., :n, :], v[..., :n, :]
+
+    def splice(self, pieces: Sequence[ModuleKV]) -> None:
+        """Copy the module pieces straight into the buffer, in order (the one copy of assembly)."""
+        at = 0
+        for p in pieces:
+            n = p.length
+            for i in range(len(self.layers)):
+                self.buffer.keys[i][0, :, at:at + n].copy_(p.keys[i], non_blocking=True)
+                self.buffer.values[i][0, :, at:at + n].copy_(p.values[i], non_blocking=True)
+            at += n
+        self.length = at
+        self.refresh_views()
+
+    def move_to(self, buffer: StaticBuffer) -> None:
+        """Continue in a bigger ``buffer`` (decode outgrew the bucket): copy, give the old one back."""
+        n = self.length
+        for src, dst in ((self.buffer.keys, buffer.keys), (self.buffer.values, buffer.values)):
+            for s, d in zip(src, dst):
+                d[..., :n, :].copy_(s[..., :n, :])
+        self._finalizer()
+        self.buffer = buffer
+        self._finalizer = weakref.finalize(self, self.compiled.pool.give_back, buffer)
+        self.refresh_views()
+
+    def release(self) -> None:
+        """Give the buffer back now (idempotent); the cache must not be used afterwards."""
+        self._finalizer()
+
+    def get_seq_length(self, layer_idx: int = 0) -> int:
+        return self.length
+
+
+# ---------------------------------------------------------------------------------------- forwards
+
+
+@dataclass
+class WarmupReport:
+    """What :meth:`CompiledForwards.warmup` compiled: seconds per ``(suffix, cache)`` bucket."""
+
+    buckets: dict[str, float] = field(default_factory=dict)
+    total_s: float = 0.0
+    compiled: bool = True
+    reason: str | None = None
+
+    def __str__(self) -> str:
+        rows = ", ".join(f"{k}: {v:.1f}s" for k, v in self.buckets.items())
+        return f"warm-up {self.total_s:.1f}s ({rows or 'nothing'})" + (f"; eager: {self.reason}" if self.reason else "")
+
+
+def _step(model, cache, input_ids, position_ids, mask, keep):
+    """The forward that is compiled: padded tokens over the static cache, one logits row."""
+    out = model(input_ids=input_ids, position_ids=position_ids, attention_mask=mask,
+                past_key_values=cache, use_cache=True, logits_to_keep=keep)
+    return out.logits
+
+
+class CompiledForwards:
+    """Bucketed compiled forwards of one model over :class:`StaticSplicedCache` buffers.
+
+    Made by ``PromptCache(compile=True)``; see the module docstring for buckets and fallbacks.
+    ``eager_reason``: why this model never compiles (unsupported family), or ``None``.
+    """
+
+    def __init__(self, runner, family: str, mode: str | None = None) -> None:
+        self.runner = runner
+        self.device = runner.device
+        self.dtype = runner.dtype
+        self.pool = BufferPool((runner.num_layers, runner.kv_heads, runner.head_dim), runner.dtype, runner.device)
+        self.cache_dir = setup_inductor_cache()
+        self.mode = mode if mode is not None else ("reduce-overhead" if self.device.type == "cuda" else None)
+        self.eager_reason: str | None = None
+        if family not in COMPILABLE_FAMILIES:
+            self.eager_reason = (f"compile=True is not supported for the {family} family (compiled families: "
+                                 f"{', '.join(COMPILABLE_FAMILIES)}); its forwards run eager")
+            warnings.warn(f"promptcache: {self.eager_reason}", UserWarning, stacklevel=3)
+        self._fn = torch.compile(_step, fullgraph=True, dynamic=False, mode=self.mode)
+        _raise_recompile_limit(len(SUFFIX_BUCKETS) * 12)
+        self.compiled_buckets: dict[tuple[int, int], float] = {}
+        self.calls: dict[tuple[int, int], int] = {}
+        self.recompiles = 0
+        self.fallbacks: dict[str, int] = {}
+        self._warned: set[str] = set()
+
+    # -------------------------------------------------------------------- caches
+
+    def new_cache(self, pieces: Sequence[ModuleKV] = (), reserve: int | None = None,
+                  computed: int = 0) -> StaticSplicedCache:
+        """A static cache holding ``pieces`` (at their positions), with room for ``computed`` new
+        tokens and ``reserve`` generated ones, in the smallest cache bucket that fits."""
+        if any(p.positions is None for p in pieces):
+            raise ValueError("every piece of a spliced cache needs its layout positions")
+        held = sum(p.length for p in pieces)
+        room = (self.runner.reserve_tokens if reserve is None else reserve)
+        cap = cache_bucket(max(held + computed + room, held + suffix_bucket(max(computed, 1))))
+        cache = StaticSplicedCache(self, self.pool.lease(cap), self.runner.num_layers)
+        cache.splice(pieces)
+        if pieces:
+            cache.key_positions = torch.cat([p.positions.to(self.device) for p in pieces])
+        return cache
+
+    # -------------------------------------------------------------------- forwards
+
+    def forward(self, cache: StaticSplicedCache, ids: Sequence[int], q_pos: torch.Tensor,
+                visible: torch.Tensor | None, keep: int = 1, logits: bool = True) -> torch.Tensor | None:
+        """:meth:`ModelRunner.forward` over a static cache: in chunks of the largest suffix bucket,
+        each padded to its bucket and run compiled (or eager, counted, when it cannot be)."""
+        n = len(ids)
+        past = cache.length
+        if visible is None:
+            visible = self.runner.past_then_causal(past, n)
+        step = SUFFIX_BUCKETS[-1]
+        if n > step and bool(visible[:, past:].triu(1).any()):
+            self._fallback("a query sees a later query of the same forward: it cannot be chunked")
+            step = n
+        want, out = n - keep, None
+        for a in range(0, n, step):
+            b = min(n, a + step)
+            rows = visible[a:b, : past + b]
+            chunk_out = self._chunk(cache, ids[a:b], q_pos[a:b], rows, want - a if a <= want < b else 0)
+            if a <= want < b:
+                out = chunk_out
+        return out[0, 0].clone() if logits else None  # CUDA graphs reuse their output memory
+
+    def _chunk(self, cache: StaticSplicedCache, ids: Sequence[int], q_pos: torch.Tensor,
+               visible: torch.Tensor, keep_row: int) -> torch.Tensor:
+        """One padded forward of ``len(ids)`` tokens (at most a suffix bucket) over ``cache``."""
+        n, past = len(ids), cache.length
+        size = suffix_bucket(n) if n <= SUFFIX_BUCKETS[-1] else n
+        if past + size > cache.buffer.capacity:
+            cache.move_to(self.pool.lease(cache_bucket(past + size + self.runner.reserve_tokens)))
+        cap = cache.buffer.capacity
+        dev = self.device
+        pad_pos = torch.cat([q_pos, q_pos[-1:].expand(size - n)])
+        k_pos = torch.zeros(cap, dtype=torch.long, device=dev)
+        k_pos[:past] = cache.key_positions
+        k_pos[past:past + size] = pad_pos
+        full = torch.zeros(size, cap, dtype=torch.bool, device=dev)
+        full[:n, : past + n] = visible.to(dev)
+        pads = torch.arange(n, size, device=dev)
+        full[pads, past + pads] = True  # a padded row sees itself only
+        mask = self.runner.adapter.attention_mask(full, pad_pos, k_pos, self.dtype)
+        input_ids = torch.zeros(1, size, dtype=torch.long, device=dev)
+        input_ids[0, :n] = torch.as_tensor(list(ids), dtype=torch.long, device=dev)
+        keep = torch.tensor([keep_row], dtype=torch.long, device=dev)
+        cache.buffer.write_at.fill_(past)
+        out = self._run((size, cap), cache, input_ids, pad_pos[None], mask, keep)
+        cache.length = past + n
+        cache.key_positions = torch.cat([cache.key_positions, q_pos.to(dev)])
+        cache.refresh_views()
+        return out
+
+    def _run(self, bucket: tuple[int, int], cache, input_ids, position_ids, mask, keep) -> torch.Tensor:
+        """Call the compiled graph of ``bucket``; compile it on first use; eager when it cannot be."""
+        self.calls[bucket] = self.calls.get(bucket, 0) + 1
+        args = (self.runner.model, cache, input_ids, position_ids, mask, keep)
+        if self.eager_reason is not None:
+            self.fallbacks[self.eager_reason] = self.fallbacks.get(self.eager_reason, 0) + 1
+            return _step(*args)
+        if bucket not in self.compiled_buckets:
+            t0 = time.perf_counter()
+            try:
+                out = self._fn(*args)
+            except Exception as exc:  # noqa: BLE001 - any compile failure: eager, loudly
+                self.eager_reason = f"torch.compile failed ({type(exc).__name__}: {str(exc).splitlines()[0][:200]})"
+                self._fallback(self.eager_reason)
+                return _step(*args)
+            self.runner.sync()
+            self.compiled_buckets[bucket] = time.perf_counter() - t0
+            return out
+        try:
+            with torch.compiler.set_stance("fail_on_recompile"):
+                return self._fn(*args)
+        except RuntimeError as exc:
+            if "recompil" not in str(exc).lower():
+                raise
+            self.recompiles += 1
+            self._fallback(f"recompile refused for bucket {bucket} ({_first_reason(exc)})")
+            return _step(*args)
+
+    def _fallback(self, reason: str) -> None:
+        """Count an eager forward and warn once per reason (never silently)."""
+        self.fallbacks[reason] = self.fallbacks.get(reason, 0) + 1
+        if reason not in self._warned:
+            self._warned.add(reason)
+            warnings.warn(f"promptcache: compiled forward ran eager: {reason}", UserWarning, stacklevel=4)
+
+    # -------------------------------------------------------------------- warm-up and report
+
+    def warmup(self, suffix_lengths: Sequence[int] | None = None,
+               cache_lengths: Sequence[int] | None = None) -> WarmupReport:
+        """Compile the buckets of these suffix and cache lengths now (each rounded to its bucket).
+
+        Defaults: suffix lengths ``(1, 16)`` (decode and a short question), cache length
+        :data:`MIN_CACHE_BUCKET`. Runs each graph once on a scratch buffer (zeros)."""
+        report = WarmupReport(reason=self.eager_reason, compiled=self.eager_reason is None)
+        suffixes = sorted({suffix_bucket(n) for n in (suffix_lengths or (1, 16))})
+        caps = sorted({cache_bucket(n) for n in (cache_lengths or (MIN_CACHE_BUCKET,))})
+        t_all = time.perf_counter()
+        with torch.inference_mode():
+            for cap in caps:
+                for size in suffixes:
+                    if (size, cap) in self.compiled_buckets or size > cap:
+                        continue
+                    t0 = time.perf_counter()
+                    self._scratch_forward(size, cap)
+                    report.buckets[f"{size}x{cap}"] = time.perf_counter() - t0
+        report.total_s = time.perf_counter() - t_all
+        return report
+
+    def _scratch_forward(self, size: int, cap: int) -> None:
+        """One forward of ``size`` tokens over an empty cache of capacity ``cap`` (compiles it)."""
+        cache = StaticSplicedCache(self, self.pool.lease(cap), self.runner.num_layers)
+        try:
+            ids = [0] * size
+            q_pos = torch.arange(size, device=self.device)
+            self._chunk(cache, ids, q_pos, self.runner.past_then_causal(0, size), size - 1)
+        finally:
+            cache.release()
+
+    def report(self) -> dict:
+        """Buckets used (calls per ``"SxC"``), compiles (seconds each), recompiles, fallbacks and why."""
+        return {
+            "enabled": self.eager_reason is None,
+            "eager_reason": self.eager_reason,
+            "mode": self.mode or "default",
+            "device": str(self.device),
+            "dtype": str(self.dtype).replace("torch.", ""),
+            "inductor_cache_dir": self.cache_dir,
+            "suffix_buckets": list(SUFFIX_BUCKETS),
+            "cache_buckets": f"powers of two from {MIN_CACHE_BUCKET}",
+            "buckets_used": {f"{s}x{c}": n for (s, c), n in sorted(self.calls.items())},
+            "compiles": len(self.compiled_buckets),
+            "compile_s": {f"{s}x{c}": round(t, 3) for (s, c), t in sorted(self.compiled_buckets.items())},
+            "recompiles": self.recompiles,
+            "fallbacks": dict(self.fallbacks),
+            "buffers": {str(c): n for c, n in sorted(self.pool.allocated.items())},
+        }
+
+
+def _raise_recompile_limit(needed: int) -> None:
+    """Every bucket is one entry in dynamo's cache of ``_step`` (shared by all instances): make
+    room, or the ninth bucket would silently run eager at dynamo's default limit of 8."""
+    import torch._dynamo.config as dynamo_config
+
+    dynamo_config.recompile_limit = max(dynamo_config.recompile_limit, needed)
+    dynamo_config.accumulated_recompile_limit = max(dynamo_config.accumulated_recompile_limit, 4 * needed)
+
+
+def _first_reason(exc: BaseException) -> str:
+    """The first line of a dynamo recompile error that names the failed guard."""
+    lines = [ln.strip() for ln in str(exc).splitlines() if ln.strip()]
+    for ln in lines:
+        if "guard" in ln.lower() or "triggered by" in ln.lower():
+            return ln[:200]
+    return lines[0][:200] if lines else type(exc).__name__

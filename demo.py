@@ -59,6 +59,9 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--threads", type=non_negative_int, default=DEFAULT_THREADS, metavar="N", help=THREADS_HELP)
     p.add_argument("--dtype", default=None, choices=["float32", "bfloat16", "float16"],
                    help="default: float32 on CPU, bfloat16 on CUDA")
+    p.add_argument("--compile", action="store_true",
+                   help="compiled cached prefill and decode over a static KV buffer; compiles once "
+                        "(warm-up, reported) before the first answer (docs/fastpath.md)")
     p.add_argument("--use-cache", action=argparse.BooleanOptionalAction, default=True,
                    help="splice module caches (on) or run the full-prefill baseline (off)")
     p.add_argument("--compare", action="store_true",
@@ -170,12 +173,17 @@ def main(argv: list[str] | None = None, *, model=None, tokenizer=None) -> int:
         kwargs = {"encoding": args.encoding, "placement": args.placement, "recompute": args.recompute}
         if args.store:
             kwargs["store"] = args.store
+        if args.compile:
+            kwargs["compile"] = True
         pc = PromptCache(model, tokenizer, **kwargs)
         pc.check_prompt(prompt, schema)  # a prompt that does not fit fails now, not after encoding
         progress(f"encoding schema {schema.name!r} (every cacheable module, once)...")
         report = pc.add_schema(schema)
         print(f"schema {report.schema!r}: {report.stored_tokens} tokens cached in {report.segments} "
               f"segments, encoded in {report.encode_s * 1000:.0f} ms", flush=True)
+        if args.compile:
+            progress("compiling the fast path (first run compiles; later runs load the inductor cache)...")
+            print(pc.warmup(), flush=True)
         modes = [True, False] if args.compare else [args.use_cache]
         results = {}
         for use_cache in modes:

@@ -97,6 +97,8 @@ def add_common_arguments(parser: argparse.ArgumentParser, default_output: str) -
     parser.add_argument("--device", default=None, help="cpu, cuda, cuda:1 ... (default: cuda if available)")
     parser.add_argument("--dtype", default=None, choices=["float32", "bfloat16", "float16"],
                         help="model dtype (default: float32 on CPU, bfloat16 on CUDA)")
+    parser.add_argument("--compile", action="store_true",
+                        help="compiled cached prefill/decode over a static KV buffer (docs/fastpath.md)")
     parser.add_argument("--encoding", default="scaffold", choices=["scaffold", "independent"],
                         help="how module caches are encoded (see promptcache.plan)")
     parser.add_argument("--split-passages", action="store_true",

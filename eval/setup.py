@@ -21,6 +21,8 @@ def engine_kwargs(args: argparse.Namespace, max_new_tokens: int) -> dict[str, An
 
     kwargs: dict[str, Any] = {"encoding": args.encoding, "progress": False,
                               "reserve_tokens": max_new_tokens + 1}
+    if getattr(args, "compile", False):
+        kwargs["compile"] = True
     if getattr(args, "store", None):
         if "store" not in inspect.signature(PromptCache).parameters:
             raise UserError("--store is not supported by this version of the engine (PromptCache has no store=)")

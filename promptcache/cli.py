@@ -311,6 +311,9 @@ def register_serve(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--device", default=None, help="cpu, cuda, ... (default: cuda if available, else cpu)")
     p.add_argument("--dtype", default=None, choices=["float32", "bfloat16", "float16"],
                    help="default: float32 on CPU, bfloat16 on CUDA")
+    p.add_argument("--compile", action="store_true",
+                   help="compiled prefill/decode of PML requests over a static KV buffer, warmed up at "
+                        "start (docs/fastpath.md)")
     p.add_argument("--log-level", default="info", choices=["critical", "error", "warning", "info", "debug"])
     add_threads_argument(p)
     p.set_defaults(func=run_serve)
@@ -385,12 +388,14 @@ def run_serve(args: argparse.Namespace, ctx: Context) -> int:
         raise CommandError(str(e) if name in str(e) else f"cannot load model {name!r}: {e}") from e
     try:
         pc = PromptCache(model, tokenizer, encoding=args.encoding, store=args.store, recompute=args.recompute,
-                         progress=False)
+                         progress=False, compile=args.compile)
     except ValueError as e:
         raise CommandError(str(e)) from e
     for schema in schemas:
         status("serve", f"encoding schema {schema.name!r}...")
         pc.add_schema(schema)
+    if args.compile:
+        status("serve", f"compiling (warm-up)... {pc.warmup(suffix_lengths=(1, 16, args.prefill_chunk))}")
     if config.api_key is None and args.host not in ("127.0.0.1", "localhost", "::1"):
         status("serve", f"warning: listening on {args.host} without an API key: anyone who can reach it "
                         "can use it (--api-key or PROMPTCACHE_API_KEY)")

@@ -17,10 +17,13 @@ from __future__ import annotations
 
 import os
 import time
-from typing import Callable
+from collections import Counter
+from typing import Callable, Mapping
 
 import torch
 
+from .lora.registry import AdapterInfo
+from .lora.schemas import LoraSchemas
 from .models import adapter_for
 from .modules.encoder import ModuleEncoder, SchemaState
 from .modules.relocate import relocation_for
@@ -80,6 +83,8 @@ class PromptCache:
             static KV buffer, one graph per shape bucket (see docs/fastpath.md,
             :mod:`promptcache.runtime.compiled`); :meth:`warmup` compiles ahead, :meth:`compile_report`
             says what ran compiled and what did not, and why.
+        adapters: LoRA adapters to load at start, ``{name: PEFT adapter folder}``; requests pick one
+            with ``adapter="name"`` (``None``: the base model). See :meth:`load_adapter`, docs/lora.md.
     """
 
     def __init__(self, model, tokenizer, *, encoding: str = "scaffold", placement: str = "device",
@@ -89,7 +94,8 @@ class PromptCache:
                  prefix_cache: bool = True, prefix_max_bytes: int | None = None,
                  prefix_policy: str = "lru", prefix_ttl_s: float | None = None,
                  max_positions: int | None = None, dtype: str | torch.dtype | None = None,
-                 compile: bool = False) -> None:
+                 compile: bool = False,
+                 adapters: Mapping[str, str | os.PathLike] | None = None) -> None:
         if encoding not in POLICIES:
             raise ValueError(f"encoding must be one of {', '.join(POLICIES)}, not {encoding!r}")
         if placement not in ("device", "host"):
@@ -134,6 +140,10 @@ class PromptCache:
         self.prefix = PrefixRunner(self.runner, tokenizer, self.renderer, self.eos_ids,
                                    enabled=prefix_cache, max_bytes=prefix_max_bytes,
                                    policy=prefix_policy, ttl_s=prefix_ttl_s)
+        self.lora_schemas = LoraSchemas(self.encoder)  # each schema's keys under each adapter
+        self._lora_in_use: Counter[str] = Counter()  # open requests per adapter (unload waits for 0)
+        for name, path in (adapters or {}).items():
+            self.load_adapter(name, path)
 
     # ------------------------------------------------------------------ schemas
 
@@ -157,12 +167,14 @@ class PromptCache:
         contexts = encoding_contexts(layout, self.encoding)
         state = self.encoder.encode(layout, contexts, replaces=self.schemas.get(parsed.name))
         self.schemas[parsed.name] = state
+        self.lora_schemas.drop_schema(parsed.name)  # derived on next use, from the new layout
         return state.report
 
     def remove_schema(self, name: str) -> None:
         if name not in self.schemas:
             raise KeyError(f"no schema named {name!r} (have: {', '.join(self.schemas) or 'none'})")
         self.encoder.remove(self.schemas.pop(name))
+        self.lora_schemas.drop_schema(name)
 
     def check_prompt_window(self, needed: int, what: str, file: str | None = None,
                             line: int | None = None) -> None:
@@ -201,15 +213,16 @@ class PromptCache:
             return load_prompt(prompt)
         raise TypeError(f"a PML prompt is a Prompt, PML text or a pathlib.Path, not {type(prompt).__name__}")
 
-    def request(self, prompt) -> tuple[SchemaState, Request]:
-        """A PML prompt parsed, bound to its schema and turned into a request: ``(schema state, request)``."""
-        state, _, request = self._bind(prompt)
+    def request(self, prompt, adapter: str | None = None) -> tuple[SchemaState, Request]:
+        """A PML prompt parsed, bound to its schema and turned into a request: ``(schema state, request)``;
+        the state's keys are those of LoRA ``adapter`` (``None``: the base model)."""
+        state, _, request = self._bind(prompt, adapter)
         return state, request
 
-    def _bind(self, prompt) -> tuple[SchemaState, BoundPrompt, Request]:
+    def _bind(self, prompt, adapter: str | None = None) -> tuple[SchemaState, BoundPrompt, Request]:
         """Parse, bind, make the request and check it against the context window."""
         parsed = self._parse_prompt(prompt)
-        state = self._state(parsed.schema, parsed)
+        state = self.lora_schemas.state(self._state(parsed.schema, parsed), adapter)
         bound = bind(parsed, state.layout, self.renderer)
         request = make_request(bound, state.contexts)
         needed = max(request.computed_pos, default=-1) + 1  # the last prompt token is always computed
@@ -308,7 +321,7 @@ class PromptCache:
     def begin(self, prompt, *, use_cache: bool = True, recompute: str | None = None,
               max_new_tokens: int | None = None, insert_prefix: bool = True,
               prefill_chunk: int | None = None, prefill: bool = True,
-              reserve: int | None = None) -> ActiveRequest:
+              reserve: int | None = None, adapter: str | None = None) -> ActiveRequest:
         """Start one request: parse and bind (PML) or tokenize (text, chat), check the context
         window, take the cached KV (module pins, or a locked prefix-tree path) and prefill.
 
@@ -319,8 +332,11 @@ class PromptCache:
         ``reserve``: room for generated tokens in the request's buffer (default ``reserve_tokens``).
         The caller ends the request with ``req.finish(generated_ids, kv)`` (prefix path: caches
         prompt and answer) or ``req.abort()``; both release what the request holds.
+        ``adapter``: the LoRA adapter the request runs under (``None``: the base model); its
+        module caches and prefix tree are that adapter's own (docs/lora.md).
         Errors: ``PromptError``/``PMLError`` (PML), ``ValueError`` (window, empty prompt,
-        arguments), ``TypeError`` (not a prompt); nothing is held after one.
+        arguments), ``TypeError`` (not a prompt), ``UnknownAdapterError`` (a ``KeyError``: no
+        such adapter loaded); nothing is held after one.
         """
         if max_new_tokens is not None:
             check_max_new_tokens(max_new_tokens)
@@ -329,19 +345,40 @@ class PromptCache:
             raise ValueError(f"prefill_chunk must be a positive integer or None, got {prefill_chunk!r}")
         self.runner.sync()
         t0 = time.perf_counter()
-        if not is_pml_prompt(prompt):
-            req = self.prefix.begin(prompt, use_cache, insert_prefix, t0=t0, reserve=reserve,
-                                    prefill_chunk=prefill_chunk)
-        else:
-            req = self._begin_pml(prompt, use_cache, recompute, reserve, prefill_chunk, t0)
-        if prefill:
-            while not req.prefill_step(prefill_chunk):
-                pass
+        with self.runner.lora_scope(adapter):  # caches made here run under it, whenever they run
+            if not is_pml_prompt(prompt):
+                req = self.prefix.begin(prompt, use_cache, insert_prefix, t0=t0, reserve=reserve,
+                                        prefill_chunk=prefill_chunk)
+            else:
+                req = self._begin_pml(prompt, use_cache, recompute, reserve, prefill_chunk, t0, adapter)
+            self._track_adapter(req, adapter)
+            if prefill:
+                while not req.prefill_step(prefill_chunk):
+                    pass
         return req
 
+    def _track_adapter(self, req: ActiveRequest, adapter: str | None) -> None:
+        """Stamp the request's cache with its adapter and count it open until it ends, so that the
+        adapter cannot be unloaded under it."""
+        req.cache.lora = adapter
+        if adapter is None:
+            return
+        self._lora_in_use[adapter] += 1
+        inner = req.on_close
+
+        def close(generated: list[int], kv, completed: bool) -> None:
+            try:
+                inner(generated, kv, completed)
+            finally:
+                self._lora_in_use[adapter] -= 1
+                if self._lora_in_use[adapter] <= 0:
+                    del self._lora_in_use[adapter]
+
+        req.on_close = close
+
     def _begin_pml(self, prompt, use_cache: bool, recompute: str | None, reserve: int | None,
-                   chunk: int | None, t0: float) -> ActiveRequest:
-        state, bound, request = self._bind(prompt)
+                   chunk: int | None, t0: float, adapter: str | None = None) -> ActiveRequest:
+        state, bound, request = self._bind(prompt, adapter)
         modules = sorted("/".join(path) for path in bound.selected if path)
         runner = self.runner
         if not use_cache:
@@ -358,34 +395,40 @@ class PromptCache:
                              _release_static(job.cache), on_prefilled=release)
 
     @torch.inference_mode()
-    def select_tokens(self, prompt, policy: str) -> Selection:
+    def select_tokens(self, prompt, policy: str, adapter: str | None = None) -> Selection:
         """What recompute ``policy`` would recompute for ``prompt`` (for inspection and tests);
         the same inputs as :meth:`prefill_cached` gives the policy."""
-        state, request = self.request(prompt)
-        pieces = self._pieces(state.kv, request)
-        spans = cached_spans(state.layout.segments, request.cached_spans)
-        return choose(self.runner, pieces, spans, policy, (request.computed_ids, request.computed_pos))
+        with self.runner.lora_scope(adapter):
+            state, request = self.request(prompt, adapter)
+            pieces = self._pieces(state.kv, request)
+            spans = cached_spans(state.layout.segments, request.cached_spans)
+            return choose(self.runner, pieces, spans, policy, (request.computed_ids, request.computed_pos))
 
     @torch.inference_mode()
     def next_token_logits(self, prompt, use_cache: bool = True, recompute: str | None = None, *,
-                          insert_prefix: bool = True) -> torch.Tensor:
-        """Logits of the first generated token (float32 tensor of vocabulary size)."""
-        req = self.begin(prompt, use_cache=use_cache, recompute=recompute, insert_prefix=insert_prefix)
+                          insert_prefix: bool = True, adapter: str | None = None) -> torch.Tensor:
+        """Logits of the first generated token (float32 tensor of vocabulary size), under LoRA
+        ``adapter`` (``None``: the base model)."""
+        req = self.begin(prompt, use_cache=use_cache, recompute=recompute, insert_prefix=insert_prefix,
+                         adapter=adapter)
         logits = req.logits
         req.finish([], req.cache)
         return logits.float()
 
     @torch.inference_mode()
-    def oracle_logits(self, prompt) -> torch.Tensor:
-        """Logits from ONE ordinary forward over the plan with its positions and 4-D mask."""
-        return self.runner.oracle_forward(self.plan(prompt))
+    def oracle_logits(self, prompt, adapter: str | None = None) -> torch.Tensor:
+        """Logits from ONE ordinary forward over the plan with its positions and 4-D mask (under
+        LoRA ``adapter``; ``None``: the base model)."""
+        with self.runner.lora_scope(adapter):
+            return self.runner.oracle_forward(self.plan(prompt))
 
     @torch.inference_mode()
     def generate(self, prompt, max_new_tokens: int = 64, use_cache: bool = True, *,
                  temperature: float = 0.0, top_p: float = 1.0, top_k: int = 0,
                  repetition_penalty: float = 1.0, stop: list[str] | None = None,
                  seed: int | None = None, stream: Callable[[str], None] | None = None,
-                 recompute: str | None = None, insert_prefix: bool = True) -> GenerationResult:
+                 recompute: str | None = None, insert_prefix: bool = True,
+                 adapter: str | None = None) -> GenerationResult:
         """Generate a reply; greedy unless ``temperature > 0``. ``stream`` receives text as it grows.
 
         ``prompt`` is PML, plain text or a list of chat messages (dispatch rules:
@@ -398,11 +441,12 @@ class PromptCache:
         Generation also stops at the model's context window (``max_positions``): the prompt plus
         the generated tokens never use more positions; ``result.window_full`` then says so. A
         prompt that alone does not fit is refused (``PromptError`` for PML, ``ValueError`` otherwise).
+        ``adapter``: the LoRA adapter to generate with (``None``: the base model; docs/lora.md).
         """
         check_max_new_tokens(max_new_tokens)
         options = SamplingOptions(temperature, top_p, top_k, repetition_penalty, list(stop or []), seed)
         req = self.begin(prompt, use_cache=use_cache, recompute=recompute, max_new_tokens=max_new_tokens,
-                         insert_prefix=insert_prefix, prefill=False)
+                         insert_prefix=insert_prefix, prefill=False, adapter=adapter)
         return req.generate(options, max_new_tokens, stream, self.eos_ids, self.renderer.decode)
 
     def warmup(self, suffix_lengths=None, cache_lengths=None) -> WarmupReport:
@@ -425,6 +469,37 @@ class PromptCache:
             return {"enabled": False, "eager_reason": "compile=False"}
         return self.fast.report()
 
+    # ------------------------------------------------------------------ LoRA adapters
+
+    def load_adapter(self, name: str, path: str | os.PathLike, *,
+                     allowed_root: str | os.PathLike | None = None) -> AdapterInfo:
+        """Load the PEFT LoRA adapter in folder ``path`` as ``name`` (a local folder with
+        ``adapter_config.json``; inside ``allowed_root`` when given). Requests pick it with
+        ``adapter=name``; its caches are keyed by its fingerprint (weights and config), so the same
+        adapter under another name or folder shares them. Raises ``AdapterError`` (a ``ValueError``)."""
+        return self.runner.lora.load(name, path, allowed_root)
+
+    def unload_adapter(self, name: str) -> AdapterInfo:
+        """Unload adapter ``name``: its module caches leave the memory tiers and its prefix tree
+        goes (unless another loaded name holds the same adapter); the store keeps its entries.
+        Refused (``AdapterError``) while a request under it is open."""
+        from .lora.registry import AdapterError
+
+        info = self.runner.lora.info(name)
+        if self._lora_in_use.get(name):
+            raise AdapterError(f"adapter {name!r} is in use by {self._lora_in_use[name]} open request(s); "
+                               "unload it when they end")
+        self.lora_schemas.drop_adapter(name)
+        self.runner.lora.unload(name)
+        if not self.runner.lora.names_with(info.model_key):
+            self.prefix.drop_tree(info.model_key)
+        self.module_cache.enforce()
+        return info
+
+    def adapters(self) -> list[str]:
+        """Names of the loaded LoRA adapters (``self.runner.lora.info(name)`` for details)."""
+        return self.runner.lora.names()
+
     def prefix_stats(self) -> dict:
         """Prefix caching counters: hits, misses, hit rate, tokens reused/computed, bytes, evictions."""
         return self.prefix.stats()
@@ -445,7 +520,26 @@ class PromptCache:
         memory tiers hold (each entry once); ``tiers``: bytes, entries, budget, pinned, hits, misses
         and evictions per tier, and the store's counters.
         """
-        return self.encoder.memory_report(self.schemas, self.bytes_per_token(), self.placement)
+        report = self.encoder.memory_report(self.schemas, self.bytes_per_token(), self.placement)
+        report["by_adapter"] = self.bytes_by_adapter()
+        return report
+
+    def bytes_by_adapter(self) -> dict[str, dict[str, int]]:
+        """Cached bytes per adapter (``"base"``: none): ``module_bytes`` in the memory tiers and
+        ``prefix_bytes`` in the prefix tree. Two names of the same adapter share (and both show)
+        the same entries."""
+        lora = self.runner.lora
+        names = {lora.fingerprint(None): ["base"]}
+        for name in lora.names():
+            names.setdefault(lora.info(name).model_key, []).append(name)
+        out = {n: {"module_bytes": 0, "prefix_bytes": 0} for ns in names.values() for n in ns}
+        for res in self.module_cache.residents():
+            for n in names.get(res.meta.get("model"), ()):
+                out[n]["module_bytes"] += res.nbytes
+        for key, nbytes in self.prefix.bytes_by_tree().items():
+            for n in names.get(key if key is not None else lora.fingerprint(None), ()):
+                out[n]["prefix_bytes"] += nbytes
+        return out
 
     def store_report(self) -> dict | None:
         """``{"store_hits", "store_misses"}``: modules loaded from the store vs encoded in this process

@@ -23,7 +23,7 @@ from ..pml.layout import Layout
 from ..results import EncodeReport
 from ..runtime.kv import ModuleKV
 from ..runtime.runner import ModelRunner
-from ..store import dtype_name, model_fingerprint
+from ..store import dtype_name
 from .keys import ModuleKey, module_keys
 from .relocate import Relocation
 from .tiers import SchemaKV, TieredModuleCache
@@ -85,7 +85,7 @@ class ModuleEncoder:
         runner = self.runner
         segs = layout.segments
         keep = stored_segments(layout)
-        fp = model_fingerprint(runner.model)
+        fp = runner.model_fingerprint()  # base or the adapter in scope; see promptcache.lora
         keys = module_keys(layout, contexts, keep, model=fp, dtype=dtype_name(runner.dtype),
                            policy=self.encoding, relative=self.relocation.relative,
                            offset_sensitive=self.relocation.offset_sensitive)

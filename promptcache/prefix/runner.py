@@ -148,6 +148,7 @@ class _Lease:
 
     match: MatchResult | None
     reused: int
+    tree: RadixTree | None = None  # the tree matched (the request's adapter's)
 
     @property
     def cached(self) -> bool:
@@ -168,7 +169,9 @@ class PrefixRunner:
         self.tokenizer = tokenizer
         self.renderer = renderer
         self.eos_ids = eos_ids
-        self.tree: RadixTree | None = None
+        self.tree: RadixTree | None = None  # the base model's tree
+        self.trees: dict[str, RadixTree] = {}  # LoRA adapter model key -> that adapter's own tree
+        self._tree_args = dict(max_bytes=max_bytes, policy=policy, ttl=ttl_s, split=kv_split)
         if enabled:
             try:
                 self.tree = RadixTree(max_bytes=max_bytes, policy=policy, ttl=ttl_s, split=kv_split)
@@ -208,10 +211,10 @@ class PrefixRunner:
         """
         if not use_cache or self.tree is None:
             return [], _Lease(None, 0)
-        tree = self.tree
+        tree = self.scope_tree()
         match = tree.match_prefix(ids[:-1])
         tree.lock(match)
-        lease = _Lease(match, match.length)
+        lease = _Lease(match, match.length, tree)
         try:
             pieces = tree.gather(match)
         except BaseException:
@@ -227,7 +230,7 @@ class PrefixRunner:
         ``insert`` (and the tree was consulted), then unlock the lease. Idempotent."""
         try:
             if insert and lease.cached and kv is not None:
-                self._insert(ids, kv, lease.reused)
+                self._insert(ids, kv, lease.reused, lease.tree)
         finally:
             self._release(lease)
 
@@ -263,16 +266,57 @@ class PrefixRunner:
                              t0, ids, close)
 
     def _release(self, lease: _Lease) -> None:
-        if lease.match is not None and self.tree is not None:
-            self.tree.unlock(lease.match)
+        if lease.match is not None and lease.tree is not None:
+            lease.tree.unlock(lease.match)
             lease.match = None
 
-    def _insert(self, ids: list[int], kv: SplicedCache | ModuleKV, start: int) -> None:
+    # ------------------------------------------------------------------ LoRA adapters
+
+    def scope_tree(self) -> RadixTree | None:
+        """The tree of the runner's adapter scope: the base tree, or the adapter's own, keyed by its
+        fingerprint (weights and config), so a prefix computed under one adapter never serves
+        another and two names of one adapter share a tree (docs/lora.md)."""
+        name = self.runner.lora_name
+        if name is None or self.tree is None:
+            return self.tree
+        key = self.runner.lora.fingerprint(name)
+        tree = self.trees.get(key)
+        if tree is None:
+            tree = self.trees[key] = RadixTree(**self._tree_args)
+        return tree
+
+    def drop_tree(self, key: str) -> int:
+        """Forget adapter ``key``'s tree (its adapter was unloaded); returns the bytes it held."""
+        tree = self.trees.pop(key, None)
+        return 0 if tree is None else tree.bytes_held
+
+    def bytes_by_tree(self) -> dict[str | None, int]:
+        """Bytes held per tree: ``None`` for the base tree, else the adapter's model key."""
+        out: dict[str | None, int] = {None: self.tree.bytes_held if self.tree is not None else 0}
+        out.update((key, tree.bytes_held) for key, tree in self.trees.items())
+        return out
+
+    def _enforce_total(self, keep: RadixTree) -> None:
+        """``prefix_max_bytes`` bounds all trees together: evict from the others (largest
+        first, each by its own policy) until the total fits."""
+        limit = self.tree.max_bytes if self.tree is not None else None
+        if limit is None or not self.trees:
+            return
+        others = sorted((t for t in [self.tree, *self.trees.values()] if t is not keep),
+                        key=lambda t: -t.bytes_held)
+        for tree in others:
+            excess = sum(t.bytes_held for t in [self.tree, *self.trees.values()]) - limit
+            if excess <= 0:
+                return
+            tree.evict(excess)
+
+    def _insert(self, ids: list[int], kv: SplicedCache | ModuleKV, start: int,
+                tree: RadixTree | None = None) -> None:
         """Cache ``ids[:kv_len]`` (what ``kv`` holds KV for); store only the new tokens' KV.
 
         ``kv`` is the request's cache, or its KV as a :class:`ModuleKV` (what a decode batch
-        hands back when a row leaves it)."""
-        tree = self.tree
+        hands back when a row leaves it). ``tree``: the request's (default: the base tree)."""
+        tree = self.tree if tree is None else tree
         kv_len = kv.length if isinstance(kv, ModuleKV) else kv.get_seq_length()
         kv_len = min(kv_len, len(ids))
         if tree is None or kv_len <= start:
@@ -293,6 +337,7 @@ class PrefixRunner:
         node = res.node
         if res.added_tokens and node is not None and node.alive:
             node.value = node.value.clone()
+        self._enforce_total(tree)
 
     # ---------------------------------------------------------------- requests
 
@@ -316,8 +361,9 @@ class PrefixRunner:
     def reset_stats(self) -> None:
         """Zero the counters (not the cached KV), e.g. after a warm-up request."""
         self.requests = self.tokens_reused = self.tokens_computed = self.inserts_skipped = 0
-        if self.tree is not None:
-            self.tree.reset_stats()
+        for tree in [self.tree, *self.trees.values()]:
+            if tree is not None:
+                tree.reset_stats()
 
     def stats(self) -> dict[str, Any]:
         """Tree counters plus the engine's own token counts (see docs/prefix.md)."""
@@ -337,5 +383,8 @@ class PrefixRunner:
                    evictions=st.evictions, expirations=st.expirations,
                    bytes_evicted=st.bytes_evicted, max_bytes=self.tree.max_bytes,
                    policy=self.tree.policy.name)
+        # LoRA adapters' own trees (hits and bytes above are the base tree's); see docs/lora.md
+        out["adapter_trees"] = {key: {"bytes_held": t.bytes_held, "hits": t.stats().hits,
+                                      "misses": t.stats().misses} for key, t in self.trees.items()}
         return out
 

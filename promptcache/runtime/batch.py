@@ -244,6 +244,7 @@ class BatchedDecodeBatch:
         self.cache = BatchKVCache(runner.num_layers)
         self._slot: dict[int, int] = {}  # row id -> slot
         self._row: list[int] = []  # slot -> row id
+        self.lora: str | None = None  # the LoRA adapter all rows run under (DecodeBatch groups by it)
 
     @torch.inference_mode()
     def add(self, cache: SplicedCache) -> int:
@@ -291,6 +292,7 @@ class BatchedDecodeBatch:
         for hook in self.runner.forward_hooks:  # one batched forward: one call, every row's token
             hook(ForwardCall(tokens, q_pos, visible, self.cache))
         ids = torch.tensor(tokens, dtype=torch.long, device=dev)[:, None]
+        self.runner.lora.activate(self.lora)
         out = self.runner.model(input_ids=ids, position_ids=q_pos[:, None], attention_mask=mask,
                                 past_key_values=self.cache, use_cache=True, logits_to_keep=1)
         for slot in range(n):
@@ -333,25 +335,64 @@ class DecodeBatch:
     """The server's decode batch: :class:`BatchedDecodeBatch` where the family allows it
     (``adapter.batch_decode_supported()``), else :class:`LoopDecodeBatch` (MPT: its ALiBi bias is
     shared by the batch in transformers, so rows at different positions cannot share a forward).
-    ``batched`` says which one runs."""
+    ``batched`` says which one runs.
+
+    LoRA adapters (docs/lora.md): rows are grouped by the adapter their cache was made under
+    (``cache.lora``); a step runs ONE forward per group present, with that group's adapter in
+    force. Rows of the base model are :attr:`impl`; adapters' groups come and go with their rows.
+    No forward mixes adapters."""
 
     def __init__(self, runner: ModelRunner, max_rows: int = 8, batched: bool | None = None) -> None:
         if batched is None:
             batched = runner.adapter.batch_decode_supported()
         self.batched = batched
-        self.impl = (BatchedDecodeBatch if batched else LoopDecodeBatch)(runner, max_rows)
+        self.runner, self.max_rows = runner, max_rows
+        self.impl = self._make()
+        self._groups: dict[str | None, BatchedDecodeBatch | LoopDecodeBatch] = {None: self.impl}
+        self._rows = _Rows(max_rows)
+        self._where: dict[int, tuple[str | None, int]] = {}  # row id -> (adapter, row in its group)
+
+    def _make(self) -> "BatchedDecodeBatch | LoopDecodeBatch":
+        return (BatchedDecodeBatch if self.batched else LoopDecodeBatch)(self.runner, self.max_rows)
 
     def add(self, cache: SplicedCache) -> int:
         """Take over a prefilled request cache (not to be used by the caller afterwards); row id."""
-        return self.impl.add(cache)
+        lora = getattr(cache, "lora", None)
+        group = self._groups.get(lora)
+        if group is None:
+            group = self._groups[lora] = self._make()
+            group.lora = lora
+        row = self._rows.take()
+        try:
+            self._where[row] = (lora, group.add(cache))
+        except BaseException:
+            self._rows.free(row)
+            raise
+        return row
 
     def step(self, inputs: Sequence[tuple[int, int, int]]) -> list[torch.Tensor]:
         """``(row, token, position)`` per input; each input's next-token logits (float32), in order."""
-        return self.impl.step(inputs)
+        by_group: dict[str | None, list[tuple[int, tuple[int, int, int]]]] = {}
+        for k, (row, token, position) in enumerate(inputs):
+            self._rows.check(row)
+            lora, inner = self._where[row]
+            by_group.setdefault(lora, []).append((k, (inner, token, position)))
+        out: list[torch.Tensor | None] = [None] * len(inputs)
+        for lora, items in by_group.items():
+            for (k, _), logits in zip(items, self._groups[lora].step([item for _, item in items])):
+                out[k] = logits
+        return out  # type: ignore[return-value]
 
     def remove(self, row: int) -> ModuleKV:
         """Free ``row``; returns its KV (all its tokens, with positions)."""
-        return self.impl.remove(row)
+        self._rows.check(row)
+        lora, inner = self._where.pop(row)
+        self._rows.free(row)
+        group = self._groups[lora]
+        kv = group.remove(inner)
+        if lora is not None and len(group) == 0:
+            del self._groups[lora]
+        return kv
 
     def __len__(self) -> int:
-        return len(self.impl)
+        return len(self._rows.used)

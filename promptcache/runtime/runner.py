@@ -23,11 +23,13 @@ finish, abort) is :mod:`promptcache.runtime.request`.
 
 from __future__ import annotations
 
+from contextlib import contextmanager
 from dataclasses import dataclass
-from typing import Callable, Sequence
+from typing import Callable, Iterator, Sequence
 
 import torch
 
+from ..lora.registry import LoraRegistry
 from ..pml.errors import PromptError
 from .kv import ModuleKV, SplicedCache
 from .sampling import SamplingOptions, TokenStream
@@ -81,6 +83,25 @@ class ModelRunner:
         self.num_layers, self.kv_heads, self.head_dim = adapter.kv_shape(model)
         self.window = adapter.sliding_window()  # windows are by position: never the index fast path
         self.forward_hooks: list[ForwardHook] = []
+        self.lora = LoraRegistry(model)  # LoRA adapters (promptcache.lora); caches carry theirs
+        self.lora_name: str | None = None  # the adapter scope: what new caches and the oracle run under
+
+    @contextmanager
+    def lora_scope(self, name: str | None) -> Iterator[None]:
+        """Run under LoRA adapter ``name`` (``None``: the base model): caches made inside are
+        stamped with it, and every forward over such a cache puts it in force first, whenever
+        it runs (a server interleaves requests of different adapters)."""
+        self.lora.check(name)
+        prev, self.lora_name = self.lora_name, name
+        try:
+            yield
+        finally:
+            self.lora_name = prev
+
+    def model_fingerprint(self) -> str:
+        """The "model" part of cache keys in the current adapter scope (base model: the plain
+        ``model_fingerprint``, unchanged by adapters being loaded; see promptcache.lora)."""
+        return self.lora.fingerprint(self.lora_name)
 
     def check_window(self, needed: int, what: str, file: str | None = None, line: int | None = None) -> None:
         """Refuse a request needing ``needed`` positions (``0..needed-1``) past the context window.
@@ -106,8 +127,10 @@ class ModelRunner:
             raise ValueError("every piece of a spliced cache needs its layout positions")
         past = (torch.cat([p.positions.to(self.device) for p in pieces]) if pieces
                 else torch.zeros(0, dtype=torch.long, device=self.device))
-        return SplicedCache(list(pieces), self.num_layers, self.device,
-                            self.reserve_tokens if reserve is None else reserve, past)
+        cache = SplicedCache(list(pieces), self.num_layers, self.device,
+                             self.reserve_tokens if reserve is None else reserve, past)
+        cache.lora = self.lora_name  # the adapter every forward over this cache runs under
+        return cache
 
     @staticmethod
     def causal_visible(past_pos: torch.Tensor, q_pos: torch.Tensor) -> torch.Tensor:
@@ -148,6 +171,7 @@ class ModelRunner:
         """
         for hook in self.forward_hooks:
             hook(ForwardCall(ids, q_pos, visible, cache))
+        self.lora.activate(getattr(cache, "lora", self.lora_name))
         compiled = getattr(cache, "compiled", None)  # a static-buffer cache: the fast path
         if compiled is not None and last_layer is None:
             return compiled.forward(cache, ids, q_pos, visible, keep=keep, logits=logits)
@@ -195,6 +219,7 @@ class ModelRunner:
 
     def oracle_forward(self, plan) -> torch.Tensor:
         """ONE forward over ``plan`` (positions and 4-D mask); see :func:`oracle_forward`."""
+        self.lora.activate(self.lora_name)
         return oracle_forward(self.model, self.adapter, plan, self.device, self.dtype)
 
     # ------------------------------------------------------------------ decoding

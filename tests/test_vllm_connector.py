@@ -20,7 +20,7 @@ import pytest
 import torch
 
 from promptcache.integrations.vllm import KeyContext, render, supplied_tokens  # works without vLLM
-from promptcache.integrations.vllm_driver import DriverProcess
+from promptcache.integrations.vllm_driver import DriverProcess, first_token_kl
 from promptcache.loading import converted_dir
 from promptcache.roles import ChatRenderer
 
@@ -46,6 +46,26 @@ PROMPT = ('<prompt schema="island"><lighthouse/><ferry/>'
           '<question q="When was the light automated?"/></prompt>')
 SCHEMA2 = SCHEMA.replace('name="island"', 'name="harbour"').replace("lighthouse", "harbourmaster")
 PROMPT2 = PROMPT.replace("island", "harbour").replace("lighthouse", "harbourmaster")
+LIB_DOCS = {
+    "apples": "Apple orchards cover the valley floor; the harvest starts in September and the cider press "
+              "runs until the first frost. Most trees are Bramleys planted after the flood of 1953. ",
+    "boats": "The harbour keeps forty moorings. Fishing boats land crab and lobster on Tuesdays, and the "
+             "lifeboat station, opened in 1889, launches about thirty times a year. ",
+    "castle": "The castle on the ridge was begun in 1270, besieged twice in the civil war, and slighted in "
+              "1648; its keep still stands to the second floor and the chapel has been restored. ",
+    "mill": "The tide mill on the creek ground flour for two hundred years. Its wheel turns on the ebb, "
+            "and the museum inside shows the millstones and the miller's ledgers from 1790 onwards. ",
+}
+LIB_SCHEMA = ('<schema name="lib"><system>Answer from the documents below only.'
+              + "".join(f'<module name="{k}">{v * 2}</module>' for k, v in LIB_DOCS.items())
+              + '</system><user><module name="question"><parameter name="q" length="40"/></module></user></schema>')
+# Non-prefix selections (issue 16, test 3): subsets, and neighbours never seen side by side.
+LIB_PROMPTS = [('<prompt schema="lib"><apples/><boats/><castle/><mill/><question q="When was the castle begun?"/>'
+                '</prompt>'),
+               '<prompt schema="lib"><mill/><apples/><question q="What does the mill grind?"/></prompt>',
+               '<prompt schema="lib"><castle/><boats/><question q="When did the lifeboat station open?"/></prompt>',
+               '<prompt schema="lib"><mill/><question q="When does the wheel turn?"/></prompt>']
+LIB_KL_BOUND = 1.0  # nats; promptcache's own independent policy averages 0.24 on LongBench (README)
 UNION_SCHEMA = """<schema name="u">
   <system>Pick one.
     <module name="pick"><union scaffold="short">
@@ -128,24 +148,29 @@ def vllm_setup(tmp_path_factory):
     store, log, schema_file = tmp / "store", tmp / "connector.log", tmp / "island.xml"
     schema_file.write_text(SCHEMA)
     _encode(schema_file, store)
+    (tmp / "lib.xml").write_text(LIB_SCHEMA)
+    _encode(tmp / "lib.xml", store, "independent")
     model, tok = load_model("smollm2", device="cpu")
     keys = KeyContext.from_model(model, tok)
+    lib_keys = KeyContext.from_model(model, tok, "independent")
     ids, params = render(PROMPT, SCHEMA, keys=keys, store=str(store))
     ids2, params2 = render(PROMPT2, SCHEMA2, keys=keys, store=str(store))  # not encoded: vLLM saves it
     del model
-    driver = DriverProcess(VLLM_PY, MODEL_DIR, store, log, block_size=BLOCK)
+    driver = DriverProcess(VLLM_PY, MODEL_DIR, store, log, block_size=BLOCK, extra=["--max-logprobs", "-1"])
     try:
         assert driver.read(300).get("ready")
         yield {"ids": ids, "params": params, "ids2": ids2, "params2": params2, "driver": driver, "log": log,
+               "lib_keys": lib_keys,
                "store": store, "tmp": tmp, "fingerprint": keys.model}
     finally:
         driver.close()
 
 
-def _encode(schema_file: Path, store: Path) -> None:
+def _encode(schema_file: Path, store: Path | str, encoding: str = "scaffold") -> None:
     """``promptcache encode`` in its own process (the store another process filled)."""
     enc = subprocess.run([sys.executable, "-m", "promptcache", "encode", str(schema_file), "--store", str(store),
-                          "--model", "smollm2", "--device", "cpu", "--threads", "1", "--json"],
+                          "--model", "smollm2", "--device", "cpu", "--threads", "1", "--json",
+                          "--encoding", encoding],
                          capture_output=True, text=True, timeout=300, cwd=REPO)
     assert enc.returncode == 0, enc.stderr[-2000:]
 
@@ -330,3 +355,61 @@ def test_issue16_connector_with_fingerprint_rejects_keys_that_are_not_the_tokens
         drv.close()
     assert good["num_cached_tokens"] == min(supplied_tokens(s["params"]), len(s["ids"]) - 1) // BLOCK * BLOCK > 0
     assert bad["num_cached_tokens"] == 0
+
+
+def test_issue16_item3_non_prefix_selection_supplies_every_cached_module(vllm_setup):
+    """Issue 16, test 3: modules encoded independently, selected in subsets whose neighbours no
+    earlier request had (gaps of skipped modules closed in vLLM's sequence): the supplied run covers
+    every cached module up to the question (vLLM counts exactly the block-aligned run as cached),
+    entries are re-rotated to vLLM's positions, and the first-token KL to vLLM's own prefill is
+    finite and below ``LIB_KL_BOUND``. Control: the same params claiming no shift (entries at their
+    layout positions) give a larger KL on a prompt with a gap, so the rotation is what brings the
+    answer close. KL and identical answers are printed (the benchmark reports them too)."""
+    import math
+
+    s = vllm_setup
+    drv, kls, same = s["driver"], [], 0
+    for k, pml in enumerate(LIB_PROMPTS):
+        ids, params = render(pml, LIB_SCHEMA, keys=s["lib_keys"], store=str(s["store"]), approximate=True)
+        spans = params["promptcache"]["spans"]
+        picked = {m.split("/")[0] for m in (sp["module"] for sp in spans) if m}
+        assert picked == {t for t in LIB_DOCS if f"<{t}/>" in pml}, (pml, picked)
+        assert all(sp["stored"] for sp in spans) and supplied_tokens(params) == sum(sp["length"] for sp in spans)
+        before = len(_log(s["log"]))
+        got = drv.ask(ids, params, logprobs=True)
+        ref = drv.ask(ids, None, logprobs=True)
+        expect = min(supplied_tokens(params), len(ids) - 1) // BLOCK * BLOCK
+        assert got["num_cached_tokens"] == expect > 0, (pml, got["num_cached_tokens"], expect)
+        assert [r["tokens"] for r in _log(s["log"])[before:] if r["event"] == "loaded"] == [expect]
+        assert not [r for r in _log(s["log"])[before:] if r["event"] == "saved"]  # approximate: never saved
+        kl = first_token_kl(ref["first_logprobs"], got["first_logprobs"])
+        assert math.isfinite(kl) and 0 <= kl < LIB_KL_BOUND, (pml, kl)
+        kls.append(kl)
+        same += got["token_ids"] == ref["token_ids"]
+        if k == 1:  # <mill/><apples/>: the mill entry sits after a two-module gap in the layout
+            unshifted = json.loads(json.dumps(params))
+            for sp in unshifted["promptcache"]["spans"]:
+                sp["position"] = sp["start"]
+            bad = drv.ask(ids, unshifted, logprobs=True)
+            assert first_token_kl(ref["first_logprobs"], bad["first_logprobs"]) > kl
+    print(f"\nnon-prefix selections: first-token KL {[round(x, 4) for x in kls]}, "
+          f"identical answers {same}/{len(LIB_PROMPTS)}")
+
+
+def test_issue16_item3_render_approximate_covers_every_selected_module(tokenizer):
+    """``approximate=True``: spans run contiguously in vLLM's sequence over every cached segment up
+    to the question, each with its layout ``position`` (the connector re-rotates by ``start -
+    position``); only the leading spans vLLM reproduces are ``exact`` (savable). The default
+    (exact) render of the same prompt stops at the first gap."""
+    k = KeyContext(ChatRenderer(tokenizer), "0" * 64, "float32", "independent")
+    pml = LIB_PROMPTS[1]  # mill and apples: boats and castle skipped
+    ids, params = render(pml, LIB_SCHEMA, keys=k, approximate=True)
+    spans = params["promptcache"]["spans"]
+    assert {sp["module"] for sp in spans if sp["module"]} == {"apples", "mill"}
+    assert [sp["start"] for sp in spans] == [sum(x["length"] for x in spans[:j]) for j in range(len(spans))]
+    mill = next(sp for sp in spans if sp["module"] == "mill")
+    assert mill["position"] > mill["start"] and not mill["exact"] and spans[0]["exact"]
+    assert "mill grind?" in tokenizer.decode(ids[supplied_tokens(params):])
+    _, exact = render(pml, LIB_SCHEMA, keys=k)
+    assert supplied_tokens(exact) < supplied_tokens(params)
+    assert all(sp["exact"] and sp["position"] == sp["start"] for sp in exact["promptcache"]["spans"])

@@ -75,6 +75,13 @@ class SpanRef:
     start: int
     length: int
     base: int
+    position: int = -1  # layout position of the span's first token (``start`` when -1)
+    exact: bool = True  # vLLM's own prefill reproduces it (render's exactness rule): savable
+
+    @property
+    def shift(self) -> int:
+        """Positions from the layout to vLLM's contiguous sequence (skipped modules close up)."""
+        return 0 if self.position < 0 else self.start - self.position
 
 
 @dataclass
@@ -198,6 +205,7 @@ if VLLM_AVAILABLE:
                 try:
                     start, length, key = int(s["start"]), int(s["length"]), str(s["key"])
                     base, sha = int(s.get("base", 0)), str(s["tokens_sha256"])
+                    position, exact = int(s.get("position", start)), s.get("exact", True) is True
                 except (KeyError, TypeError, ValueError):
                     logger.warning("promptcache: request %s: malformed span %r ignored", request.request_id, s)
                     break
@@ -207,7 +215,7 @@ if VLLM_AVAILABLE:
                     logger.warning("promptcache: request %s: span at %d does not match the prompt's tokens",
                                    request.request_id, start)
                     break
-                out.append((SpanRef(key, start, length, base), s))
+                out.append((SpanRef(key, start, length, base, position, exact and position == start), s))
                 n += length
             if self._fixed is not None and out:
                 from .vllm_render import prefix_span_keys
@@ -241,8 +249,8 @@ if VLLM_AVAILABLE:
                 return []
             jobs = []
             for ref, span in self._valid_spans(request):
-                if ref.start + ref.length > computed_after or ref.key in self._saving:
-                    continue
+                if ref.start + ref.length > computed_after or ref.key in self._saving or not ref.exact:
+                    continue  # (a relocated/approximate span's KV in vLLM is not its key's content)
                 if self._store.contains(ref.key):
                     continue
                 meta = {**common, "module": str(span.get("module", "")), "offset": ref.base,
@@ -328,13 +336,14 @@ if VLLM_AVAILABLE:
                     raise RuntimeError(f"promptcache: store entry {ref.key[:16]}: {why}")
                 keys, values = entry.kv.keys, entry.kv.values
                 offset = int(entry.meta.get("offset", ref.base))
-                if offset != ref.base:
+                delta = ref.base - offset + ref.shift
+                if delta != 0:
                     if self._inv_freq is None:
                         self._inv_freq = _default_inv_freq(self._hf_config, self._head_dim)
                     if self._inv_freq is None:
                         raise RuntimeError("promptcache: entry stored at another offset and this model's "
                                            "RoPE is not 'default': cannot re-rotate")
-                    cos, sin = rotation(self._inv_freq, ref.base - offset, keys[0].device)
+                    cos, sin = rotation(self._inv_freq, delta, keys[0].device)
                     keys = [rotate_keys(k, cos, sin) for k in keys]
                 ks.append([k[:, :ref.length] for k in keys])
                 vs.append([v[:, :ref.length] for v in values])

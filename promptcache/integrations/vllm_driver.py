@@ -6,7 +6,9 @@ Run with a Python that has vLLM (not promptcache's own venv)::
 
 Each stdin line ``{"ids": [...], "params": {...} | null, "max_tokens": N}`` is generated alone,
 greedily; each answer is one stdout line prefixed ``@@promptcache@@ `` (vLLM logs to stdout too):
-``{"token_ids", "text", "num_cached_tokens", "wall_ms"}``. ``{"reset_prefix_cache": true}``
+``{"token_ids", "text", "num_cached_tokens", "wall_ms"}``; with ``"logprobs": true`` in the line (and
+``--max-logprobs -1``) also ``first_logprobs``, the first generated token's log-probabilities over
+the whole vocabulary (index = token id), for first-token KL. ``{"reset_prefix_cache": true}``
 empties vLLM's prefix cache (answer ``{"reset": bool}``). The first such line is
 ``{"ready": true}`` once the engine has started. Why a process: vLLM is an optional extra with its
 own torch build, and its engine start costs a minute, so a test module shares one.
@@ -43,6 +45,7 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--max-model-len", type=int, default=4096)
     ap.add_argument("--no-connector", action="store_true", help="plain vLLM (the baseline)")
     ap.add_argument("--prefix-caching", action="store_true", help="vLLM's own prefix caching on (default off)")
+    ap.add_argument("--max-logprobs", type=int, default=20, help="vLLM's max_logprobs (-1: whole vocabulary)")
     ap.add_argument("--model-fingerprint", default=None,
                     help="promptcache fingerprint of the model: the connector then checks every key")
     args = ap.parse_args(argv)
@@ -63,7 +66,7 @@ def main(argv: list[str] | None = None) -> int:
                                kv_load_failure_policy="recompute")
     llm = LLM(model=args.model, dtype=args.dtype, block_size=args.block_size,
               max_model_len=args.max_model_len, enable_prefix_caching=args.prefix_caching,
-              kv_transfer_config=ktc, seed=0)
+              kv_transfer_config=ktc, seed=0, max_logprobs=args.max_logprobs)
     _say({"ready": True})
     for line in sys.stdin:
         if not line.strip():
@@ -73,14 +76,42 @@ def main(argv: list[str] | None = None) -> int:
             _say({"reset": bool(llm.reset_prefix_cache())})
             continue
         extra_args = {"kv_transfer_params": job["params"]} if job.get("params") else None
-        sp = SamplingParams(temperature=0.0, max_tokens=int(job.get("max_tokens", 16)), extra_args=extra_args)
+        sp = SamplingParams(temperature=0.0, max_tokens=int(job.get("max_tokens", 16)), extra_args=extra_args,
+                            logprobs=-1 if job.get("logprobs") else None)
         t0 = time.perf_counter()
         out = llm.generate([{"prompt_token_ids": job["ids"]}], sp, use_tqdm=False)[0]
         wall = (time.perf_counter() - t0) * 1000
         comp = out.outputs[0]
-        _say({"token_ids": list(comp.token_ids), "text": comp.text,
-              "num_cached_tokens": out.num_cached_tokens, "wall_ms": round(wall, 3)})
+        answer = {"token_ids": list(comp.token_ids), "text": comp.text,
+                  "num_cached_tokens": out.num_cached_tokens, "wall_ms": round(wall, 3)}
+        if job.get("logprobs") and comp.logprobs:
+            answer["first_logprobs"] = _dense(comp.logprobs[0])
+        _say(answer)
     return 0
+
+
+def _dense(logprobs: dict) -> list[float]:
+    """vLLM's ``{token_id: Logprob}`` of one step as a list indexed by token id (-inf where absent)."""
+    out = [float("-inf")] * (max(logprobs) + 1)
+    for tid, lp in logprobs.items():
+        out[tid] = float(lp.logprob)
+    return out
+
+
+def first_token_kl(ref: list[float], other: list[float]) -> float:
+    """KL(ref || other) in nats between two first-token log-probability vectors (``first_logprobs``).
+    Why here: the tests and the benchmark compare the connector's answer to vLLM's own prefill."""
+    import math
+
+    n = max(len(ref), len(other))
+    ref = ref + [float("-inf")] * (n - len(ref))
+    other = other + [float("-inf")] * (n - len(other))
+    kl = 0.0
+    for a, b in zip(ref, other):
+        if a == float("-inf"):
+            continue
+        kl += math.exp(a) * (a - b)
+    return kl
 
 
 class DriverProcess:
@@ -129,9 +160,10 @@ class DriverProcess:
         self.proc.stdin.flush()  # type: ignore[union-attr]
         return self.read(timeout)
 
-    def ask(self, ids: list[int], params: dict | None, max_tokens: int = 24, timeout: float = 120) -> dict:
+    def ask(self, ids: list[int], params: dict | None, max_tokens: int = 24, timeout: float = 120,
+            logprobs: bool = False) -> dict:
         """Greedy generation of ``ids`` with ``kv_transfer_params`` ``params`` (or none)."""
-        return self.send({"ids": ids, "params": params, "max_tokens": max_tokens}, timeout)
+        return self.send({"ids": ids, "params": params, "max_tokens": max_tokens, "logprobs": logprobs}, timeout)
 
     def close(self) -> None:
         if self.proc.poll() is None:

@@ -113,8 +113,23 @@ def exact_prefix(layout: Layout, contexts, request: Request) -> list[tuple[int, 
     return out
 
 
+def relocated_prefix(layout: Layout, request: Request) -> list[tuple[int, int]]:
+    """Every cached span ``(segment, tokens)`` before the first computed token, in position order:
+    what vLLM's contiguous sequence starts with when modules are skipped (non-prefix selections).
+    Why it stops at the first computed token: vLLM only takes a leading run of external tokens,
+    and a computed token's KV (an argument, uncached text) is not in any store entry."""
+    segs = layout.segments
+    first_computed = min(request.computed_pos, default=None)
+    out: list[tuple[int, int]] = []
+    for i, n in sorted(request.cached_spans, key=lambda s: segs[s[0]].start):
+        if first_computed is not None and first_computed < segs[i].start + n:
+            break
+        out.append((i, n))
+    return out
+
+
 def render(prompt_pml: str | Prompt, schema: str | os.PathLike | Schema, tokenizer=None, store=None, *,
-           model=None, keys: KeyContext | None = None) -> tuple[list[int], dict[str, Any]]:
+           model=None, keys: KeyContext | None = None, approximate: bool = False) -> tuple[list[int], dict[str, Any]]:
     """``(prompt_token_ids, kv_transfer_params)`` of a PML prompt for vLLM with PromptCacheConnector.
 
     ``keys`` (or ``model`` + ``tokenizer``, from which it is built: build it once and reuse it, the
@@ -122,6 +137,14 @@ def render(prompt_pml: str | Prompt, schema: str | os.PathLike | Schema, tokeniz
     (a ``CacheStore`` or a URL/directory), when given, marks each span ``stored`` true/false (the
     connector checks the store again: it loads the leading stored run and saves the missing spans
     that vLLM computes).
+
+    ``approximate=False`` (default) lists only the exact prefix (module docstring). ``True`` lists
+    every cached span up to the first computed token (modules skipped or encoded without the
+    segments before them, typically ``encoding="independent"``): each span carries ``position``,
+    its first token's layout position, and the connector re-rotates the entry's keys by
+    ``start - position`` (vLLM closes the gaps of skipped modules). Spans that vLLM's prefill does
+    not reproduce are marked ``exact: false``: vLLM attends to KV that differs from its own (the
+    ``independent`` approximation) and the connector never saves them.
     """
     if keys is None:
         if model is None or tokenizer is None:
@@ -135,7 +158,8 @@ def render(prompt_pml: str | Prompt, schema: str | os.PathLike | Schema, tokeniz
     contexts = encoding_contexts(layout, keys.policy)
     request = make_request(bind(prompt, layout, keys.renderer), contexts)
     ids = prompt_ids(layout, request)
-    prefix = exact_prefix(layout, contexts, request)
+    exact = exact_prefix(layout, contexts, request)
+    prefix = relocated_prefix(layout, request) if approximate else exact
     mk: dict[int, ModuleKey] = module_keys(layout, contexts, [i for i, _ in prefix], model=keys.model,
                                            dtype=keys.dtype, policy=keys.policy, relative=keys.relative,
                                            offset_sensitive=keys.offset_sensitive)
@@ -145,19 +169,21 @@ def render(prompt_pml: str | Prompt, schema: str | os.PathLike | Schema, tokeniz
         store = open_store(store, create=False)
     spans = []
     segs = layout.segments
-    for i, n in prefix:
+    start = 0
+    for k, (i, n) in enumerate(prefix):
         key = mk[i]
-        start = segs[i].start
         span = {"key": key.store_key, "start": start, "length": n, "entry_length": key.length,
-                "base": key.base, "module": "/".join(segs[i].owner),
+                "base": key.base, "position": segs[i].start, "module": "/".join(segs[i].owner),
+                "exact": k < len(exact) and exact[k] == (i, n),
                 "tokens_sha256": tokens_digest(ids[start:start + n])}
+        start += n
         if store is not None:
             span["stored"] = bool(store.contains(key.store_key))
         spans.append(span)
     params = {PARAMS_KEY: {"version": PARAMS_VERSION, "spans": spans, "model": keys.model,
                            "dtype": keys.dtype, "policy": keys.policy,
                            "positions": "relative" if keys.relative else "absolute",
-                           "schema": parsed_schema.name}}
+                           "schema": parsed_schema.name, "approximate": bool(approximate)}}
     return ids, params
 
 

@@ -47,6 +47,42 @@ def kl(p: torch.Tensor, q: torch.Tensor) -> float:
     return float((lp.exp() * (lp - lq)).sum())
 
 
+def calibrate(pc: PromptCache, tok, repeats: int, data_dir) -> None:
+    """Fit the auto policy's cost model (promptcache.recompute_auto) to measured ``none`` TTFTs.
+
+    One module of ``p`` cached tokens and ``q`` uncached ones; TTFT = a + e p + b q + g q (p + q) by
+    least squares over the fastest of ``repeats`` runs per shape (the least disturbed by other load);
+    prints OVERHEAD_TOKENS = a / b, COPY_PER_TOKEN = e / b, ATTENTION_TOKENS = b / g, and each shape.
+    """
+    from promptcache.pml.escape import escape_text  # noqa: PLC0415
+    from promptcache.recompute_auto import CostModel  # noqa: PLC0415
+
+    text_ids = tok.encode(load_task("hotpotqa", data_dir=data_dir, limit=1)[0].context, add_special_tokens=False)
+    rows = []
+    for past in (256, 1024, 2048):
+        schema = f'<schema name="cal{past}"><module name="m">{escape_text(tok.decode(text_ids[:past]))}</module></schema>'
+        pc.add_schema(schema)
+        for q in (4, 16, 64, 256):
+            prompt = f'<prompt schema="cal{past}"><m/>{escape_text(tok.decode(text_ids[-q:]))}</prompt>'
+            pc.generate(prompt, max_new_tokens=1)
+            res = [pc.generate(prompt, max_new_tokens=1) for _ in range(repeats)]
+            rows.append((res[0].computed_tokens, res[0].cached_tokens, min(r.ttft_s for r in res)))
+            print(f"q={rows[-1][0]} p={rows[-1][1]} TTFT {rows[-1][2]:.3f}s", flush=True)
+        pc.remove_schema(f"cal{past}")
+    x = torch.tensor([[1.0, p, q, q * (p + q)] for q, p, _ in rows], dtype=torch.float64)
+    y = torch.tensor([t for *_, t in rows], dtype=torch.float64)
+    a, e, b, g = torch.linalg.lstsq(x, y[:, None]).solution.flatten().tolist()
+    model = CostModel(overhead=a / b, copy=e / b, attention=b / g)
+    print(f"OVERHEAD_TOKENS = {a / b:.1f}\nCOPY_PER_TOKEN = {e / b:.4f}\nATTENTION_TOKENS = {b / g:.0f}")
+    print("| computed q | cached p | TTFT s (fastest) | fit s | TTFT / TTFT at the smallest q | predicted |")
+    print("|---|---|---|---|---|---|")
+    base = {p: t for q, p, t in rows if q == rows[0][0]}
+    for q, p, t in rows:
+        fit = a + e * p + b * q + g * q * (p + q)
+        pred = model.forward(q, p) / model.forward(rows[0][0], p)
+        print(f"| {q} | {p} | {t:.3f} | {fit:.3f} | {t / base[p]:.2f} | {pred:.2f} |")
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__)
     ap.add_argument("--samples", type=int, default=5)
@@ -58,12 +94,17 @@ def main() -> None:
     ap.add_argument("--policies", default=",".join(POLICIES),
                     help=f"comma list of recompute policies (default {','.join(POLICIES)}); 'none' is always run")
     ap.add_argument("--data-dir", default=None, help="LongBench JSONL folder (default: longbench-mini)")
+    ap.add_argument("--calibrate", action="store_true",
+                    help="fit the auto policy's cost model (TTFT of none over a grid of shapes) and exit")
     args = ap.parse_args()
     policies = ["none"] + [p for p in args.policies.split(",") if p and p != "none"]
     torch.set_num_threads(args.threads)
     torch.manual_seed(0)
     model, tok = load_model("smollm2", device="cpu", dtype=torch.float32)
     pc = PromptCache(model, tok, encoding="independent", progress=False)
+    if args.calibrate:
+        calibrate(pc, tok, args.repeats, args.data_dir or default_data_dir())
+        return
     rows: dict[str, dict[str, list[float]]] = {p: {"kl": [], "ttft": [], "top1": [], "n": []}
                                               for p in ["baseline"] + policies}
     for sample in load_task("hotpotqa", data_dir=args.data_dir or default_data_dir(),

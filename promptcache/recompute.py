@@ -179,48 +179,63 @@ def parse_policy(spec: str | RecomputePolicy) -> RecomputePolicy:
 
 # ------------------------------------------------------------------ selection
 
-def module_tokens(spans: Sequence[CachedSpan]) -> list[list[int]]:
-    """Cached-token indices of every module but the first, each in position order.
+def _exact(span: CachedSpan, before: Sequence[CachedSpan], clean: int) -> bool:
+    """Did ``span`` see every prompt token before it when encoded (so its KV is already exact)?
 
-    Spans are grouped by owner; root text (owner ``()``) and the first owner are left out: they
-    saw everything before them when encoded (rules in the module docstring).
+    True when only root text and its enclosing modules precede it (every encoding shows a module
+    those) and no uncached token does (``clean``: cached tokens before the first uncached one).
     """
+    return (span.offset + span.length <= clean
+            and all(o.owner == () or span.owner[:len(o.owner)] == o.owner for o in before))
+
+
+def module_tokens(spans: Sequence[CachedSpan], clean: int | None = None) -> list[list[int]]:
+    """Cached-token indices of every module, each in position order, stale spans only.
+
+    Spans are grouped by owner; root text (owner ``()``) is never recomputed, and a span that saw
+    every prompt token before it (:func:`_exact`: e.g. the first module after the root prefix, or a
+    nested module right after its parent's opening text) is left out: its KV is already exact.
+    ``clean`` defaults to every cached token (no uncached token before any of them).
+    """
+    clean = sum(s.length for s in spans) if clean is None else clean
     by_owner: dict[ModulePath, list[int]] = {}
-    for span in spans:  # spans are in position order, so each owner's list is too
-        by_owner.setdefault(span.owner, []).extend(range(span.offset, span.offset + span.length))
-    owners = list(by_owner)
-    return [by_owner[o] for o in owners if o != () and o != owners[0]]
+    for i, span in enumerate(spans):  # spans are in position order, so each owner's list is too
+        if span.owner != () and not _exact(span, spans[:i], clean):
+            by_owner.setdefault(span.owner, []).extend(range(span.offset, span.offset + span.length))
+    return list(by_owner.values())
 
 
-def boundary_indices(spans: Sequence[CachedSpan], k: int, share: float = 0.0) -> list[int]:
-    """The first ``k`` tokens (``share`` > 0: ``ceil(share x length)``) of every module but the first."""
+def boundary_indices(spans: Sequence[CachedSpan], k: int, share: float = 0.0,
+                     clean: int | None = None) -> list[int]:
+    """The first ``k`` stale tokens (``share`` > 0: ``ceil(share x stale length)``) of every module."""
     chosen: list[int] = []
-    for tokens in module_tokens(spans):
+    for tokens in module_tokens(spans, clean):
         n = math.ceil(round(share * len(tokens), 9)) if share else k
         chosen += tokens[:n]
     return sorted(chosen)
 
 
-def tail_indices(spans: Sequence[CachedSpan], t: int) -> list[int]:
-    """The last ``t`` cached tokens, in position order, of the modules ``boundary`` may recompute.
+def tail_indices(spans: Sequence[CachedSpan], t: int, clean: int | None = None) -> list[int]:
+    """The last ``t`` stale cached tokens of the modules, in position order.
 
     Why: the uncached question follows the cached text, and its first token attends most to the
     nearest tokens; those are the last module's last tokens (stale when encoded apart).
     """
-    tokens = sorted(i for group in module_tokens(spans) for i in group)
+    tokens = sorted(i for group in module_tokens(spans, clean) for i in group)
     return tokens[len(tokens) - t:] if t else []
 
 
-def rule_indices(spans: Sequence[CachedSpan], pol: RecomputePolicy) -> list[int]:
+def rule_indices(spans: Sequence[CachedSpan], pol: RecomputePolicy, clean: int | None = None) -> list[int]:
     """The tokens of a token-rule policy (``boundary``, ``tail`` or their ``+`` union)."""
     if pol.kind == "boundary":
-        return boundary_indices(spans, pol.k, pol.ratio)
+        return boundary_indices(spans, pol.k, pol.ratio, clean)
     if pol.kind == "tail":
-        return tail_indices(spans, pol.k)
-    return sorted(set().union(*(rule_indices(spans, p) for p in pol.parts)))
+        return tail_indices(spans, pol.k, clean)
+    return sorted(set().union(*(rule_indices(spans, p, clean) for p in pol.parts)))
 
 
-def resolve_auto(budget: float, spans: Sequence[CachedSpan], computed: int) -> RecomputePolicy:
+def resolve_auto(budget: float, spans: Sequence[CachedSpan], computed: int, clean: int | None = None
+                 ) -> RecomputePolicy:
     """The policy ``auto:budget`` runs for this request's shape (:mod:`promptcache.recompute_auto`).
 
     ``full`` if the cost model says it fits, else the largest level of ``AUTO_FAMILY`` that fits
@@ -233,7 +248,7 @@ def resolve_auto(budget: float, spans: Sequence[CachedSpan], computed: int) -> R
     family = recompute_auto.AUTO_FAMILY
 
     def count(level: int) -> int:
-        return len(rule_indices(spans, parse_policy(family.format(k=level)))) if level else 0
+        return len(rule_indices(spans, parse_policy(family.format(k=level)), clean)) if level else 0
 
     level = recompute_auto.pick_level(budget, computed, cached, count, model)
     return parse_policy(family.format(k=level)) if level else RecomputePolicy("none")
@@ -300,15 +315,16 @@ def choose(runner: ModelRunner, pieces: Sequence[ModuleKV], spans: Sequence[Cach
     pol = parse_policy(policy)
     past_pos = past_positions(pieces, runner.device)
     n = int(past_pos.numel())
+    clean = int((past_pos < min(computed[1])).sum()) if computed and len(computed[1]) else n
     if pol.kind == "auto":
-        pol = resolve_auto(pol.budget, spans, len(computed[0]) if computed else 1)
+        pol = resolve_auto(pol.budget, spans, len(computed[0]) if computed else 1, clean)
     scores, fresh = None, None
     if pol.kind == "none" or n == 0:
         idx: list[int] | torch.Tensor = []
     elif pol.kind == "full":
         idx = list(range(n))
     elif pol.kind in ("boundary", "tail", "mix"):
-        idx = rule_indices(spans, pol)
+        idx = rule_indices(spans, pol, clean)
     else:
         c = min(CHECK_LAYER, runner.num_layers - 1)
         fresh = check_pass(runner, spans, past_pos, computed, c)

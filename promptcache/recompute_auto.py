@@ -7,14 +7,16 @@ The fused recompute forward (:func:`promptcache.recompute.prefill_with_recompute
 uncached tokens and the recomputed tokens as its queries, over the whole spliced cache as past.
 A forward of ``q`` queries over ``p`` past keys costs, in units of one query's weight work::
 
-    cost(q, p) = OVERHEAD + q * (1 + (p + q) / ATTENTION)
+    cost(q, p) = OVERHEAD + COPY * p + q * (1 + (p + q) / ATTENTION)
 
 ``OVERHEAD``: the fixed cost of a forward (per-layer calls, the last token's LM head), in query
-units; ``ATTENTION``: the number of keys at which a query's attention costs as much as its weights
+units; ``COPY``: per cached token, the request's one copy of the spliced cache (every layer's K and
+V); ``ATTENTION``: the number of keys at which a query's attention costs as much as its weights
 (SDPA with a mask computes every column, masked or not). Then, for ``c`` uncached tokens,
 ``N`` cached tokens and ``r`` recomputed ones:
 
-* ``none``: ``cost(c, N)``;  a token-rule policy: ``cost(c + r, N)``;  ``full``: ``cost(N + c, 0)``.
+* ``none``: ``cost(c, N)``;  a token-rule policy: ``cost(c + r, N)``;  ``full``: ``cost(N + c, 0)``
+  (nothing is spliced, no copy).
 
 ``auto:B`` takes ``full`` when ``cost(N + c, 0) <= B x cost(c, N)``; otherwise the largest level of
 :data:`AUTO_FAMILY` whose recomputed tokens fit ``cost(c + r, N) <= B x cost(c, N)`` (levels are
@@ -30,8 +32,9 @@ from dataclasses import dataclass
 from typing import Callable
 
 # Fitted by benchmarks/recompute.py --calibrate on SmolLM2-135M, float32, one CPU thread
-# (docs/recompute.md, "auto"): least squares of TTFT = a + b q + g q (p + q) over a grid of shapes.
+# (docs/recompute.md, "auto"): least squares of TTFT = a + e p + b q + g q (p + q) over a grid of shapes.
 OVERHEAD_TOKENS = 16.0
+COPY_PER_TOKEN = 0.01
 ATTENTION_TOKENS = 4000.0
 # The token rule auto scales: level k -> policy string (tuned on the TUNE split only).
 AUTO_FAMILY = "boundary:{k}"
@@ -43,10 +46,11 @@ class CostModel:
     """Predicted prefill cost of a request shape, in query units (see the module docstring)."""
 
     overhead: float = OVERHEAD_TOKENS
+    copy: float = COPY_PER_TOKEN
     attention: float = ATTENTION_TOKENS
 
     def forward(self, queries: int, past: int) -> float:
-        return self.overhead + queries * (1.0 + (past + queries) / self.attention)
+        return self.overhead + self.copy * past + queries * (1.0 + (past + queries) / self.attention)
 
     def ratio(self, recomputed: int, computed: int, cached: int) -> float:
         """Predicted TTFT of recomputing ``recomputed`` tokens over that of ``none``."""

@@ -22,7 +22,8 @@ from engine_fixtures import (DEFAULT_PATH_PROMPT, DEFAULT_PATH_SCHEMA, FULL_PROM
                              make_cache)
 from promptcache.engine import PromptCache
 from promptcache import recompute_auto
-from promptcache.recompute import (CHECK_LAYER, RecomputePolicy, boundary_indices, CachedSpan, rule_indices,
+from promptcache.recompute import (CHECK_LAYER, RecomputePolicy, boundary_indices, CachedSpan, cached_spans,
+                                   rule_indices,
                                    parse_policy, top_k_by_score)
 from promptcache.runtime.runner import DecodeSequence
 from tiny_models import tiny_model
@@ -289,26 +290,41 @@ def test_boundary_rules():
     spans = [CachedSpan((), 0, 5, [0] * 5), CachedSpan(("a",), 5, 3, [0] * 3),
              CachedSpan(("a", "a2"), 8, 4, [0] * 4), CachedSpan(("a",), 12, 2, [0] * 2),
              CachedSpan((), 14, 1, [0]), CachedSpan(("b",), 15, 6, [0] * 6)]
-    # a's first 4 tokens run across its two spans; root text is never recomputed
-    assert boundary_indices(spans, 4) == [5, 6, 7, 8, 9, 10, 11, 12, 15, 16, 17, 18]
+    # issue 18: spans that saw every prompt token before them are exact and skipped: a's first span
+    # (only root text before it) and a/a2 (root text and its parent a before it). a's second span
+    # (it never saw a2) and b are stale; root text is never recomputed.
+    assert boundary_indices(spans, 4) == [12, 13, 15, 16, 17, 18]
     assert boundary_indices(spans, 0) == []
-    # without root text first, the first module is the first one and is skipped
-    assert boundary_indices(spans[1:], 2) == [8, 9, 15, 16]
+    # without root text first, the first module is exact as well
+    assert boundary_indices(spans[1:], 2) == [12, 13, 15, 16]
+    # an uncached token before a span (clean = cached tokens before it) makes it stale
+    assert boundary_indices(spans, 2, clean=5) == [5, 6, 8, 9, 15, 16]
+    assert boundary_indices(spans, 2, clean=12) == [12, 13, 15, 16]
 
 
 def test_boundary_counts_on_a_prompt():
     pc = make_cache("llama", "independent")
     pc.add_schema(FULL_SCHEMA)
     layout = pc.layout("t")
-    # default-ish: root prefix, then modules a, a/a2, b1, e (d is uncached); all longer than 5
+    # default-ish: root prefix, then modules a, a/a2, b1, e (d is uncached); all longer than 5.
+    # a and a/a2 saw everything before them (root text, their parent): exact, skipped (issue 18);
+    # b1 (never saw a) and e (after the uncached d) are stale.
     lengths = {path: sum(len(s.tokens) for s in layout.module_segments(path))
                for path in [("a",), ("a", "a2"), ("b1",), ("e",)]}
     assert min(lengths.values()) > 5
     for k in (0, 1, 5):
         res = pc.generate(MULTI, max_new_tokens=1, recompute=f"boundary:{k}")
-        assert res.recomputed_tokens == 4 * k
+        assert res.recomputed_tokens == 2 * k
     res = pc.generate(MULTI, max_new_tokens=1, recompute="boundary:1000")
-    assert res.recomputed_tokens == sum(lengths.values())
+    assert res.recomputed_tokens == lengths[("b1",)] + lengths[("e",)]
+    # the skipped tokens were exact: recomputing them too changes nothing (partial oracle)
+    stale = pc.select_tokens(MULTI, "boundary:1000").indices
+    state, request = pc.request(MULTI)
+    skipped = [i for span in cached_spans(state.layout.segments, request.cached_spans)
+               if span.owner in (("a",), ("a", "a2")) for i in range(span.offset, span.offset + span.length)]
+    assert skipped and not set(skipped) & set(stale.tolist())
+    both = torch.tensor(sorted(stale.tolist() + skipped))
+    assert maxdiff(partial_oracle_logits(pc, MULTI, stale), partial_oracle_logits(pc, MULTI, both)) < TOL
 
 
 # ------------------------------------------------------------------ accuracy
@@ -374,14 +390,16 @@ def test_issue18_item2_share_tail_and_union_rules():
     spans = [CachedSpan((), 0, 5, [0] * 5), CachedSpan(("a",), 5, 3, [0] * 3),
              CachedSpan(("a", "a2"), 8, 4, [0] * 4), CachedSpan(("a",), 12, 2, [0] * 2),
              CachedSpan((), 14, 1, [0]), CachedSpan(("b",), 15, 6, [0] * 6)]
-    # per module ceil(share x length): a (5 tokens) 3, a/a2 (4) 2, b (6) 3
-    assert boundary_indices(spans, 0, 0.5) == [5, 6, 7, 8, 9, 15, 16, 17]
-    assert rule_indices(spans, parse_policy("boundary:50%")) == [5, 6, 7, 8, 9, 15, 16, 17]
-    # tail: the last T tokens of the recomputable modules (root text never)
+    # per module ceil(share x stale length): a (stale: 12, 13) 1, b (6) 3; a's first span, a/a2 exact
+    assert boundary_indices(spans, 0, 0.5) == [12, 15, 16, 17]
+    assert rule_indices(spans, parse_policy("boundary:50%")) == [12, 15, 16, 17]
+    assert rule_indices(spans, parse_policy("boundary:50%"), clean=0) == [5, 6, 7, 8, 9, 15, 16, 17]
+    # tail: the last T stale tokens (root text never)
     assert rule_indices(spans, parse_policy("tail:3")) == [18, 19, 20]
-    assert rule_indices(spans, parse_policy("tail:8")) == [11, 12, 13, 15, 16, 17, 18, 19, 20][-8:]
+    assert rule_indices(spans, parse_policy("tail:7")) == [13, 15, 16, 17, 18, 19, 20]
+    assert rule_indices(spans, parse_policy("tail:100")) == [12, 13, 15, 16, 17, 18, 19, 20]
     assert rule_indices(spans, parse_policy("tail:0")) == []
-    assert rule_indices(spans, parse_policy("boundary:1+tail:3")) == [5, 8, 15, 18, 19, 20]
+    assert rule_indices(spans, parse_policy("boundary:1+tail:3")) == [12, 15, 18, 19, 20]
 
 
 @pytest.mark.parametrize("policy", ["tail:5", "boundary:2+tail:4", "boundary:20%"])

@@ -36,7 +36,7 @@ from typing import Sequence
 import torch
 from transformers.cache_utils import Cache, CacheLayerMixin
 
-from .kv import ModuleKV
+from .kv import ModuleKV, SplicedCache
 
 #: Suffix lengths a compiled forward is padded to (1: decode). Longer suffixes run in chunks of the last.
 SUFFIX_BUCKETS: tuple[int, ...] = (1, 16, 32, 64, 128, 256, 512)
@@ -82,9 +82,14 @@ def cache_bucket(n: int) -> int:
 
 def setup_inductor_cache() -> str:
     """Point inductor at an on-disk cache (unless the user already did) and turn the FX graph
-    cache on, so a second process reuses compiled kernels. Returns the directory."""
+    cache on, so a second process reuses compiled kernels. Returns the directory.
+
+    Importing ``torch._dynamo`` (transformers does) already sets the variable to inductor's
+    default, a folder under /tmp: that value counts as unset."""
+    from torch._inductor.runtime.cache_dir_utils import default_cache_dir
+
     path = os.environ.get(INDUCTOR_CACHE_ENV)
-    if not path:
+    if not path or path == default_cache_dir():
         path = os.path.expanduser(DEFAULT_INDUCTOR_DIR)
         os.environ[INDUCTOR_CACHE_ENV] = path
     os.makedirs(path, exist_ok=True)
@@ -278,15 +283,19 @@ class CompiledForwards:
     # -------------------------------------------------------------------- caches
 
     def new_cache(self, pieces: Sequence[ModuleKV] = (), reserve: int | None = None,
-                  computed: int = 0) -> StaticSplicedCache:
+                  computed: int = 0) -> "StaticSplicedCache | SplicedCache":
         """A static cache holding ``pieces`` (at their positions), with room for ``computed`` new
         tokens and ``reserve`` generated ones, in the smallest cache bucket that fits."""
+        room = (self.runner.reserve_tokens if reserve is None else reserve)
+        if self.eager_reason is not None:  # the family's own eager cache, counted (warned at start)
+            self.fallbacks[self.eager_reason] = self.fallbacks.get(self.eager_reason, 0) + 1
+            return self.runner.new_cache(pieces, room)
         if any(p.positions is None for p in pieces):
             raise ValueError("every piece of a spliced cache needs its layout positions")
         held = sum(p.length for p in pieces)
-        room = (self.runner.reserve_tokens if reserve is None else reserve)
         cap = cache_bucket(max(held + computed + room, held + suffix_bucket(max(computed, 1))))
         cache = StaticSplicedCache(self, self.pool.lease(cap), self.runner.num_layers)
+        cache.lora = getattr(self.runner, "lora_name", None)  # the adapter its forwards run under
         cache.splice(pieces)
         if pieces:
             cache.key_positions = torch.cat([p.positions.to(self.device) for p in pieces])
@@ -387,6 +396,8 @@ class CompiledForwards:
         Defaults: suffix lengths ``(1, 16)`` (decode and a short question), cache length
         :data:`MIN_CACHE_BUCKET`. Runs each graph once on a scratch buffer (zeros)."""
         report = WarmupReport(reason=self.eager_reason, compiled=self.eager_reason is None)
+        if self.eager_reason is not None:
+            return report  # nothing compiles for this model (warned at start)
         suffixes = sorted({suffix_bucket(n) for n in (suffix_lengths or (1, 16))})
         caps = sorted({cache_bucket(n) for n in (cache_lengths or (MIN_CACHE_BUCKET,))})
         t_all = time.perf_counter()

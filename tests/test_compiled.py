@@ -1,0 +1,179 @@
+"""Issue 17, the fast path: ``PromptCache(dtype=..., compile=True)``.
+
+Compiled forwards over the static KV buffer must match the same dtype's eager oracle, and greedy
+texts on the scaffold default path must equal the same dtype's baseline. Compiling is slow on a
+small CPU box, so the compiled engines are module-scoped fixtures (one per family) and the suffix
+buckets are cut to ``(1, 16)`` for this file: every prefill runs in 16-token chunks, so each
+engine compiles two graphs (decode and a 16-token chunk) and the chunked path is exercised too.
+
+Tolerances (measured on these tiny random models, whose logits are O(1-10)):
+* float32: 1e-4 absolute against the eager oracle (measured ~3e-6);
+* bfloat16: 0.25 absolute against the bfloat16 eager oracle (measured up to ~0.1: the compiled
+  kernels sum in another order, and bf16 keeps 8 bits of mantissa), and the same top token.
+"""
+
+from __future__ import annotations
+
+import warnings
+
+import pytest
+import torch
+
+from promptcache.engine import PromptCache
+from promptcache.runtime import compiled as compiled_mod
+from engine_fixtures import (DEFAULT_PATH_PROMPT, DEFAULT_PATH_SCHEMA, FULL_PROMPTS, FULL_SCHEMA, OVERRIDES,
+                             make_cache)
+from tiny_models import tiny_model
+from tiny_tokenizer import tiny_tokenizer
+
+FP32_TOL = 1e-4
+BF16_TOL = 0.25
+TEST_BUCKETS = (1, 16)
+
+
+def _compiled_engine(family: str, dtype: str | None):
+    """A compiled engine with the full and default-path schemas, its buckets warmed up."""
+    with pytest.MonkeyPatch.context() as mp:
+        mp.setattr(compiled_mod, "SUFFIX_BUCKETS", TEST_BUCKETS)
+        pc = make_cache(family, compile=True, dtype=dtype)
+        pc.add_schema(FULL_SCHEMA)
+        pc.add_schema(DEFAULT_PATH_SCHEMA)
+        report = pc.warmup(suffix_lengths=[1, 16])
+        yield pc, report
+
+
+@pytest.fixture(scope="module")
+def llama_fp32():
+    yield from _compiled_engine("llama", None)
+
+
+@pytest.fixture(scope="module")
+def qwen2_bf16():
+    yield from _compiled_engine("qwen2", "bf16")
+
+
+def _no_fallbacks(pc: PromptCache) -> dict:
+    report = pc.compile_report()
+    assert report["enabled"], report
+    assert report["fallbacks"] == {} and report["recompiles"] == 0, report
+    return report
+
+
+def test_issue17_warmup_reports_buckets_and_compiles_once(llama_fp32):
+    pc, report = llama_fp32
+    assert report.compiled and set(report.buckets) == {"1x512", "16x512"}, report
+    assert all(s > 0 for s in report.buckets.values()) and report.total_s >= max(report.buckets.values())
+    again = pc.warmup(suffix_lengths=[1, 16])
+    assert again.buckets == {}  # already compiled: nothing to do
+    assert pc.compile_report()["compiles"] == 2
+
+
+def test_issue17_compiled_equals_fp32_oracle(llama_fp32):
+    pc, _ = llama_fp32
+    for name, prompt in FULL_PROMPTS.items():
+        cached, oracle = pc.next_token_logits(prompt), pc.oracle_logits(prompt)
+        assert float((cached - oracle).abs().max()) <= FP32_TOL, name
+    report = _no_fallbacks(pc)
+    assert report["buckets_used"].get("16x512", 0) >= len(FULL_PROMPTS)
+    assert report["buffers"] == {"512": 1}  # one buffer, reused: each request gave it back
+
+
+def test_issue17_greedy_default_path_equals_baseline(llama_fp32):
+    pc, _ = llama_fp32
+    fast = pc.generate(DEFAULT_PATH_PROMPT, max_new_tokens=8)
+    base = pc.generate(DEFAULT_PATH_PROMPT, max_new_tokens=8, use_cache=False)
+    assert fast.token_ids == base.token_ids and fast.text == base.text
+    assert pc.compile_report()["buckets_used"]["1x512"] >= 7  # decode ran compiled
+    _no_fallbacks(pc)
+
+
+def test_issue17_concurrent_requests_get_their_own_buffers(llama_fp32):
+    pc, _ = llama_fp32
+    a = pc.begin(FULL_PROMPTS["default-ish"])
+    b = pc.begin(FULL_PROMPTS["union-gap-param"])
+    assert a.cache.buffer is not b.cache.buffer
+    la, lb = a.logits.clone(), b.logits.clone()
+    a.finish([], a.cache)
+    b.finish([], b.cache)
+    assert torch.allclose(la, pc.oracle_logits(FULL_PROMPTS["default-ish"]), atol=FP32_TOL)
+    assert torch.allclose(lb, pc.oracle_logits(FULL_PROMPTS["union-gap-param"]), atol=FP32_TOL)
+    _no_fallbacks(pc)  # a second buffer of the same bucket is no recompile
+
+
+def test_issue17_recompile_is_refused_counted_and_warned(llama_fp32):
+    pc, _ = llama_fp32
+    prompt = FULL_PROMPTS["single-module-no-suffix"]
+    pc.model.train()  # dynamo guards on the training flag: the compiled graphs no longer apply
+    try:
+        with pytest.warns(UserWarning, match="recompile refused"):
+            cached = pc.next_token_logits(prompt)
+    finally:
+        pc.model.eval()
+    report = pc.compile_report()
+    assert report["recompiles"] >= 1 and any("recompile refused" in r for r in report["fallbacks"])
+    assert report["compiles"] == 2  # nothing was compiled behind our back
+    assert float((cached - pc.oracle_logits(prompt)).abs().max()) <= FP32_TOL  # the eager run is right
+    pc.fast.fallbacks.clear()
+    pc.fast.recompiles = 0
+
+
+def test_issue17_other_family_bf16_compiled_equals_bf16_oracle(qwen2_bf16):
+    pc, _ = qwen2_bf16
+    assert pc.dtype == torch.bfloat16 and next(pc.model.parameters()).dtype == torch.bfloat16
+    worst = 0.0
+    for name, prompt in FULL_PROMPTS.items():
+        cached, oracle = pc.next_token_logits(prompt), pc.oracle_logits(prompt)
+        worst = max(worst, float((cached - oracle).abs().max()))
+        assert worst <= BF16_TOL, name
+        assert int(cached.argmax()) == int(oracle.argmax()), name
+    fast = pc.generate(DEFAULT_PATH_PROMPT, max_new_tokens=6)
+    base = pc.generate(DEFAULT_PATH_PROMPT, max_new_tokens=6, use_cache=False)
+    assert fast.token_ids == base.token_ids
+    _no_fallbacks(pc)
+
+
+def test_issue17_alibi_family_warns_and_runs_eager():
+    with pytest.warns(UserWarning, match="not supported for the mpt family"):
+        pc = make_cache("mpt", compile=True)
+    pc.add_schema(FULL_SCHEMA)
+    prompt = FULL_PROMPTS["default-ish"]
+    assert float((pc.next_token_logits(prompt) - pc.oracle_logits(prompt)).abs().max()) <= FP32_TOL
+    report = pc.compile_report()
+    assert not report["enabled"] and "mpt" in report["eager_reason"]
+    assert sum(report["fallbacks"].values()) >= 1 and report["compiles"] == 0
+    assert not pc.warmup().compiled
+
+
+def test_issue17_dtype_argument_casts_and_rejects_unknown():
+    model = tiny_model("llama")
+    pc = PromptCache(model, tiny_tokenizer(), progress=False, dtype="bfloat16")
+    assert pc.dtype == torch.bfloat16 and next(model.parameters()).dtype == torch.bfloat16
+    assert pc.compile_report() == {"enabled": False, "eager_reason": "compile=False"}
+    with pytest.raises(ValueError, match="dtype must be one of"):
+        PromptCache(tiny_model("llama"), tiny_tokenizer(), progress=False, dtype="int8")
+
+
+def test_issue17_bf16_store_never_serves_fp32(tmp_path):
+    """The store keys carry the dtype: a bf16 engine on an fp32-filled store encodes its own."""
+    store = tmp_path / "store"
+
+    def engine(dtype):
+        return PromptCache(tiny_model("llama"), tiny_tokenizer(), progress=False, store=str(store), dtype=dtype)
+
+    fp32 = engine(None)
+    fp32.add_schema(DEFAULT_PATH_SCHEMA)
+    assert fp32.store_report()["store_hits"] == 0
+    bf16 = engine("bf16")
+    bf16.add_schema(DEFAULT_PATH_SCHEMA)
+    assert bf16.store_report()["store_hits"] == 0 and bf16.store_report()["store_misses"] > 0
+    kv = next(iter(bf16.schemas["dp"].kv.values()))
+    assert kv.keys[0].dtype == torch.bfloat16
+    again = engine(None)  # the store does serve the matching dtype (so the test can fail)
+    again.add_schema(DEFAULT_PATH_SCHEMA)
+    assert again.store_report()["store_hits"] > 0 and again.store_report()["store_misses"] == 0
+
+
+def test_issue17_buckets():
+    assert compiled_mod.suffix_bucket(1) == 1 and compiled_mod.suffix_bucket(13) == 16
+    assert compiled_mod.suffix_bucket(10_000) == compiled_mod.SUFFIX_BUCKETS[-1]
+    assert [compiled_mod.cache_bucket(n) for n in (1, 256, 257, 1405)] == [256, 256, 512, 2048]

@@ -52,3 +52,24 @@ def test_host_placement_uses_pinned_memory():
     dev.add_schema(FULL_SCHEMA)
     prompt = FULL_PROMPTS["union-gap-param"]
     assert torch.allclose(pc.next_token_logits(prompt), dev.next_token_logits(prompt), atol=1e-4)
+
+
+@pytest.mark.parametrize("placement", ["device", "host"])
+def test_issue17_compiled_cuda_graphs_bf16_equals_oracle(placement):
+    """The fast path on CUDA: compiled with mode="reduce-overhead" (CUDA graphs) over the static
+    buffer, bf16; the oracle holds (bf16 tolerance), greedy text equals the bf16 baseline, and
+    nothing ran eager or recompiled."""
+    model = tiny_model("llama").to("cuda")
+    pc = PromptCache(model, tiny_tokenizer(), placement=placement, progress=False, dtype="bf16", compile=True)
+    assert pc.compile_report()["mode"] == "reduce-overhead"
+    pc.add_schema(FULL_SCHEMA)
+    pc.add_schema(DEFAULT_PATH_SCHEMA)
+    assert pc.warmup(suffix_lengths=[1, 16, 32, 64]).compiled
+    for name, prompt in FULL_PROMPTS.items():
+        cached, oracle = pc.next_token_logits(prompt), pc.oracle_logits(prompt)
+        assert float((cached - oracle).abs().max()) <= BF16_TOL, name
+    fast = pc.generate(DEFAULT_PATH_PROMPT, max_new_tokens=8)
+    base = pc.generate(DEFAULT_PATH_PROMPT, max_new_tokens=8, use_cache=False)
+    assert fast.token_ids == base.token_ids
+    report = pc.compile_report()
+    assert report["fallbacks"] == {} and report["recompiles"] == 0, report

@@ -304,6 +304,12 @@ def register_serve(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--allowed-schema-root", default=None, metavar="DIR",
                    help="the one folder whose files src= may include in schemas uploaded over HTTP "
                         "(default: none, uploaded schemas include no file)")
+    p.add_argument("--adapter", action="append", default=[], metavar="NAME=DIR",
+                   help="a PEFT LoRA adapter folder to load at start as NAME (repeatable); requests pick it "
+                        "with model=NAME (docs/lora.md; needs the lora extra)")
+    p.add_argument("--allowed-adapter-root", default=None, metavar="DIR",
+                   help="the one folder POST /v1/adapters may load adapters from (default: none, loading "
+                        "adapters over HTTP is off)")
     p.add_argument("--max-body-bytes", type=_positive_int, default=None, metavar="N",
                    help="largest request body of the generation endpoints (default: 2 MiB)")
     p.add_argument("--default-max-tokens", type=_positive_int, default=16, metavar="N",
@@ -317,6 +323,21 @@ def register_serve(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--log-level", default="info", choices=["critical", "error", "warning", "info", "debug"])
     add_threads_argument(p)
     p.set_defaults(func=run_serve)
+
+
+def _adapter_flags(specs: list[str]) -> dict:
+    """``--adapter NAME=DIR`` flags as ``{name: folder}``, names and folders checked (docs/lora.md)."""
+    from .lora import check_folder, check_name
+
+    out = {}
+    for spec in specs:
+        name, _, folder = spec.partition("=")
+        try:
+            checked = check_name(name)  # the name first: it is what the user typed first
+            out[checked] = check_folder(folder)
+        except ValueError as e:
+            raise CommandError(f"--adapter {spec!r}: {e}") from e
+    return out
 
 
 def _positive_int(text: str) -> int:
@@ -370,11 +391,13 @@ def run_serve(args: argparse.Namespace, ctx: Context) -> int:
         raise CommandError(str(e)) from e
     set_threads(args.threads)
     schemas = [load_schema(path) for path in args.schema]  # PML errors before the model loads
+    adapters = _adapter_flags(args.adapter)  # so are bad --adapter names and folders
     name = args.model or DEFAULT_TOKENIZER
     try:
         config = ServeConfig(model_name=name, api_key=key_from(args.api_key, API_KEY_ENV),
                              admin_key=key_from(args.admin_key, ADMIN_KEY_ENV),
                              allowed_schema_root=args.allowed_schema_root,
+                             allowed_adapter_root=args.allowed_adapter_root,
                              max_body_bytes=args.max_body_bytes or MAX_BODY_BYTES,
                              default_max_tokens=args.default_max_tokens)
     except ValueError as e:
@@ -391,6 +414,12 @@ def run_serve(args: argparse.Namespace, ctx: Context) -> int:
                          progress=False, compile=args.compile)
     except ValueError as e:
         raise CommandError(str(e)) from e
+    for adapter, folder in adapters.items():
+        status("serve", f"loading LoRA adapter {adapter!r}...")
+        try:
+            pc.load_adapter(adapter, folder)
+        except ValueError as e:  # AdapterError: not loadable, or peft missing
+            raise CommandError(f"--adapter {adapter}={folder}: {e}") from e
     for schema in schemas:
         status("serve", f"encoding schema {schema.name!r}...")
         pc.add_schema(schema)

@@ -33,6 +33,7 @@ from . import protocol as P
 from .config import ServeConfig
 from .errors import ApiError, BodyLimit, KeyGate, engine_error, install_error_handlers, internal_error
 from .metrics import ServeMetrics
+from .adapters import add_adapter_routes
 from .schemas import add_schema_routes
 
 
@@ -63,12 +64,18 @@ def create_app(pc, scheduler, config: ServeConfig, metrics: ServeMetrics | None 
     _add_info_routes(app, pc, scheduler, config, metrics)
     _add_generation_routes(app, pc, scheduler, config, metrics)
     add_schema_routes(app, pc, scheduler, config)
+    add_adapter_routes(app, scheduler, config)
     return app
 
 
 def _tier_report(scheduler, config: ServeConfig) -> dict:
-    """Module-cache tiers, read on the engine thread (a scrape must not race a schema change)."""
-    return scheduler.call(lambda pc: pc.memory_report()["tiers"], timeout=config.metrics_call_timeout_s)
+    """Module-cache tiers and bytes per LoRA adapter, read on the engine thread (a scrape must
+    not race a schema change)."""
+    def read(pc) -> dict:
+        report = pc.memory_report()
+        return {**report["tiers"], "by_adapter": report.get("by_adapter")}
+
+    return scheduler.call(read, timeout=config.metrics_call_timeout_s)
 
 
 # ---------------------------------------------------------------- /health, /metrics, /v1/models
@@ -91,8 +98,10 @@ def _add_info_routes(app: FastAPI, pc, scheduler, config: ServeConfig, metrics: 
 
     @app.get("/v1/models")
     async def models() -> dict:
-        card = P.ModelCard(id=config.model_name, created=config.created or P.now())
-        return P.ModelList(data=[card]).model_dump()
+        created = config.created or P.now()
+        cards = [P.ModelCard(id=config.model_name, created=created)]
+        cards += [P.ModelCard(id=name, created=created, parent=config.model_name) for name in _adapter_names(pc)]
+        return P.ModelList(data=cards).model_dump(exclude_none=True)
 
 
 # ---------------------------------------------------------------- generation
@@ -102,39 +111,59 @@ def _add_generation_routes(app: FastAPI, pc, scheduler, config: ServeConfig, met
     @app.post("/v1/completions")
     async def completions(body: P.CompletionRequest, request: Request) -> Response:
         prompt = body.prompt_text()
-        await _check_request(body, config, pc, prompt)
+        adapter = await _check_request(body, config, pc, prompt)
         max_tokens = body.max_tokens if body.max_tokens is not None else config.default_max_tokens
-        return await _serve(request, scheduler, body, prompt, max_tokens, chat=False, config=config)
+        return await _serve(request, scheduler, body, prompt, max_tokens, chat=False, config=config,
+                            adapter=adapter)
 
     @app.post("/v1/chat/completions")
     async def chat_completions(body: P.ChatCompletionRequest, request: Request) -> Response:
-        await _check_request(body, config, pc, None)
+        adapter = await _check_request(body, config, pc, None)
         try:
             messages = body.chat_messages()
         except P.UnsupportedField as e:
             raise ApiError(400, str(e), param=e.param, code="unsupported") from None
         limit = body.max_completion_tokens if body.max_completion_tokens is not None else body.max_tokens
         max_tokens = limit if limit is not None else config.default_max_tokens
-        return await _serve(request, scheduler, body, messages, max_tokens, chat=True, config=config)
+        return await _serve(request, scheduler, body, messages, max_tokens, chat=True, config=config,
+                            adapter=adapter)
 
 
-async def _check_request(body: P._GenerationFields, config: ServeConfig, pc, prompt: str | None) -> None:
+def _adapter_names(pc) -> list[str]:
+    """The loaded LoRA adapters (a dict read: safe next to the engine thread)."""
+    adapters = getattr(pc, "adapters", None)
+    return list(adapters()) if callable(adapters) else []
+
+
+def _adapter_for(model: str, config: ServeConfig, pc) -> str | None:
+    """The OpenAI ``model`` field: the served name or ``"base"`` is the base model (``None``), a
+    loaded adapter's name is that adapter; anything else is a 404 ``model_not_found``."""
+    if model in (config.model_name, "base"):
+        return None
+    names = _adapter_names(pc)
+    if model in names:
+        return model
+    served = ", ".join([repr(config.model_name), "'base'", *map(repr, names)])
+    raise ApiError(404, f"the model {model!r} does not exist; this server serves {served} "
+                   "(GET /v1/models lists them)", param="model", code="model_not_found", outcome="not_found")
+
+
+async def _check_request(body: P._GenerationFields, config: ServeConfig, pc, prompt: str | None) -> str | None:
     """Refuse, before queueing, what can be refused without the engine: unsupported fields, another
-    model, a bad recompute policy, PML that does not parse, a schema that was never added."""
+    model, a bad recompute policy, PML that does not parse, a schema that was never added. Returns
+    the LoRA adapter the ``model`` field names (``None``: the base model)."""
     try:
         body.check_supported()
     except P.UnsupportedField as e:
         raise ApiError(400, str(e), param=e.param, code="unsupported") from None
-    if body.model != config.model_name:
-        raise ApiError(404, f"the model {body.model!r} does not exist; this server serves "
-                       f"{config.model_name!r}", param="model", code="model_not_found", outcome="not_found")
+    adapter = _adapter_for(body.model, config, pc)
     if body.recompute is not None:
         try:
             parse_policy(body.recompute)
         except ValueError as e:
             raise ApiError(400, str(e), param="recompute", code="invalid_value") from None
     if prompt is None or not is_pml_prompt(prompt):
-        return
+        return adapter
     try:
         # Linear in the input, but up to 1 MiB: off the event loop. The engine parses again on its thread.
         parsed = await run_in_threadpool(parse_prompt, prompt)
@@ -144,15 +173,16 @@ async def _check_request(body: P._GenerationFields, config: ServeConfig, pc, pro
         raise ApiError(404, f"schema {parsed.schema!r} has not been added to this server "
                        f"(GET /v1/schemas lists the schemas)", param="prompt", code="schema_not_found",
                        outcome="not_found")
+    return adapter
 
 
-def _gen_request(body: P._GenerationFields, prompt, max_tokens: int):
+def _gen_request(body: P._GenerationFields, prompt, max_tokens: int, adapter: str | None = None):
     from .scheduler import GenRequest  # the scheduler module imports torch-heavy parts
 
     options = SamplingOptions(temperature=body.temperature, top_p=body.top_p, stop=body.stop_list(),
                               seed=body.seed)
     return GenRequest(prompt=prompt, max_tokens=max_tokens, options=options, use_cache=body.use_cache,
-                      recompute=body.recompute)
+                      recompute=body.recompute, adapter=adapter)
 
 
 def _submit(scheduler, req):
@@ -171,10 +201,10 @@ def _submit(scheduler, req):
 
 
 async def _serve(request: Request, scheduler, body: P._GenerationFields, prompt, max_tokens: int, *,
-                 chat: bool, config: ServeConfig) -> Response:
+                 chat: bool, config: ServeConfig, adapter: str | None = None) -> Response:
     """Submit, wait for the first event (so that errors before any token get their HTTP status),
     then answer whole or as a stream. The handle is cancelled whenever the client goes away."""
-    handle = _submit(scheduler, _gen_request(body, prompt, max_tokens))
+    handle = _submit(scheduler, _gen_request(body, prompt, max_tokens, adapter))
     events = handle.__aiter__()
     watcher = asyncio.create_task(_cancel_on_disconnect(request, handle))
     handed_over = False
@@ -185,7 +215,7 @@ async def _serve(request: Request, scheduler, body: P._GenerationFields, prompt,
         rid = P.new_id("chatcmpl" if chat else "cmpl")
         if body.stream:
             handed_over = True
-            stream = _stream(handle, events, first, rid, body, chat, config.model_name, watcher)
+            stream = _stream(handle, events, first, rid, body, chat, body.model, watcher)
             return StreamingResponse(stream, media_type="text/event-stream", headers=SSE_HEADERS)
         text, last = (first.text if first else ""), first
         while last is not None and last.kind == "token":
@@ -196,7 +226,7 @@ async def _serve(request: Request, scheduler, body: P._GenerationFields, prompt,
             if last is not None and last.kind == "error":
                 raise engine_error(last.error, request.url.path)
             raise internal_error(RuntimeError("the request's events ended without 'done'"), request.url.path)
-        return JSONResponse(_final_body(rid, chat, config.model_name, text, last).model_dump())
+        return JSONResponse(_final_body(rid, chat, body.model, text, last).model_dump())
     finally:
         if not handed_over:
             watcher.cancel()

@@ -34,12 +34,15 @@ class ServeConfig:
     ``admin_key``: needed to add or delete schemas (``None``: schema changes over HTTP are off).
     ``allowed_schema_root``: the only folder uploaded schemas may include ``src=`` files from
     (``None``: uploaded schemas include no file at all).
+    ``allowed_adapter_root``: the only folder ``POST /v1/adapters`` may load LoRA adapters from
+    (``None``: loading adapters over HTTP is off; ``--adapter`` at start is not restricted).
     """
 
     model_name: str = "smollm2"
     api_key: str | None = None
     admin_key: str | None = None
     allowed_schema_root: Path | None = None
+    allowed_adapter_root: Path | None = None
     max_body_bytes: int = MAX_BODY_BYTES
     max_schema_body_bytes: int = MAX_SCHEMA_BODY_BYTES
     default_max_tokens: int = 16
@@ -59,6 +62,11 @@ class ServeConfig:
             if not root.is_dir():
                 raise ValueError(f"allowed schema root {str(self.allowed_schema_root)!r} is not a folder")
             self.allowed_schema_root = root
+        if self.allowed_adapter_root is not None:
+            root = Path(self.allowed_adapter_root).resolve()
+            if not root.is_dir():
+                raise ValueError(f"allowed adapter root {str(self.allowed_adapter_root)!r} is not a folder")
+            self.allowed_adapter_root = root
 
 
 def key_from(flag: str | None, env_name: str) -> str | None:

@@ -72,6 +72,10 @@ def engine_error(exc: BaseException, where: str) -> ApiError:
     """An exception from the engine: PML and value errors are the client's (400), the rest 500."""
     if isinstance(exc, PMLError):
         return ApiError(400, str(exc), param="prompt", code="pml_error")
+    from ..lora.registry import UnknownAdapterError  # unloaded between the check and admission
+
+    if isinstance(exc, UnknownAdapterError):
+        return ApiError(404, str(exc), param="model", code="model_not_found", outcome="not_found")
     if isinstance(exc, (ValueError, TypeError)):  # window, special-token injection, bad arguments (scheduler contract)
         return ApiError(400, str(exc), code="invalid_value")
     return internal_error(exc, where)

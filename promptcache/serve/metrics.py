@@ -16,7 +16,9 @@ Counters (the ``_total`` suffix is added by prometheus_client):
 error, rejected_queue_full, invalid, unauthorized, not_found, too_large).
 Histograms: ``promptcache:time_to_first_token_seconds``, ``promptcache:inter_token_latency_seconds``,
 ``promptcache:request_queue_time_seconds``. Gauges: ``promptcache:num_requests_waiting``,
-``promptcache:num_requests_running``, ``promptcache:module_cache_bytes{tier}``.
+``promptcache:num_requests_running``, ``promptcache:module_cache_bytes{tier}``,
+``promptcache:adapter_cache_bytes{adapter,cache}`` (module and prefix bytes per LoRA adapter,
+``base`` for none; docs/lora.md).
 """
 
 from __future__ import annotations
@@ -67,6 +69,8 @@ class ServeMetrics:
         self.running = Gauge(PREFIX + "num_requests_running", "Requests being prefilled or decoded.", registry=r)
         self.tier_bytes = Gauge(PREFIX + "module_cache_bytes", "Module-cache bytes held per tier.",
                                 ["tier"], registry=r)
+        self.adapter_bytes = Gauge(PREFIX + "adapter_cache_bytes", "Cached bytes per LoRA adapter ('base': none), "
+                                   "module tiers and prefix tree.", ["adapter", "cache"], registry=r)
         for reason in SUCCESS:  # present (at 0) from the start, so rates work before the first one
             self.success.labels(reason)
         self._stats: Callable[[], dict] | None = None
@@ -119,8 +123,14 @@ class ServeMetrics:
                 self.waiting.set(stats.get("queue_depth", 0))
                 self.running.set(stats.get("running", 0))
             if self._tiers is not None:
-                for tier, info in self._tiers().items():
+                tiers = self._tiers()
+                for tier, info in tiers.items():
                     if isinstance(info, dict) and "bytes" in info:
                         self.tier_bytes.labels(tier).set(info["bytes"])
+                if isinstance(tiers.get("by_adapter"), dict):  # unloaded adapters' series go
+                    self.adapter_bytes.clear()
+                    for adapter, row in tiers["by_adapter"].items():
+                        self.adapter_bytes.labels(adapter, "module").set(row.get("module_bytes", 0))
+                        self.adapter_bytes.labels(adapter, "prefix").set(row.get("prefix_bytes", 0))
         except Exception:  # a scrape must not fail because the engine is busy; keep the last values
             log.warning("metrics: could not refresh the gauges", exc_info=True)

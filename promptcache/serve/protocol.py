@@ -228,6 +228,7 @@ class ModelCard(BaseModel):
     object: Literal["model"] = "model"
     created: int
     owned_by: str = "promptcache"
+    parent: str | None = None  # a LoRA adapter's card: the base model it runs on (omitted for the base)
 
 
 class ModelList(BaseModel):

@@ -28,6 +28,7 @@ class GenRequest:
     use_cache: bool = True
     recompute: str | None = None
     deadline_s: float | None = None   # seconds from submit; None = the scheduler's default
+    adapter: str | None = None        # LoRA adapter name (the OpenAI ``model`` field); None = base
 
 
 @dataclass

@@ -259,7 +259,8 @@ class Scheduler:
                 job.active = self.pc.begin(req.prompt, use_cache=req.use_cache, recompute=req.recompute,
                                            max_new_tokens=req.max_tokens, prefill=False,
                                            prefill_chunk=self.prefill_chunk,
-                                           reserve=min(req.max_tokens, self.pc.reserve_tokens))
+                                           reserve=min(req.max_tokens, self.pc.reserve_tokens),
+                                           **({"adapter": req.adapter} if req.adapter is not None else {}))
             except Exception as err:  # a bad request: this one errors, the others go on
                 self._fail(job, err)
                 continue

@@ -25,6 +25,7 @@ setup(
         "redis": ["redis>=5.0", "hiredis>=2.0"],
         "eval": ["rouge-score>=0.1.2", "rapidfuzz>=3.0", "matplotlib>=3.7"],
         "serve": ["fastapi>=0.110", "uvicorn>=0.29", "prometheus_client>=0.20"],
+        "lora": ["peft>=0.21"],
         "test": ["pytest>=8.0", "hypothesis>=6.100", "openai>=1.0"],
     },
     entry_points={"console_scripts": ["promptcache=promptcache.cli:main"]},

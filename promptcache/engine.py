@@ -476,7 +476,13 @@ class PromptCache:
         """Load the PEFT LoRA adapter in folder ``path`` as ``name`` (a local folder with
         ``adapter_config.json``; inside ``allowed_root`` when given). Requests pick it with
         ``adapter=name``; its caches are keyed by its fingerprint (weights and config), so the same
-        adapter under another name or folder shares them. Raises ``AdapterError`` (a ``ValueError``)."""
+        adapter under another name or folder shares them. Raises ``AdapterError`` (a ``ValueError``);
+        refused with ``compile=True`` (compiled graphs are not checked against adapter switches)."""
+        if getattr(self, "fast", None) is not None:
+            from .lora.registry import AdapterError
+
+            raise AdapterError("LoRA adapters cannot be used with compile=True: compiled forwards are not "
+                               "tested against adapter switches (docs/lora.md)")
         return self.runner.lora.load(name, path, allowed_root)
 
     def unload_adapter(self, name: str) -> AdapterInfo:

@@ -52,7 +52,7 @@ def build_parser() -> argparse.ArgumentParser:
     # default None, not "none": argparse would run the (torch-importing) check on a string default
     mode.add_argument("--recompute", type=runner.check_policy, default=None, metavar="POLICY",
                       help="selective-recompute policy for the cached run: none (default), full, "
-                           "boundary:K, deviation:R")
+                           "boundary:K, boundary:P%%, tail:T, A+B, deviation:R, auto:B (promptcache.recompute)")
     # const stays a string (argparse does not apply `type` to it): validating it here would import
     # torch (via the engine's policy parser) and make `--help` take seconds; parse_args() converts it.
     mode.add_argument("--recompute-sweep", type=runner.policy_list, nargs="?", const=DEFAULT_SWEEP,
@@ -61,6 +61,9 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--plot", default=None, metavar="PNG",
                         help="sweep plot path (default <output>.sweep.png; sweep mode only)")
     parser.add_argument("--no-warmup", action="store_true", help="skip the untimed warm-up run")
+    parser.add_argument("--cpu-ttft", action="store_true",
+                        help="also time one extra first-token prefill per run in CPU seconds of this process "
+                             "(ttft_cpu_ms_*: with --threads 1, the work done, unaffected by other load)")
     parser.add_argument("--split", default="all", choices=["all", "tune", "heldout"],
                         help="only the samples of this split (eval/synthetic.py SPLITS, fixed by sample id; "
                              "synthetic samples follow their source): recompute policies were tuned on "
@@ -135,7 +138,14 @@ def _result_fields(prefix: str, result) -> dict:
     return {f"ttft_ms_{prefix}": result.ttft_s * 1000, f"gen_tokens_{prefix}": len(result.token_ids)}
 
 
-def evaluate_sample(pc, prepared: runner.PreparedSample, policies: list[str]) -> list[dict]:
+def cpu_ttft_ms(pc, prompt: str, **kw) -> float:
+    """CPU milliseconds of one first-token prefill (``--cpu-ttft``): load-independent with one thread."""
+    t0 = time.process_time()
+    pc.next_token_logits(prompt, **kw)
+    return (time.process_time() - t0) * 1000
+
+
+def evaluate_sample(pc, prepared: runner.PreparedSample, policies: list[str], cpu: bool = False) -> list[dict]:
     """Baseline once, then one cached run per policy; one record per policy."""
     from eval.metrics import score_sample  # noqa: PLC0415
 
@@ -147,9 +157,11 @@ def evaluate_sample(pc, prepared: runner.PreparedSample, policies: list[str]) ->
     with runner.schema_added(pc, prepared) as report:
         base = pc.generate(prepared.prompt_xml, max_new_tokens=gen, use_cache=False, stop=stop)
         score_base = score_sample(prepared.task, base.text, sample.answers, sample.all_classes)
+        cpu_base = {"ttft_cpu_ms_baseline": cpu_ttft_ms(pc, prepared.prompt_xml, use_cache=False)} if cpu else {}
         for policy in policies:
             cached = pc.generate(prepared.prompt_xml, max_new_tokens=gen, use_cache=True, stop=stop,
                                  recompute=policy)
+            cpu_cached = {"ttft_cpu_ms_cached": cpu_ttft_ms(pc, prepared.prompt_xml, recompute=policy)} if cpu else {}
             records.append({
                 "id": sample.id, "dataset": prepared.task, "answers": sample.answers,
                 "all_classes": sample.all_classes,
@@ -162,7 +174,8 @@ def evaluate_sample(pc, prepared: runner.PreparedSample, policies: list[str]) ->
                 "recompute": policy, "recomputed_tokens": cached.recomputed_tokens,
                 "prompt_tokens": cached.prompt_tokens, "cached_tokens": cached.cached_tokens,
                 "computed_tokens": cached.computed_tokens,
-                **_result_fields("cached", cached), **_result_fields("baseline", base),
+                **_result_fields("cached", cached), **_result_fields("baseline", base), **cpu_base, **cpu_cached,
+                "chosen": pc.select_tokens(prepared.prompt_xml, policy).policy if policy.startswith("auto") else policy,
                 "encode_ms": report.encode_s * 1000, "modules": prepared.modules,
                 "context_tokens": prepared.context_tokens, "kept_context_tokens": prepared.kept_context_tokens,
                 "truncated": prepared.truncated, "max_length": prepared.max_length, "max_new_tokens": gen,
@@ -259,7 +272,7 @@ def main(argv: list[str] | None = None) -> int:
                 try:
                     prepared = runner.prepare_sample(task, sample, tokenizer, pc.renderer, max_length, gen_len,
                                                      args.split_passages)
-                    new = evaluate_sample(pc, prepared, todo_policies)
+                    new = evaluate_sample(pc, prepared, todo_policies, args.cpu_ttft)
                 except (runner.PromptTooLong, PMLError) as err:  # PMLError: text XML cannot carry
                     print(f"warning: skipping {task}/{sample.id}: {err}", file=sys.stderr)
                     extra["skipped"].append({"dataset": task, "id": sample.id, "error": str(err)})

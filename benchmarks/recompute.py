@@ -16,6 +16,7 @@ from __future__ import annotations
 import argparse
 import statistics
 import sys
+import time
 from pathlib import Path
 
 import torch
@@ -47,11 +48,19 @@ def kl(p: torch.Tensor, q: torch.Tensor) -> float:
     return float((lp.exp() * (lp - lq)).sum())
 
 
+def _cpu_seconds(pc: PromptCache, prompt: str) -> float:
+    """CPU seconds of one first-token prefill (``none``): load-independent with one thread."""
+    t0 = time.process_time()
+    pc.next_token_logits(prompt)
+    return time.process_time() - t0
+
+
 def calibrate(pc: PromptCache, tok, repeats: int, data_dir) -> None:
     """Fit the auto policy's cost model (promptcache.recompute_auto) to measured ``none`` TTFTs.
 
     One module of ``p`` cached tokens and ``q`` uncached ones; TTFT = a + e p + b q + g q (p + q) by
-    least squares over the fastest of ``repeats`` runs per shape (the least disturbed by other load);
+    least squares over the fastest of ``repeats`` runs per shape, timed in CPU seconds of this
+    process (one thread: the work done, whatever other processes do to the wall clock);
     prints OVERHEAD_TOKENS = a / b, COPY_PER_TOKEN = e / b, ATTENTION_TOKENS = b / g, and each shape.
     """
     from promptcache.pml.escape import escape_text  # noqa: PLC0415
@@ -64,9 +73,8 @@ def calibrate(pc: PromptCache, tok, repeats: int, data_dir) -> None:
         pc.add_schema(schema)
         for q in (4, 16, 64, 256):
             prompt = f'<prompt schema="cal{past}"><m/>{escape_text(tok.decode(text_ids[-q:]))}</prompt>'
-            pc.generate(prompt, max_new_tokens=1)
-            res = [pc.generate(prompt, max_new_tokens=1) for _ in range(repeats)]
-            rows.append((res[0].computed_tokens, res[0].cached_tokens, min(r.ttft_s for r in res)))
+            res = pc.generate(prompt, max_new_tokens=1)
+            rows.append((res.computed_tokens, res.cached_tokens, min(_cpu_seconds(pc, prompt) for _ in range(repeats))))
             print(f"q={rows[-1][0]} p={rows[-1][1]} TTFT {rows[-1][2]:.3f}s", flush=True)
         pc.remove_schema(f"cal{past}")
     x = torch.tensor([[1.0, p, q, q * (p + q)] for q, p, _ in rows], dtype=torch.float64)
@@ -74,7 +82,7 @@ def calibrate(pc: PromptCache, tok, repeats: int, data_dir) -> None:
     a, e, b, g = torch.linalg.lstsq(x, y[:, None]).solution.flatten().tolist()
     model = CostModel(overhead=a / b, copy=e / b, attention=b / g)
     print(f"OVERHEAD_TOKENS = {a / b:.1f}\nCOPY_PER_TOKEN = {e / b:.4f}\nATTENTION_TOKENS = {b / g:.0f}")
-    print("| computed q | cached p | TTFT s (fastest) | fit s | TTFT / TTFT at the smallest q | predicted |")
+    print("| computed q | cached p | TTFT CPU s (fastest) | fit s | TTFT / TTFT at the smallest q | predicted |")
     print("|---|---|---|---|---|---|")
     base = {p: t for q, p, t in rows if q == rows[0][0]}
     for q, p, t in rows:

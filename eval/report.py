@@ -132,6 +132,9 @@ def _pooled_columns(records: Sequence[Row]) -> Row:
         "mean_first_token_kl": _mean([r["first_token_kl"] for r in records]),
         "ttft_ms_baseline": median([r["ttft_ms_baseline"] for r in records]),
         "ttft_ms_cached": median([r["ttft_ms_cached"] for r in records]),
+        **({"ttft_cpu_ms_cached": median([r["ttft_cpu_ms_cached"] for r in records]),
+            "ttft_cpu_ms_baseline": median([r["ttft_cpu_ms_baseline"] for r in records])}
+           if all("ttft_cpu_ms_cached" in r for r in records) else {}),  # eval_acc.py --cpu-ttft
         "recompute_ratio": _ratio(sum(r.get("recomputed_tokens", 0) for r in records),
                                   sum(r["cached_tokens"] for r in records)),
     }
@@ -176,6 +179,7 @@ def accuracy_summary(records: Sequence[Row]) -> list[Row]:
 VS_NONE_COLUMNS = [
     ("kl_gap_recovered_pct", "KL gap recovered %"), ("ttft_vs_none", "TTFT / none"),
     ("baseline_vs_ttft", "TTFT base / cached"),
+    ("cpu_ttft_vs_none", "CPU TTFT / none"), ("cpu_baseline_vs_ttft", "CPU base / cached"),  # --cpu-ttft
 ]
 
 SWEEP_COLUMNS = [
@@ -217,8 +221,12 @@ def sweep_summary(records: Sequence[Row], policies: Sequence[str]) -> tuple[list
 def _compare_with_none(row: Row, none: Row | None) -> None:
     """Add the share of ``none``'s mean-KL gap to the baseline that ``row`` closes, and TTFT ratios."""
     row["baseline_vs_ttft"] = _ratio(row["ttft_ms_baseline"], row["ttft_ms_cached"])
+    if "ttft_cpu_ms_cached" in row:
+        row["cpu_baseline_vs_ttft"] = _ratio(row["ttft_cpu_ms_baseline"], row["ttft_cpu_ms_cached"])
     if none is None:
         return
+    if "ttft_cpu_ms_cached" in row and "ttft_cpu_ms_cached" in none:
+        row["cpu_ttft_vs_none"] = _ratio(row["ttft_cpu_ms_cached"], none["ttft_cpu_ms_cached"])
     gap = none["mean_first_token_kl"]
     row["kl_gap_recovered_pct"] = 100 * (1 - row["mean_first_token_kl"] / gap) if gap > 0 else float("nan")
     row["ttft_vs_none"] = _ratio(row["ttft_ms_cached"], none["ttft_ms_cached"])

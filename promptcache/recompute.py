@@ -238,20 +238,20 @@ def resolve_auto(budget: float, spans: Sequence[CachedSpan], computed: int, clea
                  ) -> RecomputePolicy:
     """The policy ``auto:budget`` runs for this request's shape (:mod:`promptcache.recompute_auto`).
 
-    ``full`` if the cost model says it fits, else the largest level of ``AUTO_FAMILY`` that fits
+    ``full`` if the cost model says it fits, else the largest level of ``family_policy`` that fits
     (``none`` when not even one token does). Deterministic: a function of the spans and the count.
     """
     model = recompute_auto.COST_MODEL
     cached = sum(s.length for s in spans)
     if model.full_ratio(computed, cached) <= budget:
         return RecomputePolicy("full")
-    family = recompute_auto.AUTO_FAMILY
+    family = recompute_auto.family_policy
 
     def count(level: int) -> int:
-        return len(rule_indices(spans, parse_policy(family.format(k=level)), clean)) if level else 0
+        return len(rule_indices(spans, parse_policy(family(level)), clean)) if level else 0
 
     level = recompute_auto.pick_level(budget, computed, cached, count, model)
-    return parse_policy(family.format(k=level)) if level else RecomputePolicy("none")
+    return parse_policy(family(level)) if level else RecomputePolicy("none")
 
 
 def top_k_by_score(scores: torch.Tensor, k: int) -> torch.Tensor:

@@ -19,7 +19,7 @@ V); ``ATTENTION``: the number of keys at which a query's attention costs as much
   (nothing is spliced, no copy).
 
 ``auto:B`` takes ``full`` when ``cost(N + c, 0) <= B x cost(c, N)``; otherwise the largest level of
-:data:`AUTO_FAMILY` whose recomputed tokens fit ``cost(c + r, N) <= B x cost(c, N)`` (levels are
+:func:`family_policy` (``boundary:P%``) whose recomputed tokens fit ``cost(c + r, N) <= B x cost(c, N)`` (levels are
 searched by bisection; the token count grows with the level). ``deviation`` is never picked: its
 check pass alone (all cached tokens through two layers) costs about ``2 / layers x cost(N, 0)``,
 close to one ``none`` prefill at these shapes, and per recomputed token it did no better than the
@@ -36,9 +36,15 @@ from typing import Callable
 OVERHEAD_TOKENS = 16.0
 COPY_PER_TOKEN = 0.01
 ATTENTION_TOKENS = 4000.0
-# The token rule auto scales: level k -> policy string (tuned on the TUNE split only).
-AUTO_FAMILY = "boundary:{k}"
-MAX_LEVEL = 1 << 16
+# The token rule auto scales: level k (1..MAX_LEVEL) -> boundary:(k/10)%, the first k per mille of
+# every stale module (chosen on the TUNE split: proportional K did at least as well as a fixed K
+# for the same number of tokens; docs/recompute.md).
+MAX_LEVEL = 1000
+
+
+def family_policy(level: int) -> str:
+    """The policy string of ``level`` (>= 1): ``boundary:P%`` with P = level / 10."""
+    return f"boundary:{level / 10:g}%"
 
 
 @dataclass(frozen=True)

@@ -426,9 +426,11 @@ def test_issue18_item3_auto_fits_the_budget_by_the_cost_model(budget):
     assert model.full_ratio(c, n) > budget
     assert model.ratio(len(sel), c, n) <= budget
     # the largest level that fits: one level more does not (unless nothing more can be chosen)
-    level = 0 if sel.policy == "none" else int(sel.policy.rsplit(":", 1)[1])
-    more = pc.select_tokens(MULTI, recompute_auto.AUTO_FAMILY.format(k=level + 1))
-    assert len(more) == len(sel) or model.ratio(len(more), c, n) > budget
+    levels = range(1, recompute_auto.MAX_LEVEL + 1)
+    level = 0 if sel.policy == "none" else next(k for k in levels if recompute_auto.family_policy(k) == sel.policy)
+    if level < recompute_auto.MAX_LEVEL:
+        more = pc.select_tokens(MULTI, recompute_auto.family_policy(level + 1))
+        assert len(more) == len(sel) or model.ratio(len(more), c, n) > budget
     if budget == 1.0:
         assert sel.policy == "none"
     if budget == 1.3:

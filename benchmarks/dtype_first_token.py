@@ -87,9 +87,8 @@ def build_engines(args):
             raise runner.UserError("--compile: this checkout's PromptCache has no compile= argument")
         kwargs["compile"] = True
     ref = PromptCache(model, tokenizer, encoding=args.encoding, progress=False)
+    # compiled: graphs are built at each new bucket's first request (no timing is taken here)
     alt = PromptCache(other, tokenizer, encoding=args.encoding, progress=False, **kwargs)
-    if args.compile and hasattr(alt, "warmup"):
-        alt.warmup()
     return ref, alt
 
 

@@ -130,6 +130,8 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--threads", type=int, default=None,
                    help="torch CPU threads (default: torch's choice; 1 is steadier on a busy machine); also "
                         "the peers' threads")
+    p.add_argument("--compile", action="store_true",
+                   help="the first column's engines compiled too (PromptCache(compile=True), warmed up per case)")
     p.add_argument("--variants", type=parse_variants, default=[],
                    help="extra engine columns, comma list of DTYPE or DTYPE+compile (fp32, bf16, fp16), e.g. "
                         f"{FASTPATH_VARIANTS}")
@@ -346,7 +348,8 @@ def measure(pcs: dict[str, PromptCache], schema: str, prompt: str, repeats: int,
     n_suffix = len(request.computed_ids)
     prefix, suffix = ids[:-n_suffix], ids[-n_suffix:]
     row = {"case": name}
-    for key, pc in variants.items():
+    for key, pc in engines.items():
+        key = key.removeprefix("var:")
         if hasattr(pc, "compile_report") and pc.compile_report().get("enabled"):
             seconds, _ = warm_up(pc, n_suffix)
             row[f"{key}_warmup_s"] = seconds
@@ -507,9 +510,12 @@ def main(argv=None) -> int:
     set_threads(args.threads)
     model, tokenizer = build_model(args)
     encodings = ("scaffold",) if args.only == "scaffold" else ("scaffold", "independent")
-    pcs = {enc: PromptCache(model, tokenizer, encoding=enc, placement=args.placement, progress=False)
+    if args.compile and not engine_supports("compile"):
+        raise SystemExit("--compile: this checkout's PromptCache has no compile= argument")
+    kwargs = {"compile": True} if args.compile else {}
+    pcs = {enc: PromptCache(model, tokenizer, encoding=enc, placement=args.placement, progress=False, **kwargs)
            for enc in encodings}
-    first_label = f"{str(model.dtype).removeprefix('torch.')} eager"
+    first_label = f"{str(model.dtype).removeprefix('torch.')} {'compiled' if args.compile else 'eager'}"
     load = os.getloadavg()
     print(f"model {args.model}{' (random weights: ' + args.random_weights + ')' if args.random_weights else ''} "
           f"on {model.device}, {model.dtype}, placement {args.placement}, torch threads {torch.get_num_threads()}, "
@@ -551,8 +557,9 @@ def main(argv=None) -> int:
     for v in args.variants:
         if v.key in variants and v.compile:
             next(i for i in variant_info if i["variant"] == v.label)["compile_report"] = compile_report(variants[v.key])
+    first_report = compile_report(pcs["scaffold"]) if args.compile else None
     meta = {"model": args.model, "random_weights": args.random_weights, "device": str(model.device),
-            "first_column": first_label, "placement": args.placement, "threads": torch.get_num_threads(),
+            "first_column": first_label, "first_column_compile_report": first_report, "placement": args.placement, "threads": torch.get_num_threads(),
             "repeats": args.repeats, "load_average_start": load, "load_average_end": os.getloadavg(),
             "variants": variant_info, "peers_missing": missing, "torch": torch.__version__}
     out.with_suffix(".json").write_text(json.dumps({"meta": meta, "rows": rows, "ratios": ratios}, indent=1,

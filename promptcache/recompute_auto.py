@@ -31,11 +31,12 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import Callable
 
-# Fitted by benchmarks/recompute.py --calibrate on SmolLM2-135M, float32, one CPU thread
-# (docs/recompute.md, "auto"): least squares of TTFT = a + e p + b q + g q (p + q) over a grid of shapes.
-OVERHEAD_TOKENS = 16.0
-COPY_PER_TOKEN = 0.01
-ATTENTION_TOKENS = 4000.0
+# Fitted by benchmarks/recompute.py --calibrate on SmolLM2-135M, float32, one CPU thread, CPU time
+# (docs/recompute.md, "auto"): least squares of TTFT = a + e p + b q + g q (p + q) over p in
+# {256, 1024, 2048}, q in {4, 16, 64, 256}; every shape within 7% of the fit above q = 4.
+OVERHEAD_TOKENS = 59.7
+COPY_PER_TOKEN = 0.022
+ATTENTION_TOKENS = 2160.0
 # The token rule auto scales: level k (1..MAX_LEVEL) -> boundary:(k/10)%, the first k per mille of
 # every stale module (chosen on the TUNE split: proportional K did at least as well as a fixed K
 # for the same number of tokens; docs/recompute.md).

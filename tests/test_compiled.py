@@ -21,9 +21,9 @@ import torch
 
 from promptcache.engine import PromptCache
 from promptcache.runtime import compiled as compiled_mod
-from engine_fixtures import (DEFAULT_PATH_PROMPT, DEFAULT_PATH_SCHEMA, FULL_PROMPTS, FULL_SCHEMA, OVERRIDES,
+from engine_fixtures import (DEFAULT_PATH_PROMPT, DEFAULT_PATH_SCHEMA, FULL_PROMPTS, FULL_SCHEMA,
                              make_cache)
-from tiny_models import tiny_model
+from tiny_models import ALIBI_FAMILIES, FAMILIES, tiny_model
 from tiny_tokenizer import tiny_tokenizer
 
 FP32_TOL = 1e-4
@@ -132,14 +132,31 @@ def test_issue17_other_family_bf16_compiled_equals_bf16_oracle(qwen2_bf16):
     _no_fallbacks(pc)
 
 
-def test_issue17_alibi_family_warns_and_runs_eager():
-    with pytest.warns(UserWarning, match="not supported for the mpt family"):
-        pc = make_cache("mpt", compile=True)
+@pytest.mark.parametrize("family", [f for f in FAMILIES if f not in ALIBI_FAMILIES])
+def test_issue17_static_buffer_path_equals_oracle(family, monkeypatch):
+    """The static buffer, padding and bucketed masks, run uncompiled (cheap) for every RoPE family."""
+    monkeypatch.setattr(compiled_mod, "SUFFIX_BUCKETS", TEST_BUCKETS)
+    pc = make_cache(family, compile=True)
+    pc.fast._fn = compiled_mod._step  # the same forward, not compiled
+    pc.add_schema(FULL_SCHEMA)
+    pc.add_schema(DEFAULT_PATH_SCHEMA)
+    for name, prompt in FULL_PROMPTS.items():
+        cached, oracle = pc.next_token_logits(prompt), pc.oracle_logits(prompt)
+        assert float((cached - oracle).abs().max()) <= FP32_TOL, name
+    fast = pc.generate(DEFAULT_PATH_PROMPT, max_new_tokens=6)
+    assert fast.token_ids == pc.generate(DEFAULT_PATH_PROMPT, max_new_tokens=6, use_cache=False).token_ids
+    assert _no_fallbacks(pc)["buckets_used"]
+
+
+@pytest.mark.parametrize("family", ALIBI_FAMILIES)
+def test_issue17_alibi_family_warns_and_runs_eager(family):
+    with pytest.warns(UserWarning, match="not supported for the .* family with ALiBi"):
+        pc = make_cache(family, compile=True)
     pc.add_schema(FULL_SCHEMA)
     prompt = FULL_PROMPTS["default-ish"]
     assert float((pc.next_token_logits(prompt) - pc.oracle_logits(prompt)).abs().max()) <= FP32_TOL
     report = pc.compile_report()
-    assert not report["enabled"] and "mpt" in report["eager_reason"]
+    assert not report["enabled"] and family.split("-")[0] in report["eager_reason"]
     assert sum(report["fallbacks"].values()) >= 1 and report["compiles"] == 0
     assert not pc.warmup().compiled
 

@@ -45,10 +45,10 @@ MIN_CACHE_BUCKET = 256
 #: Environment variable naming the inductor's on-disk cache (set here only when unset).
 INDUCTOR_CACHE_ENV = "TORCHINDUCTOR_CACHE_DIR"
 DEFAULT_INDUCTOR_DIR = os.path.join("~", ".cache", "promptcache", "inductor")
-#: Families whose forward is traceable over the static buffer (RoPE, positions given explicitly).
-#: ALiBi families (MPT, Falcon-ALiBi) build their bias from ``cache.key_positions`` in Python
-#: per forward, and Falcon's patched attention is not covered by the tests: they run eager.
-COMPILABLE_FAMILIES = ("llama", "qwen2", "mistral")
+#: ALiBi models (MPT, Falcon with ``alibi=True``) build their bias from ``cache.key_positions``
+#: per forward, sized to the keys held, not to a fixed buffer: they run eager (warned, counted).
+#: Every RoPE family (Llama, Qwen2, Mistral, Gemma 3, Falcon with RoPE) uses the static buffer.
+ALIBI_FAMILIES = ("mpt",)
 
 _DTYPES = {"fp32": torch.float32, "float32": torch.float32, "float": torch.float32,
            "bf16": torch.bfloat16, "bfloat16": torch.bfloat16,
@@ -258,9 +258,11 @@ class CompiledForwards:
 
     Made by ``PromptCache(compile=True)``; see the module docstring for buckets and fallbacks.
     ``eager_reason``: why this model never compiles (unsupported family), or ``None``.
+    ``freeze``: inductor freezing (CPU only): weights become constants of the graph (prepacked for
+    oneDNN), faster on CPU, but a weight changed in place afterwards is NOT seen by the graphs.
     """
 
-    def __init__(self, runner, family: str, mode: str | None = None) -> None:
+    def __init__(self, runner, family: str, mode: str | None = None, freeze: bool = False) -> None:
         self.runner = runner
         self.device = runner.device
         self.dtype = runner.dtype
@@ -268,11 +270,15 @@ class CompiledForwards:
         self.cache_dir = setup_inductor_cache()
         self.mode = mode if mode is not None else ("reduce-overhead" if self.device.type == "cuda" else None)
         self.eager_reason: str | None = None
-        if family not in COMPILABLE_FAMILIES:
-            self.eager_reason = (f"compile=True is not supported for the {family} family (compiled families: "
-                                 f"{', '.join(COMPILABLE_FAMILIES)}); its forwards run eager")
+        if family in ALIBI_FAMILIES or getattr(runner.adapter.text_config, "alibi", False):
+            self.eager_reason = (f"compile=True is not supported for the {family} family with ALiBi (its bias "
+                                 "is sized to the keys held, not to a static buffer); its forwards run eager")
             warnings.warn(f"promptcache: {self.eager_reason}", UserWarning, stacklevel=3)
-        self._fn = torch.compile(_step, fullgraph=True, dynamic=False, mode=self.mode)
+        self.freeze = bool(freeze) and self.device.type != "cuda"
+        if self.freeze:
+            self._fn = torch.compile(_step, fullgraph=True, dynamic=False, options={"freezing": True})
+        else:
+            self._fn = torch.compile(_step, fullgraph=True, dynamic=False, mode=self.mode)
         _raise_recompile_limit(len(SUFFIX_BUCKETS) * 12)
         self.compiled_buckets: dict[tuple[int, int], float] = {}
         self.calls: dict[tuple[int, int], int] = {}
@@ -428,6 +434,7 @@ class CompiledForwards:
             "enabled": self.eager_reason is None,
             "eager_reason": self.eager_reason,
             "mode": self.mode or "default",
+            "freeze": self.freeze,
             "device": str(self.device),
             "dtype": str(self.dtype).replace("torch.", ""),
             "inductor_cache_dir": self.cache_dir,

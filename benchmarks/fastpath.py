@@ -1,0 +1,160 @@
+#!/usr/bin/env python
+"""Issue 17's engine-side measurements: cached TTFT of the persona case, fp32 eager vs bf16 eager
+vs bf16 compiled (interleaved rounds, medians), and the compiled path's warm-up time in a first
+and a second process (the inductor cache on disk).
+
+    python benchmarks/fastpath.py --threads 1                  # TTFT table (warm-up in this process)
+    python benchmarks/fastpath.py --threads 1 --warmup-processes  # + warm-up, fresh cache dir, 2 processes
+
+The per-variant TTFT is ``generate(prompt, max_new_tokens=0).ttft_s``: parse, bind, splice,
+suffix forward, logits. The compiled variant is warmed up first (reported apart, never inside a
+TTFT); its ``compile_report()`` is printed so that a silent eager run would show.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+if __package__ in (None, ""):
+    sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+from benchmarks.common import persona_case, set_threads  # noqa: E402
+
+VARIANTS = {"fp32-eager": ("float32", False), "bf16-eager": ("bfloat16", False),
+            "bf16-compiled": ("bfloat16", True), "bf16-frozen": ("bfloat16", "freeze"),
+            "fp32-compiled": ("float32", True)}
+DEFAULT_VARIANTS = ["fp32-eager", "bf16-eager", "bf16-compiled"]
+
+
+def _engines(model_name: str, device: str | None, variants: list[str]) -> dict:
+    """One engine per variant; bf16 variants share one bf16 model."""
+    from promptcache.engine import PromptCache
+    from promptcache.loading import load_model
+
+    models, engines = {}, {}
+    for name in variants:
+        dtype, compiled = VARIANTS[name]
+        if dtype not in models:
+            models[dtype] = load_model(model_name, device=device, dtype=dtype)
+        model, tok = models[dtype]
+        engines[name] = PromptCache(model, tok, progress=False, compile=bool(compiled))
+        if compiled == "freeze":  # inductor freezing (CPU): not the default, see docs/fastpath.md
+            from promptcache.runtime.compiled import CompiledForwards
+
+            engines[name].fast = CompiledForwards(engines[name].runner, engines[name].adapter.family, freeze=True)
+    return engines
+
+
+def run_ttft(args: argparse.Namespace) -> dict:
+    """Interleaved rounds over the variants; medians, ratios and first-token agreement."""
+    engines = _engines(args.model, args.device, args.variants)
+    tok = next(iter(engines.values())).tokenizer
+    schema, prompt = persona_case(tok)
+    warm = {}
+    for name, pc in engines.items():
+        pc.add_schema(schema)
+        if pc.fast is not None:
+            _, req = pc.request(prompt)
+            warm[name] = pc.warmup(suffix_lengths=[1, len(req.computed_ids)])
+            print(f"{name}: {warm[name]}", flush=True)
+    times: dict[str, list[float]] = {n: [] for n in engines}
+    logits = {}
+    for r in range(args.rounds + 1):  # round 0 is untimed
+        for name, pc in engines.items():
+            res = pc.generate(prompt, max_new_tokens=0)
+            if r:
+                times[name].append(res.ttft_s)
+            logits[name] = res.first_token_logits
+    ref_name = args.variants[0]
+    rows = {}
+    for name in engines:
+        med = statistics.median(times[name])
+        diff = float((logits[name] - logits[ref_name]).abs().max())
+        rows[name] = {"ttft_ms": med * 1000, "ratio": med / statistics.median(times[ref_name]),
+                      "max_abs_logit_diff": diff,
+                      "top_token_same": int(logits[name].argmax()) == int(logits[ref_name].argmax())}
+    _, req = next(iter(engines.values())).request(prompt)
+    out = {"case": f"persona, {req.num_cached} cached + {len(req.computed_ids)} computed tokens",
+           "rounds": args.rounds, "threads": args.threads, "loadavg": os.getloadavg(), "rows": rows,
+           "warmup_s": {n: w.total_s for n, w in warm.items()},
+           "compile_report": {n: pc.compile_report() for n, pc in engines.items() if pc.fast is not None}}
+    print(f"{out['case']}; medians of {args.rounds} interleaved rounds; load {out['loadavg']}")
+    for name, row in rows.items():
+        print(f"  {name:14s} {row['ttft_ms']:8.1f} ms  x{row['ratio']:.2f} of {ref_name}  "
+              f"max|dlogit| {row['max_abs_logit_diff']:.3g}  top same: {row['top_token_same']}")
+    for name, rep in out["compile_report"].items():
+        print(f"  {name}: compiles {rep['compiles']}, recompiles {rep['recompiles']}, "
+              f"fallbacks {rep['fallbacks']}, buckets {rep['buckets_used']}")
+    return out
+
+
+def run_warmup_only(args: argparse.Namespace) -> dict:
+    """Load, encode and warm up the compiled bf16 engine; the process's timings as JSON."""
+    t0 = time.perf_counter()
+    pc = _engines(args.model, args.device, [args.variants[-1]])[args.variants[-1]]
+    schema, prompt = persona_case(pc.tokenizer)
+    pc.add_schema(schema)
+    _, req = pc.request(prompt)
+    t1 = time.perf_counter()
+    report = pc.warmup(suffix_lengths=[1, len(req.computed_ids)])
+    res = pc.generate(prompt, max_new_tokens=0)
+    out = {"setup_s": t1 - t0, "warmup_s": report.total_s, "buckets": report.buckets,
+           "first_ttft_ms": res.ttft_s * 1000, "total_s": time.perf_counter() - t0,
+           "inductor_cache_dir": pc.compile_report()["inductor_cache_dir"]}
+    print(json.dumps(out))
+    return out
+
+
+def run_processes(args: argparse.Namespace) -> list[dict]:
+    """The warm-up in two fresh processes sharing a new, empty inductor cache folder."""
+    results = []
+    with tempfile.TemporaryDirectory(prefix="pc-inductor-") as cache:
+        env = dict(os.environ, TORCHINDUCTOR_CACHE_DIR=cache)
+        for which in ("first", "second"):
+            t0 = time.perf_counter()
+            cmd = [sys.executable, __file__, "--warmup-only", "--model", args.model, "--variants", "bf16-compiled",
+                   "--threads", str(args.threads or 0)] + (["--device", args.device] if args.device else [])
+            proc = subprocess.run(cmd, env=env, capture_output=True, text=True, check=True)
+            row = json.loads(proc.stdout.strip().splitlines()[-1])
+            row["process_s"] = time.perf_counter() - t0
+            results.append(row)
+            print(f"{which} process: warm-up {row['warmup_s']:.1f} s ({row['buckets']}), "
+                  f"whole process {row['process_s']:.1f} s, load {os.getloadavg()}", flush=True)
+    return results
+
+
+def main(argv: list[str] | None = None) -> int:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--model", default="smollm2")
+    p.add_argument("--device", default=None)
+    p.add_argument("--threads", type=int, default=1)
+    p.add_argument("--rounds", type=int, default=7)
+    p.add_argument("--variants", type=lambda s: s.split(","), default=DEFAULT_VARIANTS,
+                   help=f"comma-separated from {', '.join(VARIANTS)}; the first is the reference "
+                        f"(default: {','.join(DEFAULT_VARIANTS)})")
+    p.add_argument("--warmup-processes", action="store_true", help="also time warm-up in two fresh processes")
+    p.add_argument("--warmup-only", action="store_true", help=argparse.SUPPRESS)
+    p.add_argument("--json", default=None, help="write the results here")
+    args = p.parse_args(argv)
+    set_threads(args.threads)
+    if args.warmup_only:
+        run_warmup_only(args)
+        return 0
+    out = {"ttft": run_ttft(args)}
+    if args.warmup_processes:
+        out["warmup_processes"] = run_processes(args)
+    if args.json:
+        Path(args.json).write_text(json.dumps(out, indent=1, default=str))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -153,9 +153,14 @@ def test_issue19_item2_unloading_frees_its_cached_bytes(family_adapters):
     assert pc.store_report()["store_hits"] > hits
 
 
-def test_issue19_item1_batched_decode_groups_rows_by_adapter(family_adapters):
+@pytest.mark.parametrize("mix", [True, False], ids=["mixed-forward", "grouped"])
+def test_issue19_item1_batched_decode_of_rows_under_different_adapters_equals_alone(family_adapters, mix,
+                                                                                  monkeypatch):
+    """Rows of base, a and b in one decode batch: PEFT's mixed forward, or (adapters that cannot
+    mix, e.g. DoRA) one forward per adapter group; each row's logits equal the row decoded alone."""
     family, folders = family_adapters
     pc = new_cache(family, folders)
+    monkeypatch.setattr(pc.runner.lora, "mixable", lambda: mix)
     pc.add_schema(DEFAULT_PATH_SCHEMA)
     prompts = [(DEFAULT_PATH_PROMPT, None), (DEFAULT_PATH_PROMPT, "a"), (TEXT, "b"), (TEXT, "a"), (TEXT, None)]
     with torch.inference_mode():
@@ -179,12 +184,30 @@ def test_issue19_item1_batched_decode_groups_rows_by_adapter(family_adapters):
                 diff = float((logits - alone[i][k].float()).abs().max())
                 assert diff < TOL, f"row {i} ({prompts[i][1]}) step {k}: {diff:.2e}"
             tokens = [int(x.argmax()) for x in out]
-        assert len(batch) == 5
+        assert len(batch) == 5 and len(batch._groups) == (1 if mix else 3)
         for row in rows:
             batch.remove(row)
         for r in reqs:
             r.abort()
-    assert len(batch) == 0 and list(batch._groups) == [None]
+    assert len(batch) == 0 and list(batch._groups) == [None]  # every row in the one mixed batch
+
+
+def test_issue19_item1_mixed_adapter_rows_share_one_forward(family_adapters):
+    """PEFT's mixed-batch LoRA: rows of base, a and b decode in ONE forward per step."""
+    family, folders = family_adapters
+    pc = new_cache(family, folders)
+    calls = []
+    pc.runner.forward_hooks.append(calls.append)
+    with torch.inference_mode():
+        batch = DecodeBatch(pc.runner, max_rows=4)
+        reqs = [pc.begin(TEXT, adapter=a, insert_prefix=False) for a in (None, "a", "b")]
+        rows = [batch.add(r.cache) for r in reqs]
+        calls.clear()
+        out = batch.step([(row, int(r.logits.argmax()), r.next_pos) for row, r in zip(rows, reqs)])
+        assert batch.batched and len(calls) == 1 and len(out) == 3
+        assert float((out[1] - out[0]).abs().max()) > APART and float((out[2] - out[1]).abs().max()) > APART
+        for r in reqs:
+            r.abort()
 
 
 def test_issue19_item1_errors_name_the_cause(family_adapters, tmp_path):

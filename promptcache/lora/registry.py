@@ -16,7 +16,7 @@ import warnings
 from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Iterator
+from typing import Iterator, Sequence
 
 import torch
 
@@ -180,6 +180,41 @@ class LoraRegistry:
         self._active = None
 
     # ------------------------------------------------------------------ switching
+
+    def mixable(self) -> bool:
+        """Can one forward mix the loaded adapters (PEFT's ``adapter_names``; DoRA cannot)?"""
+        configs = getattr(self.model, "peft_config", None) or {}
+        return not any(getattr(configs.get(n), "use_dora", False) for n in self._adapters)
+
+    @contextmanager
+    def for_rows(self, names: Sequence[str | None]) -> Iterator[None]:
+        """One forward whose batch row ``i`` runs under adapter ``names[i]`` (``None``: base).
+
+        All the same: that adapter is put in force. Mixed: PEFT's mixed-batch LoRA, every LoRA
+        layer gets ``adapter_names`` (``"__base__"`` for base rows) through a forward pre-hook for
+        the duration, and adds each row's own adapter to that row only."""
+        if len(set(names)) <= 1:
+            self.activate(names[0] if names else None)
+            yield
+            return
+        for name in names:
+            self.check(name)
+        from peft.tuners.lora.layer import LoraLayer
+
+        labels = ["__base__" if n is None else n for n in names]
+
+        def inject(module, args, kwargs):  # noqa: ARG001
+            return args, {**kwargs, "adapter_names": labels}
+
+        self.model.enable_adapters()
+        self._active = None  # adapters enabled, none selected for the whole batch: unknown
+        handles = [m.register_forward_pre_hook(inject, with_kwargs=True)
+                   for m in self.model.modules() if isinstance(m, LoraLayer)]
+        try:
+            yield
+        finally:
+            for handle in handles:
+                handle.remove()
 
     def activate(self, name: str | None) -> None:
         """Put adapter ``name`` (``None``: none, the base model) in force for the next forward."""

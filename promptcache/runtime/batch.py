@@ -244,7 +244,7 @@ class BatchedDecodeBatch:
         self.cache = BatchKVCache(runner.num_layers)
         self._slot: dict[int, int] = {}  # row id -> slot
         self._row: list[int] = []  # slot -> row id
-        self.lora: str | None = None  # the LoRA adapter all rows run under (DecodeBatch groups by it)
+        self._lora: list[str | None] = []  # slot -> the LoRA adapter its row runs under (cache.lora)
 
     @torch.inference_mode()
     def add(self, cache: SplicedCache) -> int:
@@ -259,6 +259,7 @@ class BatchedDecodeBatch:
         self.cache.put(slot, kv)
         self.cache.state.lengths.append(kv.length)
         self._row.append(row)
+        self._lora.append(getattr(cache, "lora", None))
         self._slot[row] = slot
         return row
 
@@ -292,9 +293,9 @@ class BatchedDecodeBatch:
         for hook in self.runner.forward_hooks:  # one batched forward: one call, every row's token
             hook(ForwardCall(tokens, q_pos, visible, self.cache))
         ids = torch.tensor(tokens, dtype=torch.long, device=dev)[:, None]
-        self.runner.lora.activate(self.lora)
-        out = self.runner.model(input_ids=ids, position_ids=q_pos[:, None], attention_mask=mask,
-                                past_key_values=self.cache, use_cache=True, logits_to_keep=1)
+        with self.runner.lora.for_rows(self._lora):  # one adapter in force, or PEFT's mixed batch
+            out = self.runner.model(input_ids=ids, position_ids=q_pos[:, None], attention_mask=mask,
+                                    past_key_values=self.cache, use_cache=True, logits_to_keep=1)
         for slot in range(n):
             if active[slot]:
                 state.lengths[slot] += 1
@@ -313,10 +314,12 @@ class BatchedDecodeBatch:
         if slot != last:
             self.cache.put(slot, self.cache.get(last))
             self.cache.state.lengths[slot] = self.cache.state.lengths[last]
+            self._lora[slot] = self._lora[last]
             moved = self._row[last]
             self._row[slot], self._slot[moved] = moved, slot
         self.cache.state.lengths.pop()
         self._row.pop()
+        self._lora.pop()
         del self._slot[row]
         self._rows.free(row)
         if not self._row:  # an empty batch gives its buffers back (capacity only grows otherwise)
@@ -337,10 +340,13 @@ class DecodeBatch:
     shared by the batch in transformers, so rows at different positions cannot share a forward).
     ``batched`` says which one runs.
 
-    LoRA adapters (docs/lora.md): rows are grouped by the adapter their cache was made under
-    (``cache.lora``); a step runs ONE forward per group present, with that group's adapter in
-    force. Rows of the base model are :attr:`impl`; adapters' groups come and go with their rows.
-    No forward mixes adapters."""
+    LoRA adapters (docs/lora.md): each row runs under the adapter its cache was made under
+    (``cache.lora``). The batched step mixes them in ONE forward through PEFT's mixed-batch LoRA
+    (``adapter_names``: each LoRA layer adds row ``i``'s adapter to row ``i`` only) when every
+    loaded adapter allows it (:meth:`LoraRegistry.mixable`: not DoRA); otherwise rows are grouped
+    by adapter, one forward per group present. Rows of the base model (and mixed rows) are
+    :attr:`impl`; other groups come and go with their rows. The loop runs each row alone, under
+    its own adapter."""
 
     def __init__(self, runner: ModelRunner, max_rows: int = 8, batched: bool | None = None) -> None:
         if batched is None:
@@ -358,10 +364,11 @@ class DecodeBatch:
     def add(self, cache: SplicedCache) -> int:
         """Take over a prefilled request cache (not to be used by the caller afterwards); row id."""
         lora = getattr(cache, "lora", None)
+        if lora is not None and (not self.batched or self.runner.lora.mixable()):
+            lora = None  # the loop runs rows alone; the batched step mixes adapters in one forward
         group = self._groups.get(lora)
         if group is None:
             group = self._groups[lora] = self._make()
-            group.lora = lora
         row = self._rows.take()
         try:
             self._where[row] = (lora, group.add(cache))

@@ -52,7 +52,7 @@ def build_parser() -> argparse.ArgumentParser:
     # default None, not "none": argparse would run the (torch-importing) check on a string default
     mode.add_argument("--recompute", type=runner.check_policy, default=None, metavar="POLICY",
                       help="selective-recompute policy for the cached run: none (default), full, "
-                           "boundary:K, boundary:P%%, tail:T, A+B, deviation:R, auto:B (promptcache.recompute)")
+                           "boundary:K, boundary:P%%, deviation:R, auto:B (promptcache.recompute)")
     # const stays a string (argparse does not apply `type` to it): validating it here would import
     # torch (via the engine's policy parser) and make `--help` take seconds; parse_args() converts it.
     mode.add_argument("--recompute-sweep", type=runner.policy_list, nargs="?", const=DEFAULT_SWEEP,

@@ -75,22 +75,17 @@ class RecomputePolicy:
     """A parsed policy string."""
 
     kind: str
-    k: int = 0            # boundary:K, tail:T
+    k: int = 0            # boundary:K
     ratio: float = 0.0    # deviation:R; boundary:P% (ratio = P / 100, k = 0)
     budget: float = 0.0   # auto:B
-    parts: tuple["RecomputePolicy", ...] = ()  # A+B: the union of token-rule policies
 
     def __str__(self) -> str:
         if self.kind == "boundary":
             return f"boundary:{self.ratio * 100:g}%" if self.ratio else f"boundary:{self.k}"
-        if self.kind == "tail":
-            return f"tail:{self.k}"
         if self.kind == "deviation":
             return f"deviation:{self.ratio:g}"
         if self.kind == "auto":
             return f"auto:{self.budget:g}"
-        if self.kind == "mix":
-            return "+".join(str(p) for p in self.parts)
         return self.kind
 
 
@@ -112,13 +107,12 @@ class Selection:
         return int(self.indices.numel())
 
 
-USAGE = ("use 'none', 'boundary:K' (K >= 0 tokens), 'boundary:P%' (0 < P <= 100), 'tail:T' (T >= 0), "
-         "a '+' union of those (e.g. 'boundary:4+tail:16'), 'deviation:R' (0 < R <= 1), 'full' or "
-         "'auto:B' (B >= 1: at most B x the TTFT of 'none' by the cost model)")
+USAGE = ("use 'none', 'boundary:K' (K >= 0 tokens), 'boundary:P%' (0 < P <= 100), 'deviation:R' "
+         "(0 < R <= 1), 'full' or 'auto:B' (B >= 1: at most B x the TTFT of 'none' by the cost model)")
 
 
 def _count(spec: str, name: str, arg: str) -> int:
-    """A non-negative integer argument (``boundary:K``, ``tail:T``)."""
+    """A non-negative integer argument (``boundary:K``)."""
     try:
         k = int(arg)
     except ValueError:
@@ -141,8 +135,13 @@ def _number(spec: str, name: str, arg: str, low: float, high: float, closed_low:
     return x
 
 
-def _parse_one(spec: str, part: str) -> RecomputePolicy:
-    kind, sep, arg = part.strip().partition(":")
+def parse_policy(spec: str | RecomputePolicy) -> RecomputePolicy:
+    """Parse a policy string (forms in :data:`USAGE`); ``ValueError`` names the accepted forms."""
+    if isinstance(spec, RecomputePolicy):
+        return spec
+    if not isinstance(spec, str):
+        raise ValueError(f"recompute policy must be a string, got {type(spec).__name__}; {USAGE}")
+    kind, sep, arg = spec.strip().partition(":")
     kind, arg = kind.strip().lower(), arg.strip()
     if kind in ("none", "full"):
         if sep:
@@ -152,29 +151,11 @@ def _parse_one(spec: str, part: str) -> RecomputePolicy:
         return RecomputePolicy("boundary", ratio=_number(spec, "P", arg[:-1], 0.0, 100.0) / 100)
     if kind == "boundary":
         return RecomputePolicy("boundary", k=_count(spec, "K", arg))
-    if kind == "tail":
-        return RecomputePolicy("tail", k=_count(spec, "T", arg))
     if kind == "deviation":
         return RecomputePolicy("deviation", ratio=_number(spec, "R", arg, 0.0, 1.0))
     if kind == "auto":
         return RecomputePolicy("auto", budget=_number(spec, "B", arg, 1.0, 1e6, closed_low=True))
     raise ValueError(f"unknown recompute policy {spec!r}; {USAGE}")
-
-
-def parse_policy(spec: str | RecomputePolicy) -> RecomputePolicy:
-    """Parse a policy string (forms in :data:`USAGE`); ``ValueError`` names the accepted forms."""
-    if isinstance(spec, RecomputePolicy):
-        return spec
-    if not isinstance(spec, str):
-        raise ValueError(f"recompute policy must be a string, got {type(spec).__name__}; {USAGE}")
-    parts = [_parse_one(spec, part) for part in spec.split("+")]
-    if len(parts) == 1:
-        return parts[0]
-    bad = [str(p) for p in parts if p.kind not in ("boundary", "tail")]
-    if bad:
-        raise ValueError(f"recompute policy {spec!r}: only boundary and tail combine with '+', not "
-                         f"{', '.join(bad)}; {USAGE}")
-    return RecomputePolicy("mix", parts=tuple(parts))
 
 
 # ------------------------------------------------------------------ selection
@@ -215,23 +196,9 @@ def boundary_indices(spans: Sequence[CachedSpan], k: int, share: float = 0.0,
     return sorted(chosen)
 
 
-def tail_indices(spans: Sequence[CachedSpan], t: int, clean: int | None = None) -> list[int]:
-    """The last ``t`` stale cached tokens of the modules, in position order.
-
-    Why: the uncached question follows the cached text, and its first token attends most to the
-    nearest tokens; those are the last module's last tokens (stale when encoded apart).
-    """
-    tokens = sorted(i for group in module_tokens(spans, clean) for i in group)
-    return tokens[len(tokens) - t:] if t else []
-
-
 def rule_indices(spans: Sequence[CachedSpan], pol: RecomputePolicy, clean: int | None = None) -> list[int]:
-    """The tokens of a token-rule policy (``boundary``, ``tail`` or their ``+`` union)."""
-    if pol.kind == "boundary":
-        return boundary_indices(spans, pol.k, pol.ratio, clean)
-    if pol.kind == "tail":
-        return tail_indices(spans, pol.k, clean)
-    return sorted(set().union(*(rule_indices(spans, p, clean) for p in pol.parts)))
+    """The tokens of a token-rule policy (``boundary:K`` or ``boundary:P%``)."""
+    return boundary_indices(spans, pol.k, pol.ratio, clean)
 
 
 def resolve_auto(budget: float, spans: Sequence[CachedSpan], computed: int, clean: int | None = None
@@ -323,7 +290,7 @@ def choose(runner: ModelRunner, pieces: Sequence[ModuleKV], spans: Sequence[Cach
         idx: list[int] | torch.Tensor = []
     elif pol.kind == "full":
         idx = list(range(n))
-    elif pol.kind in ("boundary", "tail", "mix"):
+    elif pol.kind == "boundary":
         idx = rule_indices(spans, pol, clean)
     else:
         c = min(CHECK_LAYER, runner.num_layers - 1)

@@ -109,7 +109,8 @@ class LoraRegistry:
     # ------------------------------------------------------------------ catalogue
 
     def names(self) -> list[str]:
-        return sorted(self._adapters)
+        """Loaded adapter names (a copy first: the HTTP thread reads this while the engine loads)."""
+        return sorted(self._adapters.copy())
 
     def info(self, name: str) -> AdapterInfo:
         self.check(name)

@@ -24,6 +24,11 @@ from promptcache.integrations.vllm_driver import DriverProcess, first_token_kl
 from promptcache.loading import converted_dir
 from promptcache.roles import ChatRenderer
 
+try:
+    from redis_fixture import REDIS_BIN, RedisServer
+except ImportError:  # run from the repository root as a package
+    from tests.redis_fixture import REDIS_BIN, RedisServer
+
 REPO = Path(__file__).resolve().parents[1]
 VLLM_PY = Path(os.environ.get("PROMPTCACHE_VLLM_PYTHON",
                               Path.home() / ".cache/promptcache/vllm-venv/bin/python"))
@@ -145,7 +150,9 @@ def vllm_setup(tmp_path_factory):
     from promptcache import load_model
 
     tmp = tmp_path_factory.mktemp("vllm")
-    store, log, schema_file = tmp / "store", tmp / "connector.log", tmp / "island.xml"
+    log, schema_file = tmp / "connector.log", tmp / "island.xml"
+    redis = _redis_for_vllm(tmp)
+    store = redis.url if redis is not None else tmp / "store"  # Redis: issue 16, test 4
     schema_file.write_text(SCHEMA)
     _encode(schema_file, store)
     (tmp / "lib.xml").write_text(LIB_SCHEMA)
@@ -160,10 +167,37 @@ def vllm_setup(tmp_path_factory):
     try:
         assert driver.read(300).get("ready")
         yield {"ids": ids, "params": params, "ids2": ids2, "params2": params2, "driver": driver, "log": log,
-               "lib_keys": lib_keys,
+               "lib_keys": lib_keys, "keys": keys, "redis": redis is not None,
                "store": store, "tmp": tmp, "fingerprint": keys.model}
     finally:
         driver.close()
+        if redis is not None:
+            redis.stop()
+
+
+def _redis_for_vllm(tmp: Path) -> "RedisServer | None":
+    """A loopback redis-server for the module's store when redis-server is installed and the vLLM
+    venv has redis-py (its recipe installs it); else ``None`` (a directory store, test 4 skipped)."""
+    if REDIS_BIN is None:
+        return None
+    probe = subprocess.run([str(VLLM_PY), "-c", "import redis"], capture_output=True, timeout=120)
+    if probe.returncode != 0:
+        return None
+    return RedisServer(tmp / "redis").start()
+
+
+@pytest.fixture(scope="module")
+def checked_engine(vllm_setup):
+    """A second vLLM process on the same store, with ``model_fingerprint`` set (keys checked)."""
+    s = vllm_setup
+    log = s["tmp"] / "checked.log"
+    drv = DriverProcess(VLLM_PY, MODEL_DIR, s["store"], log, block_size=BLOCK,
+                        extra=["--model-fingerprint", s["fingerprint"]])
+    try:
+        assert drv.read(300).get("ready")
+        yield drv, log
+    finally:
+        drv.close()
 
 
 def _encode(schema_file: Path, store: Path | str, encoding: str = "scaffold") -> None:
@@ -330,7 +364,7 @@ def test_issue16_prefix_keys_recomputed_from_tokens_equal_render(tokenizer):
     assert prefix_span_keys(ids, bounds, model="1" * 64, dtype=k.dtype)[0] != spans[0]["key"]
 
 
-def test_issue16_connector_with_fingerprint_rejects_keys_that_are_not_the_tokens(vllm_setup):
+def test_issue16_connector_with_fingerprint_rejects_keys_that_are_not_the_tokens(vllm_setup, checked_engine):
     """A connector given the model's fingerprint recomputes each span's key from the request's
     tokens: render's params are supplied as before; a span renamed to another (stored) key is
     not, so a client cannot make vLLM load, or save under, a key of its choosing. (A second
@@ -344,17 +378,39 @@ def test_issue16_connector_with_fingerprint_rejects_keys_that_are_not_the_tokens
     renamed = "renamed-" + span["key"][:32]
     assert store.put(renamed, store.get(span["key"]))
     span["key"] = renamed
-    log = s["tmp"] / "checked.log"
-    drv = DriverProcess(VLLM_PY, MODEL_DIR, s["store"], log, block_size=BLOCK,
-                        extra=["--model-fingerprint", s["fingerprint"]])
-    try:
-        assert drv.read(300).get("ready")
-        good = drv.ask(s["ids"], s["params"], max_tokens=4)
-        bad = drv.ask(s["ids"], params, max_tokens=4)
-    finally:
-        drv.close()
+    drv, _ = checked_engine
+    good = drv.ask(s["ids"], s["params"], max_tokens=4)
+    bad = drv.ask(s["ids"], params, max_tokens=4)
     assert good["num_cached_tokens"] == min(supplied_tokens(s["params"]), len(s["ids"]) - 1) // BLOCK * BLOCK > 0
     assert bad["num_cached_tokens"] == 0
+
+
+def test_issue16_item4_two_vllm_processes_share_one_redis_store(vllm_setup, checked_engine):
+    """Issue 16, test 4: two vLLM processes (both running) on one Redis store over loopback. A
+    schema no one has encoded: the first process computes its modules and saves them to Redis; the
+    second loads them (external hits = the block-aligned supplied run, nothing saved by it) and
+    gives the first's greedy text."""
+    s = vllm_setup
+    if not s["redis"]:
+        pytest.skip("no redis-server, or no redis-py in the vLLM venv: the module's store is a directory")
+    schema3 = SCHEMA.replace('name="island"', 'name="pier"').replace("lighthouse", "piermaster")
+    prompt3 = PROMPT.replace("island", "pier").replace("lighthouse", "piermaster")
+    ids, params = render(prompt3, schema3, keys=s["keys"], store=s["store"])
+    missing = [sp["key"] for sp in params["promptcache"]["spans"] if not sp["stored"]]
+    assert missing and supplied_tokens(params) < BLOCK
+    drv2, log2 = checked_engine
+    before1, before2 = len(_log(s["log"])), len(_log(log2))
+    first = s["driver"].ask(ids, params)
+    assert first["num_cached_tokens"] == 0
+    saved = [r["key"] for r in _log(s["log"])[before1:] if r["event"] == "saved" and r["ok"]]
+    assert sorted(saved) == sorted(missing)
+    _, params = render(prompt3, schema3, keys=s["keys"], store=s["store"])  # now all stored
+    second = drv2.ask(ids, params)
+    expect = min(supplied_tokens(params), len(ids) - 1) // BLOCK * BLOCK
+    assert expect > 2 * BLOCK and second["num_cached_tokens"] == expect
+    events = [r["event"] for r in _log(log2)[before2:]]
+    assert events.count("loaded") == 1 and "saved" not in events
+    assert second["token_ids"] == first["token_ids"], (second["text"], first["text"])
 
 
 def test_issue16_item3_non_prefix_selection_supplies_every_cached_module(vllm_setup):

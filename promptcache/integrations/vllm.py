@@ -46,6 +46,7 @@ import time
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any
 
+from .vllm_cache import DEFAULT_HOST_CACHE_BYTES, HostEntryCache, Prepared, parse_limit
 from .vllm_render import PARAMS_KEY, KeyContext, render, supplied_tokens, tokens_digest
 
 __all__ = ["KeyContext", "render", "supplied_tokens", "PromptCacheConnector", "VLLM_AVAILABLE"]
@@ -184,6 +185,8 @@ if VLLM_AVAILABLE:
             self._warned_layout = False
             self._load_errors: set[int] = set()
             self._layout: Any = None  # learnt block layout (tensor), False when unreadable
+            self._host = HostEntryCache(parse_limit(self._kv_transfer_config.get_from_extra_config(
+                "host_cache_bytes", DEFAULT_HOST_CACHE_BYTES)))
 
         # ---------------------------------------------------------------- log
 
@@ -320,23 +323,20 @@ if VLLM_AVAILABLE:
             self._num_layers = len(kv_caches)
             logger.info("promptcache: %d KV cache layers, shapes %s", len(kv_caches), shapes)
 
-        def _entry_kv(self, spans: list[SpanRef], expect: dict | None = None):
-            """Per layer ``(keys, values)`` ``[heads, n, dim]`` of the spans, concatenated, re-rotated."""
+        def _prepared(self, ref: SpanRef, expect: dict | None, dtype) -> Prepared:
+            """The span's entry as per-layer ``[n, heads, dim]`` tensors in ``dtype``, keys rotated
+            to vLLM's positions: from the host LRU, else read (and verified) from the store once."""
             from ..modules.relocate import rotate_keys, rotation
             from ..store.base import check_expect
 
-            ks: list[list[torch.Tensor]] = []
-            vs: list[list[torch.Tensor]] = []
-            for ref in spans:
+            ck = (ref.key, ref.base + ref.shift, str(dtype))
+            item = self._host.get(ck)
+            if item is None:
                 entry = self._store.get(ref.key)  # no expect=: a store quarantines a mismatch, and
                 if entry is None:                 # the params come from clients
                     raise RuntimeError(f"promptcache: store entry {ref.key[:16]} is missing or bad")
-                why = check_expect(entry, expect)
-                if why is not None:
-                    raise RuntimeError(f"promptcache: store entry {ref.key[:16]}: {why}")
                 keys, values = entry.kv.keys, entry.kv.values
-                offset = int(entry.meta.get("offset", ref.base))
-                delta = ref.base - offset + ref.shift
+                delta = ref.base - int(entry.meta.get("offset", ref.base)) + ref.shift
                 if delta != 0:
                     if self._inv_freq is None:
                         self._inv_freq = _default_inv_freq(self._hf_config, self._head_dim)
@@ -345,14 +345,22 @@ if VLLM_AVAILABLE:
                                            "RoPE is not 'default': cannot re-rotate")
                     cos, sin = rotation(self._inv_freq, delta, keys[0].device)
                     keys = [rotate_keys(k, cos, sin) for k in keys]
-                ks.append([k[:, :ref.length] for k in keys])
-                vs.append([v[:, :ref.length] for v in values])
-            n_layers = len(ks[0])
-            return ([torch.cat([s[i] for s in ks], dim=1) for i in range(n_layers)],
-                    [torch.cat([s[i] for s in vs], dim=1) for i in range(n_layers)])
+                ks = [k.transpose(0, 1).to(dtype).contiguous() for k in keys]
+                vs = [v.transpose(0, 1).to(dtype).contiguous() for v in values]
+                item = Prepared(dict(entry.meta), ks, vs, sum(t.numel() * t.element_size() for t in ks + vs),
+                                entry.dtype)
+                self._host.put(ck, item)
+            why = check_expect(item, expect)
+            if why is not None:
+                raise RuntimeError(f"promptcache: store entry {ref.key[:16]}: {why}")
+            if item.keys[0].shape[0] < ref.length:
+                raise RuntimeError(f"promptcache: store entry {ref.key[:16]} has {item.keys[0].shape[0]} "
+                                   f"tokens, the span {ref.length}")
+            return item
 
         def start_load_kv(self, forward_context: "ForwardContext", **kwargs: Any) -> None:
-            """Write each load's tokens into its paged blocks, layer by layer, synchronously."""
+            """Write each load's tokens into its paged blocks, per layer and span, from the host LRU
+            (entries read from the store once: :mod:`.vllm_cache`), synchronously before the forward."""
             from vllm.model_executor.models.utils import extract_layer_index
 
             meta = self._get_connector_metadata()
@@ -363,44 +371,52 @@ if VLLM_AVAILABLE:
             layers = [(name, layer) for name, layer in forward_context.no_compile_layers.items()
                       if hasattr(layer, "impl") and getattr(layer, "kv_cache", None) is not None
                       and hasattr(layer.impl, "do_kv_cache_update")]
+            if not layers:
+                return
+            cache0 = layers[0][1].kv_cache
+            dtype = cache0.dtype if cache0.dtype in (torch.float32, torch.float16, torch.bfloat16) else None
             bs = self._block_size
             for job in meta.loads:
                 t0 = time.perf_counter()
+                hits = self._host.hits
                 pos = torch.arange(job.lo, job.hi)
                 blocks = torch.tensor(job.block_ids, dtype=torch.long)
                 try:
-                    keys, values = self._entry_kv(job.spans, job.expect)
-                    if len(keys) != len(layers):
-                        raise RuntimeError(f"promptcache: entries have {len(keys)} layers, vLLM has "
-                                           f"{len(layers)} attention layers (another model?)")
-                    self._check_shapes(keys, layers)
+                    parts = [(ref, self._prepared(ref, job.expect, dtype or torch.float32)) for ref in job.spans]
+                    for _, item in parts:
+                        if len(item.keys) != len(layers):
+                            raise RuntimeError(f"promptcache: entries have {len(item.keys)} layers, vLLM has "
+                                               f"{len(layers)} attention layers (another model?)")
+                        self._check_shapes(item.keys, layers)
                 except (RuntimeError, ValueError, KeyError, OSError) as err:
                     # vLLM recomputes or fails these blocks (kv_load_failure_policy); the engine lives on.
                     logger.warning("promptcache: request %s: load failed: %s", job.req_id, err)
                     self._load_errors |= {int(b) for b in blocks[pos // bs].unique()}
                     self._log(event="load_failed", req_id=job.req_id, error=str(err)[:300])
                     continue
-                slots = blocks[pos // bs] * bs + pos % bs
+                t_read = time.perf_counter()
+                slots = (blocks[pos // bs] * bs + pos % bs).to(cache0.device)
                 for name, layer in layers:
                     idx = extract_layer_index(name)
-                    cache = layer.kv_cache
-                    k = keys[idx][:, job.lo:job.hi].transpose(0, 1).to(cache.device)
-                    v = values[idx][:, job.lo:job.hi].transpose(0, 1).to(cache.device)
-                    dtype = getattr(layer, "dtype", None) or k.dtype
-                    if cache.dtype in (torch.float32, torch.float16, torch.bfloat16):
-                        dtype = cache.dtype
-                    layer.impl.do_kv_cache_update(layer, k.to(dtype).contiguous(), v.to(dtype).contiguous(),
-                                                  cache, slots.to(cache.device))
+                    for ref, item in parts:
+                        a, b = max(job.lo, ref.start), min(job.hi, ref.start + ref.length)
+                        if a >= b:
+                            continue
+                        k = item.keys[idx][a - ref.start:b - ref.start].to(layer.kv_cache.device)
+                        v = item.values[idx][a - ref.start:b - ref.start].to(layer.kv_cache.device)
+                        layer.impl.do_kv_cache_update(layer, k, v, layer.kv_cache, slots[a - job.lo:b - job.lo])
+                t1 = time.perf_counter()
                 self._log(event="loaded", req_id=job.req_id, lo=job.lo, hi=job.hi, tokens=job.hi - job.lo,
-                          layers=len(layers), ms=round((time.perf_counter() - t0) * 1000, 3))
+                          layers=len(layers), host_hits=self._host.hits - hits, read_ms=round((t_read - t0) * 1000, 3),
+                          write_ms=round((t1 - t_read) * 1000, 3), ms=round((t1 - t0) * 1000, 3))
 
         @staticmethod
         def _check_shapes(keys: list, layers: list) -> None:
             """Entries must have vLLM's KV heads and head size in every layer."""
             from vllm.model_executor.models.utils import extract_layer_index
 
-            for name, layer in layers:
-                have = (keys[extract_layer_index(name)].shape[0], keys[extract_layer_index(name)].shape[2])
+            for name, layer in layers:  # keys per layer [n, heads, dim]
+                have = tuple(keys[extract_layer_index(name)].shape[1:])
                 want = (layer.num_kv_heads, layer.head_size)
                 if have != want:
                     raise RuntimeError(f"promptcache: entry heads/dim {have} != vLLM's {want} in {name}")

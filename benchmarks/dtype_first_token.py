@@ -12,8 +12,8 @@ once with float32 weights (the reference) and once with the other dtype (``--dty
 bfloat16; ``--compile``: the other side compiled, when this checkout's engine has ``compile=``).
 Reported per path: how often the argmax (the greedy first token) differs, and KL(P_fp32 || P_dtype)
 of the first-token distribution in nats (float64 softmax), max and mean; also, per dtype, the cache's
-own fidelity (KL baseline vs cached), so one sees whether bf16 hurts the cache more than the
-baseline. Samples run round-robin over the tasks, so a ``--time-budget`` cut still covers every task.
+own fidelity (first token and KL, baseline vs cached), so one sees whether bf16 hurts the cache more
+than the baseline. Samples run round-robin over the tasks, so a ``--time-budget`` cut still covers every task.
 
     python benchmarks/dtype_first_token.py --threads 1 --limit 3 --max-length 1024
     python benchmarks/dtype_first_token.py --random-weights tiny --limit 1 --tasks lcc,trec   # smoke run
@@ -107,8 +107,9 @@ def compare(ref: dict, alt: dict) -> dict:
         out[f"{path}_top_dtype"] = int(alt[path].argmax())
         out[f"{path}_changed"] = out[f"{path}_top_fp32"] != out[f"{path}_top_dtype"]
         out[f"{path}_kl"] = runner.first_token_kl(ref[path], alt[path])
-    out["cache_kl_fp32"] = runner.first_token_kl(ref["baseline"], ref["cached"])
-    out["cache_kl_dtype"] = runner.first_token_kl(alt["baseline"], alt["cached"])
+    for side, logits in (("fp32", ref), ("dtype", alt)):
+        out[f"cache_kl_{side}"] = runner.first_token_kl(logits["baseline"], logits["cached"])
+        out[f"cache_changed_{side}"] = int(logits["baseline"].argmax()) != int(logits["cached"].argmax())
     return out
 
 
@@ -126,6 +127,7 @@ def summarize(records: list[dict], planned: int, skipped: list[str]) -> dict:
         kls = [r[f"cache_kl_{side}"] for r in records]
         summary[f"cache_kl_{side}_max"] = max(kls, default=float("nan"))
         summary[f"cache_kl_{side}_mean"] = statistics.fmean(kls) if kls else float("nan")
+        summary[f"cache_changed_{side}"] = sum(r[f"cache_changed_{side}"] for r in records)
     summary["per_task"] = {t: {"samples": len(rs), "baseline_changed": sum(r["baseline_changed"] for r in rs),
                                "cached_changed": sum(r["cached_changed"] for r in rs)}
                            for t in sorted({r["task"] for r in records})
@@ -140,9 +142,10 @@ def report(summary: dict, dtype: str) -> str:
     for path in ("baseline", "cached"):
         lines.append(f"| {path} | {summary[path + '_changed']}/{n} ({summary[path + '_changed_pct']:.1f}%) | "
                      f"{summary[path + '_kl_max']:.3g} | {summary[path + '_kl_mean']:.3g} |")
-    lines.append(f"\nCache fidelity KL(baseline || cached): float32 max {summary['cache_kl_fp32_max']:.3g} "
-                 f"mean {summary['cache_kl_fp32_mean']:.3g}; {dtype} max {summary['cache_kl_dtype_max']:.3g} "
-                 f"mean {summary['cache_kl_dtype_mean']:.3g}.")
+    lines.append(f"\nCache fidelity within one dtype, cached vs baseline: float32 first token changed "
+                 f"{summary['cache_changed_fp32']}/{n}, KL max {summary['cache_kl_fp32_max']:.3g} mean "
+                 f"{summary['cache_kl_fp32_mean']:.3g}; {dtype} changed {summary['cache_changed_dtype']}/{n}, KL max "
+                 f"{summary['cache_kl_dtype_max']:.3g} mean {summary['cache_kl_dtype_mean']:.3g}.")
     return "\n".join(lines)
 
 

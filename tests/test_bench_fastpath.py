@@ -136,7 +136,8 @@ def test_issue17_item3_compare_and_summary_count_changes():
     rec = compare(ref, alt)
     assert rec["baseline_changed"] and not rec["cached_changed"]
     assert rec["baseline_kl"] > rec["cached_kl"] > 0
-    assert rec["cache_kl_fp32"] == 0
+    assert rec["cache_kl_fp32"] == 0 and not rec["cache_changed_fp32"]
+    assert rec["cache_changed_dtype"]   # bf16 baseline argmax 1, bf16 cached argmax 0
     recs = [{**rec, "task": "lcc"}, {**compare(ref, ref), "task": "trec"}]
     s = summarize(recs, planned=3, skipped=["x"])
     assert s["baseline_changed"] == 1 and s["baseline_changed_pct"] == 50.0 and s["cached_changed"] == 0

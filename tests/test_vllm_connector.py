@@ -247,7 +247,11 @@ def test_issue16_item1_loaded_kv_is_what_vllm_attends_to(vllm_setup):
     key = "poisoned-" + span["key"][:32]
     assert store.put(key, poisoned)
     span["key"] = key
+    before = len(_log(s["log"]))
     good = s["driver"].ask(s["ids"], s["params"])
+    # Issue 16 item 3 (TTFT): entries loaded by the test above come from the host LRU, not the store.
+    loaded = [r for r in _log(s["log"])[before:] if r["event"] == "loaded"]
+    assert [r["host_hits"] for r in loaded] == [len(s["params"]["promptcache"]["spans"])]
     bad = s["driver"].ask(s["ids"], params)
     assert bad["num_cached_tokens"] == good["num_cached_tokens"] > 0
     assert bad["token_ids"] != good["token_ids"]
@@ -469,3 +473,24 @@ def test_issue16_item3_render_approximate_covers_every_selected_module(tokenizer
     _, exact = render(pml, LIB_SCHEMA, keys=k)
     assert supplied_tokens(exact) < supplied_tokens(params)
     assert all(sp["exact"] and sp["position"] == sp["start"] for sp in exact["promptcache"]["spans"])
+
+
+def test_issue16_item3_host_cache_is_bounded_by_bytes_and_evicts_lru():
+    """The connector's host LRU keeps at most ``limit`` bytes, evicts the least recently used
+    entry first, and does not keep an entry larger than the limit (it is still used once)."""
+    from promptcache.integrations.vllm_cache import HostEntryCache, Prepared, parse_limit
+
+    def item(n: int) -> Prepared:
+        return Prepared({}, [], [], n)
+
+    c = HostEntryCache(100)
+    assert c.put("a", item(40)) and c.put("b", item(40))
+    assert c.get("a") is not None  # a is now the most recent
+    assert c.put("c", item(40))    # evicts b, not a
+    assert c.get("b") is None and c.get("a") is not None and c.get("c") is not None
+    assert c.used == 80 and len(c) == 2
+    assert not c.put("huge", item(101)) and c.get("huge") is None and c.used == 80
+    assert not HostEntryCache(0).put("a", item(1))
+    assert parse_limit("2048") == 2048
+    with pytest.raises(ValueError, match="host_cache_bytes"):
+        parse_limit(-1)

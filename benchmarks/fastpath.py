@@ -5,6 +5,7 @@ and a second process (the inductor cache on disk).
 
     python benchmarks/fastpath.py --threads 1                  # TTFT table (warm-up in this process)
     python benchmarks/fastpath.py --threads 1 --warmup-processes  # + warm-up, fresh cache dir, 2 processes
+    python benchmarks/fastpath.py --threads 1 --warmup-processes --no-ttft   # the warm-up only
 
 The per-variant TTFT is ``generate(prompt, max_new_tokens=0).ttft_s``: parse, bind, splice,
 suffix forward, logits. The compiled variant is warmed up first (reported apart, never inside a
@@ -141,6 +142,7 @@ def main(argv: list[str] | None = None) -> int:
                    help=f"comma-separated from {', '.join(VARIANTS)}; the first is the reference "
                         f"(default: {','.join(DEFAULT_VARIANTS)})")
     p.add_argument("--warmup-processes", action="store_true", help="also time warm-up in two fresh processes")
+    p.add_argument("--no-ttft", action="store_true", help="skip the TTFT table (with --warmup-processes)")
     p.add_argument("--warmup-only", action="store_true", help=argparse.SUPPRESS)
     p.add_argument("--json", default=None, help="write the results here")
     args = p.parse_args(argv)
@@ -148,7 +150,7 @@ def main(argv: list[str] | None = None) -> int:
     if args.warmup_only:
         run_warmup_only(args)
         return 0
-    out = {"ttft": run_ttft(args)}
+    out = {} if args.no_ttft else {"ttft": run_ttft(args)}
     if args.warmup_processes:
         out["warmup_processes"] = run_processes(args)
     if args.json:

@@ -194,3 +194,14 @@ def test_issue17_buckets():
     assert compiled_mod.suffix_bucket(1) == 1 and compiled_mod.suffix_bucket(13) == 16
     assert compiled_mod.suffix_bucket(10_000) == compiled_mod.SUFFIX_BUCKETS[-1]
     assert [compiled_mod.cache_bucket(n) for n in (1, 256, 257, 1405)] == [256, 256, 512, 2048]
+
+
+def test_issue17_buffer_pool_keeps_few_idle_buffers():
+    pool = compiled_mod.BufferPool((2, 2, 4), torch.float32, torch.device("cpu"))
+    bufs = [pool.lease(256) for _ in range(compiled_mod.MAX_IDLE_BUFFERS + 2)]
+    assert len({id(b) for b in bufs}) == len(bufs) and pool.allocated == {256: len(bufs)}
+    for b in bufs:
+        pool.give_back(b)
+    assert len(pool.free[256]) == compiled_mod.MAX_IDLE_BUFFERS  # the rest is freed
+    assert pool.lease(256) is bufs[compiled_mod.MAX_IDLE_BUFFERS - 1]  # reused, not allocated
+    assert pool.allocated == {256: len(bufs)}

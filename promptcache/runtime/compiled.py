@@ -42,6 +42,8 @@ from .kv import ModuleKV, SplicedCache
 SUFFIX_BUCKETS: tuple[int, ...] = (1, 16, 32, 64, 128, 256, 512)
 #: The smallest cache bucket; the others are its doublings.
 MIN_CACHE_BUCKET = 256
+#: Idle buffers kept per cache bucket for the next requests; more are freed when given back.
+MAX_IDLE_BUFFERS = 2
 #: Environment variable naming the inductor's on-disk cache (set here only when unset).
 INDUCTOR_CACHE_ENV = "TORCHINDUCTOR_CACHE_DIR"
 DEFAULT_INDUCTOR_DIR = os.path.join("~", ".cache", "promptcache", "inductor")
@@ -122,7 +124,10 @@ class StaticBuffer:
 
 
 class BufferPool:
-    """Free :class:`StaticBuffer` objects per capacity; a busy bucket gets another buffer."""
+    """Free :class:`StaticBuffer` objects per capacity; a busy bucket gets another buffer.
+
+    Memory: one buffer per live request (``2 x layers x kv_heads x capacity x head_dim`` elements),
+    plus at most :data:`MAX_IDLE_BUFFERS` idle ones per bucket kept for reuse."""
 
     def __init__(self, shape: tuple[int, int, int], dtype: torch.dtype, device: torch.device) -> None:
         self.shape, self.dtype, self.device = shape, dtype, device
@@ -137,7 +142,9 @@ class BufferPool:
         return StaticBuffer(*self.shape, capacity, self.dtype, self.device)
 
     def give_back(self, buf: StaticBuffer) -> None:
-        self.free.setdefault(buf.capacity, []).append(buf)
+        free = self.free.setdefault(buf.capacity, [])
+        if len(free) < MAX_IDLE_BUFFERS:
+            free.append(buf)
 
 
 class StaticLayer(CacheLayerMixin):

@@ -45,7 +45,8 @@ def served(tmp_path_factory):
     root = tmp_path_factory.mktemp("adapters")
     make_adapter(tiny_model("llama"), root / "a", seed=1)
     make_adapter(tiny_model("llama"), root / "b", seed=2)
-    make_adapter(tiny_model("llama"), tmp_path_factory.mktemp("elsewhere") / "outside", seed=3)
+    outside = make_adapter(tiny_model("llama"), tmp_path_factory.mktemp("elsewhere") / "outside", seed=3)
+    (root / "link").symlink_to(outside, target_is_directory=True)  # inside the root, pointing out
     pc = make_cache("llama", adapters={"a": root / "a"})
     metrics = ServeMetrics()
     scheduler = Scheduler(pc, max_batch=4, max_queue=8, observer=metrics)
@@ -90,8 +91,13 @@ def test_issue19_item4_model_field_picks_the_adapter(served):
 def test_issue19_item4_admins_load_and_unload_adapters_inside_the_root(served):
     client, http, scheduler, root = served
     assert _admin(http, "POST", "/v1/adapters", {"name": "b", "path": "b"}, key=API_KEY).status_code == 401
-    outside = _admin(http, "POST", "/v1/adapters", {"name": "o", "path": str(root.parent / "elsewhere0" / "outside")})
-    assert outside.status_code == 400 and "outside the allowed adapter root" in outside.json()["error"]["message"]
+    outside = (root / "link").resolve()  # the adapter folder outside the root
+    assert (outside / "adapter_config.json").is_file()
+    for path in (str(outside), "link", f"../{outside.parent.name}/outside", "nul\x00byte"):
+        refused = _admin(http, "POST", "/v1/adapters", {"name": "o", "path": path})
+        assert refused.status_code == 400, (path, refused.text)
+    assert "outside the allowed adapter root" in _admin(
+        http, "POST", "/v1/adapters", {"name": "o", "path": "link"}).json()["error"]["message"]
     escape = _admin(http, "POST", "/v1/adapters", {"name": "o", "path": "../" + root.name + "/b/../../"})
     assert escape.status_code == 400
     assert _admin(http, "POST", "/v1/adapters", {"name": "base", "path": "b"}).status_code == 400

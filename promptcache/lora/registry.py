@@ -65,11 +65,12 @@ def check_name(name: object) -> str:
 
 def check_folder(path: str | os.PathLike, allowed_root: str | os.PathLike | None = None) -> Path:
     """The adapter folder, resolved; refused unless it holds ``adapter_config.json`` and, with
-    ``allowed_root``, lies inside it (symlinks resolved first). Never a Hub id: local only."""
+    ``allowed_root``, lies inside it (symlinks resolved first; checked before existence, so a
+    refusal tells nothing about files outside the root). Never a Hub id: local only."""
     try:
-        folder = Path(path).expanduser().resolve(strict=True)
-    except (OSError, RuntimeError) as err:
-        raise AdapterError(f"adapter folder {str(path)!r} does not exist ({err.__class__.__name__})") from None
+        folder = Path(path).expanduser().resolve()
+    except (OSError, RuntimeError, ValueError) as err:  # ValueError: an embedded NUL byte
+        raise AdapterError(f"adapter folder {str(path)!r} is not a usable path ({err.__class__.__name__})") from None
     if allowed_root is not None:
         root = Path(allowed_root).expanduser().resolve()
         if folder != root and root not in folder.parents:

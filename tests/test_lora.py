@@ -247,3 +247,36 @@ def test_issue19_item1_default_model_cached_equals_baseline_per_adapter(tmp_path
         assert cached.token_ids == base.token_ids, f"adapter={adapter}: {cached.text!r} vs {base.text!r}"
         texts[adapter] = cached
     assert float((texts[None].first_token_logits - texts["small"].first_token_logits).abs().max()) > APART
+
+
+def test_issue19_item2_modules_to_save_are_part_of_the_adapter(tmp_path):
+    """An adapter that also trains a full copy of the embeddings (``modules_to_save``, which
+    changes K/V): its copy is in the fingerprint, the base fingerprint still does not move, the
+    cached path equals its baseline, and decode batches group rather than mix it."""
+    from peft import LoraConfig, get_peft_model
+
+    def save(folder: Path, embed_scale: float) -> Path:
+        torch.manual_seed(5)
+        peft_model = get_peft_model(tiny_model("llama"), LoraConfig(r=2, target_modules=["q_proj"],
+                                                                     modules_to_save=["embed_tokens"],
+                                                                     init_lora_weights=False))
+        with torch.no_grad():
+            for name, t in peft_model.named_parameters():
+                if "modules_to_save" in name:
+                    t.mul_(embed_scale)
+        peft_model.save_pretrained(str(folder))
+        return folder
+
+    model = tiny_model("llama")
+    before = model_fingerprint(model)
+    pc = PromptCache(model, tiny_tokenizer(), progress=False,
+                     adapters={"m": save(tmp_path / "m", 1.0), "m2": save(tmp_path / "m2", 1.5)})
+    lora = pc.runner.lora
+    assert lora.fingerprint(None) == before
+    assert lora.info("m").model_key != lora.info("m2").model_key  # differ only in the embedding copy
+    assert not lora.mixable()
+    pc.add_schema(DEFAULT_PATH_SCHEMA)
+    cached = pc.next_token_logits(DEFAULT_PATH_PROMPT, adapter="m2")
+    baseline = pc.next_token_logits(DEFAULT_PATH_PROMPT, use_cache=False, adapter="m2")
+    assert float((cached - baseline).abs().max()) < TOL
+    assert float((cached - pc.next_token_logits(DEFAULT_PATH_PROMPT, adapter="m")).abs().max()) > APART

@@ -7,7 +7,8 @@ so the same adapter loaded from another folder (or under another name) reuses it
 another adapter under a reused name never does.
 
 Loading an adapter through transformers' PEFT integration renames the wrapped base weights
-(``q_proj.weight`` becomes ``q_proj.base_layer.weight``) and adds ``lora_*`` tensors, which would
+(``q_proj.weight`` becomes ``q_proj.base_layer.weight``, a ``modules_to_save`` module's weights
+``...original_module.weight``) and adds ``lora_*`` and ``modules_to_save`` tensors, which would
 change :func:`promptcache.store.model_fingerprint` of the model object. :func:`base_fingerprint`
 hashes the base weights under their original names instead, so base-model keys are the same
 before, during and after adapters are loaded (and equal ``model_fingerprint`` of the plain model).
@@ -31,20 +32,26 @@ VOLATILE_ADAPTER_FIELDS = frozenset({"base_model_name_or_path", "revision", "inf
 _BASE_FP_ATTR = "_promptcache_base_fingerprint"
 
 
+def _is_adapter_part(part: str) -> bool:
+    """A state-dict path component under which PEFT keeps an adapter's own tensors, by adapter name."""
+    return part.startswith("lora_") or part == "modules_to_save"
+
+
 def is_lora_name(name: str) -> bool:
-    """A state-dict entry that belongs to an adapter (``...lora_A.<adapter>.weight`` and kin)."""
-    return any(part.startswith("lora_") for part in name.split("."))
+    """A state-dict entry that belongs to an adapter (``...lora_A.<adapter>.weight``,
+    ``...modules_to_save.<adapter>.weight``)."""
+    return any(_is_adapter_part(part) for part in name.split("."))
 
 
 def base_items(model: torch.nn.Module) -> list[tuple[str, torch.Tensor]]:
     """The model's base tensors under the names they had before any adapter was injected."""
-    return [(name.replace(".base_layer.", "."), t) for name, t in model.state_dict(keep_vars=True).items()
-            if not is_lora_name(name)]
+    return [(name.replace(".base_layer.", ".").replace(".original_module.", "."), t)
+            for name, t in model.state_dict(keep_vars=True).items() if not is_lora_name(name)]
 
 
 def has_lora_layers(model: torch.nn.Module) -> bool:
     """Has PEFT injected layers into ``model`` (even if every adapter was deleted since)?"""
-    return any(".base_layer." in name for name, _ in model.named_parameters())
+    return any(".base_layer." in name or ".original_module." in name for name, _ in model.named_parameters())
 
 
 def base_fingerprint(model: torch.nn.Module) -> str:
@@ -95,12 +102,13 @@ def adapter_config(model: torch.nn.Module, name: str) -> dict:
 
 
 def adapter_tensors(model: torch.nn.Module, name: str) -> list[tuple[str, torch.Tensor]]:
-    """Adapter ``name``'s tensors, named without the adapter name (``...q_proj.lora_A.weight``)."""
+    """Adapter ``name``'s tensors (LoRA matrices and ``modules_to_save`` copies), named without
+    the adapter name (``...q_proj.lora_A.weight``)."""
     out = []
     for full, t in model.state_dict(keep_vars=True).items():
         parts = full.split(".")
         for i, part in enumerate(parts[:-1]):
-            if part.startswith("lora_") and parts[i + 1] == name:
+            if _is_adapter_part(part) and parts[i + 1] == name:
                 out.append((".".join(parts[:i + 1] + parts[i + 2:]), t))
                 break
     return out

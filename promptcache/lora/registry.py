@@ -81,6 +81,18 @@ def check_folder(path: str | os.PathLike, allowed_root: str | os.PathLike | None
     return folder
 
 
+def _enable_adapters(model: torch.nn.Module) -> None:
+    """``model.enable_adapters()`` that also re-enables ``modules_to_save`` copies: transformers'
+    ``disable_adapters`` disables them, its ``enable_adapters`` (5.23) does not enable them again, so
+    an adapter's own embedding copy would silently stay off after a base-model request."""
+    from peft.tuners.tuners_utils import BaseTunerLayer
+    from peft.utils import ModulesToSaveWrapper
+
+    for module in model.modules():
+        if isinstance(module, (BaseTunerLayer, ModulesToSaveWrapper)):
+            module.enable_adapters(True)
+
+
 @contextmanager
 def _quiet_transformers() -> Iterator[None]:
     """transformers' logging at error level, and no progress bar, for the duration."""
@@ -184,9 +196,11 @@ class LoraRegistry:
     # ------------------------------------------------------------------ switching
 
     def mixable(self) -> bool:
-        """Can one forward mix the loaded adapters (PEFT's ``adapter_names``; DoRA cannot)?"""
+        """Can one forward mix the loaded adapters? PEFT's ``adapter_names`` cannot mix DoRA, and
+        :meth:`for_rows` hands them to LoRA layers only, not to ``modules_to_save`` copies."""
         configs = getattr(self.model, "peft_config", None) or {}
-        return not any(getattr(configs.get(n), "use_dora", False) for n in self._adapters)
+        return not any(getattr(configs.get(n), "use_dora", False) or getattr(configs.get(n), "modules_to_save", None)
+                       for n in self._adapters)
 
     @contextmanager
     def for_rows(self, names: Sequence[str | None]) -> Iterator[None]:
@@ -208,7 +222,7 @@ class LoraRegistry:
         def inject(module, args, kwargs):  # noqa: ARG001
             return args, {**kwargs, "adapter_names": labels}
 
-        self.model.enable_adapters()
+        _enable_adapters(self.model)
         self._active = None  # adapters enabled, none selected for the whole batch: unknown
         handles = [m.register_forward_pre_hook(inject, with_kwargs=True)
                    for m in self.model.modules() if isinstance(m, LoraLayer)]
@@ -228,7 +242,7 @@ class LoraRegistry:
                 self.model.disable_adapters()
         else:
             self.check(name)
-            self.model.enable_adapters()
+            _enable_adapters(self.model)
             self.model.set_adapter(name)
         self._active = want
         self.switches += 1

@@ -29,12 +29,14 @@ from tiny_tokenizer import tiny_tokenizer
 FP32_TOL = 1e-4
 BF16_TOL = 0.25
 TEST_BUCKETS = (1, 16)
+DEFAULT_BUCKETS = (compiled_mod.SUFFIX_BUCKETS, compiled_mod.MIN_CACHE_BUCKET)  # before any fixture patches them
 
 
 def _compiled_engine(family: str, dtype: str | None):
     """A compiled engine with the full and default-path schemas, its buckets warmed up."""
     with pytest.MonkeyPatch.context() as mp:
         mp.setattr(compiled_mod, "SUFFIX_BUCKETS", TEST_BUCKETS)
+        mp.setattr(compiled_mod, "MIN_CACHE_BUCKET", 512)  # every request here fits one cache bucket
         pc = make_cache(family, compile=True, dtype=dtype)
         pc.add_schema(FULL_SCHEMA)
         pc.add_schema(DEFAULT_PATH_SCHEMA)
@@ -190,10 +192,13 @@ def test_issue17_bf16_store_never_serves_fp32(tmp_path):
     assert again.store_report()["store_hits"] > 0 and again.store_report()["store_misses"] == 0
 
 
-def test_issue17_buckets():
+def test_issue17_buckets(monkeypatch):
+    monkeypatch.setattr(compiled_mod, "SUFFIX_BUCKETS", DEFAULT_BUCKETS[0])
+    monkeypatch.setattr(compiled_mod, "MIN_CACHE_BUCKET", DEFAULT_BUCKETS[1])
     assert compiled_mod.suffix_bucket(1) == 1 and compiled_mod.suffix_bucket(13) == 16
     assert compiled_mod.suffix_bucket(10_000) == compiled_mod.SUFFIX_BUCKETS[-1]
-    assert [compiled_mod.cache_bucket(n) for n in (1, 256, 257, 1405)] == [256, 256, 512, 2048]
+    assert [compiled_mod.cache_bucket(n) for n in (1, 256, 257, 385, 513, 1405, 3000)] == \
+        [256, 256, 384, 512, 768, 1536, 3072]
 
 
 def test_issue17_buffer_pool_keeps_few_idle_buffers():

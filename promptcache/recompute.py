@@ -206,7 +206,8 @@ def resolve_auto(budget: float, spans: Sequence[CachedSpan], computed: int, clea
     """The policy ``auto:budget`` runs for this request's shape (:mod:`promptcache.recompute_auto`).
 
     ``full`` if the cost model says it fits, else the largest level of ``family_policy`` that fits
-    (``none`` when not even one token does). Deterministic: a function of the spans and the count.
+    (``none`` when not even one token does, or nothing is stale). Deterministic: a function of the
+    spans and the counts.
     """
     model = recompute_auto.COST_MODEL
     cached = sum(s.length for s in spans)
@@ -218,7 +219,7 @@ def resolve_auto(budget: float, spans: Sequence[CachedSpan], computed: int, clea
         return len(rule_indices(spans, parse_policy(family(level)), clean)) if level else 0
 
     level = recompute_auto.pick_level(budget, computed, cached, count, model)
-    return parse_policy(family(level)) if level else RecomputePolicy("none")
+    return parse_policy(family(level)) if count(level) else RecomputePolicy("none")
 
 
 def top_k_by_score(scores: torch.Tensor, k: int) -> torch.Tensor:

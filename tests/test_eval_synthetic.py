@@ -88,3 +88,29 @@ def test_issue18_item1_bad_split_and_missing_source(tmp_path):
     from eval.runner import UserError
     with pytest.raises(UserError, match="passage_retrieval_en.jsonl"):
         resolve_tasks("synthetic_retrieval", tmp_path)
+
+
+def test_issue18_item1_eval_acc_split_filters_before_the_limit(tmp_path):
+    import eval_acc
+    rows = [_row(i, f"Paragraph {1 + i % 10}") for i in range(15)]
+    (tmp_path / "passage_retrieval_en.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
+    held = eval_acc.load_split(["passage_retrieval_en", "synthetic_retrieval"], tmp_path, "heldout", 3)
+    assert [s.id for s in held["passage_retrieval_en"]] == [f"passage_retrieval_en-{i}" for i in (7, 8, 9)]
+    assert [s.extra["source_id"] for s in held["synthetic_retrieval"]] == ["passage_retrieval_en-7"] * 2 + [
+        "passage_retrieval_en-8"]
+    tune = eval_acc.load_split(["passage_retrieval_en"], tmp_path, "tune", None)
+    assert len(tune["passage_retrieval_en"]) == 7
+    assert eval_acc.parse_args(["--split", "heldout"]).split == "heldout"
+
+
+def test_issue18_item4_cpu_ttft_columns():
+    from eval.report import sweep_summary
+    base = {"dataset": "lcc", "answers": ["x"], "all_classes": None, "pred_cached": "x", "pred_baseline": "x",
+            "identical": True, "first_token_kl": 0.0, "ttft_ms_baseline": 100.0, "cached_tokens": 10,
+            "ttft_cpu_ms_baseline": 80.0}
+    recs = [dict(base, recompute="none", ttft_ms_cached=10.0, ttft_cpu_ms_cached=8.0, first_token_kl=0.2),
+            dict(base, recompute="auto:1.3", ttft_ms_cached=30.0, ttft_cpu_ms_cached=10.0, first_token_kl=0.05)]
+    overall, _ = sweep_summary(recs, ["none", "auto:1.3"])
+    auto = overall[1]
+    assert auto["cpu_ttft_vs_none"] == pytest.approx(10.0 / 8.0) and auto["ttft_vs_none"] == pytest.approx(3.0)
+    assert auto["cpu_baseline_vs_ttft"] == pytest.approx(8.0) and auto["kl_gap_recovered_pct"] == pytest.approx(75.0)

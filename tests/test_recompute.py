@@ -424,6 +424,11 @@ def test_issue18_item3_auto_fits_the_budget_by_the_cost_model(budget):
         assert len(more) == len(sel) or model.ratio(len(more), c, n) > budget
     if budget == 1.0:
         assert sel.policy == "none"
+    # nothing stale (one module right after the root prefix): auto says none, whatever the budget
+    pc.add_schema(DEFAULT_PATH_SCHEMA)
+    one = pc.select_tokens('<prompt schema="dp"><doc/> Q?</prompt>', f"auto:{budget:g}")
+    assert len(one) == 0 or one.policy == "full"
+    assert one.policy in ("none", "full")
     if budget == 1.3:
         assert 0 < len(sel) < n  # a real partial choice on this prompt
 

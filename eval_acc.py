@@ -183,6 +183,16 @@ def evaluate_sample(pc, prepared: runner.PreparedSample, policies: list[str], cp
     return records
 
 
+# The selective-recompute issue's table (issue 18): one row per task and policy.
+TASK_POLICY_COLUMNS = [
+    ("task", "task"), ("policy", "policy"), ("n", "n"), ("recompute_ratio", "recomputed/cached"),
+    ("mean_first_token_kl", "mean 1st-token KL"), ("kl_gap_recovered_pct", "KL gap recovered %"),
+    ("identical_pct", "identical %"), ("delta", "score delta"), ("ttft_vs_none", "TTFT / none"),
+    ("cpu_ttft_vs_none", "CPU TTFT / none"), ("baseline_vs_ttft", "base / TTFT"),
+    ("cpu_baseline_vs_ttft", "CPU base / TTFT"),
+]
+
+
 def write_summaries(records: list[dict], paths: dict[str, Path], args: argparse.Namespace,
                     policies: list[str], extra: dict) -> str:
     """Rebuild the tables from every record in the JSONL; returns the printed text."""
@@ -206,10 +216,15 @@ def write_summaries(records: list[dict], paths: dict[str, Path], args: argparse.
         title = f"Recompute sweep ({mode})"
         text = f"{title}\n{format_table(overall, SWEEP_COLUMNS)}"
         md = f"### {title}\n\n{format_table(overall, SWEEP_COLUMNS, markdown=True)}\n"
+        columns = ACCURACY_COLUMNS[:2] + [("recompute_ratio", "recomputed/cached")] + ACCURACY_COLUMNS[2:]
         for policy, rows in per_task.items():
-            text += f"\n\nrecompute {policy}\n{format_table(rows, ACCURACY_COLUMNS + VS_NONE_COLUMNS)}"
+            text += f"\n\nrecompute {policy}\n{format_table(rows, columns + VS_NONE_COLUMNS)}"
             md += (f"\n#### recompute {policy}\n\n"
-                   f"{format_table(rows, ACCURACY_COLUMNS + VS_NONE_COLUMNS, markdown=True)}\n")
+                   f"{format_table(rows, columns + VS_NONE_COLUMNS, markdown=True)}\n")
+        by_task = [{"policy": policy, **row} for row_task in dict.fromkeys(r["task"] for rows in per_task.values()
+                                                                           for r in rows)
+                   for policy, rows in per_task.items() for row in rows if row["task"] == row_task]
+        md += f"\n#### per task and policy\n\n{format_table(by_task, TASK_POLICY_COLUMNS, markdown=True)}\n"
         summary = {"kind": "recompute_sweep", "policies": present, "rows": overall, "per_task": per_task}
         if overall:
             runner.save_figure_atomic(sweep_figure(overall, title), paths["plot"])

@@ -210,3 +210,16 @@ def test_issue17_buffer_pool_keeps_few_idle_buffers():
     assert len(pool.free[256]) == compiled_mod.MAX_IDLE_BUFFERS  # the rest is freed
     assert pool.lease(256) is bufs[compiled_mod.MAX_IDLE_BUFFERS - 1]  # reused, not allocated
     assert pool.allocated == {256: len(bufs)}
+
+
+def test_issue17_compile_flag_reaches_the_engine_kwargs():
+    """--compile on eval.py/eval_acc.py (shared arguments) becomes PromptCache(compile=True)."""
+    import argparse
+
+    from eval.cli_args import add_common_arguments
+    from eval.setup import engine_kwargs
+
+    parser = argparse.ArgumentParser()
+    add_common_arguments(parser, "out.jsonl")
+    assert engine_kwargs(parser.parse_args(["--compile"]), 8)["compile"] is True
+    assert "compile" not in engine_kwargs(parser.parse_args([]), 8)

@@ -146,10 +146,10 @@ fi
 TTFT=("$PY" benchmarks/ttft.py --device "$DEVICE" --dtype bfloat16 --lengths "$LENGTHS" --repeats "$REPEATS" "${THREADS[@]}")
 CUDA_TESTS=$(cd "$ROOT" && ls tests/test_*cuda*.py 2>/dev/null | tr '\n' ' ')
 
-run_step cuda-tests 20 70 "$PY" -m pytest -q -p no:cacheprovider $CUDA_TESTS
-run_step ttft-smollm2-device 20 50 "${TTFT[@]}" "${SMALL[@]}" --placement device --out "$WORK/ttft-smollm2-device"
-run_step ttft-7b-device 30 60 "${TTFT[@]}" "${BIG[@]}" --only scaffold --placement device --out "$WORK/ttft-7b-device"
-run_step ttft-7b-host 30 60 "${TTFT[@]}" "${BIG[@]}" --only scaffold --placement host --out "$WORK/ttft-7b-host"
+run_step cuda-tests 20 60 "$PY" -m pytest -q -p no:cacheprovider $CUDA_TESTS
+run_step ttft-smollm2-device 20 45 "${TTFT[@]}" "${SMALL[@]}" --placement device --out "$WORK/ttft-smollm2-device"
+run_step ttft-7b-device 30 80 "${TTFT[@]}" "${BIG[@]}" --only scaffold --placement device --out "$WORK/ttft-7b-device"
+run_step ttft-7b-host 30 80 "${TTFT[@]}" "${BIG[@]}" --only scaffold --placement host --out "$WORK/ttft-7b-host"
 run_step ttft-smollm2-host 20 40 "${TTFT[@]}" "${SMALL[@]}" --only scaffold --placement host --out "$WORK/ttft-smollm2-host"
 run_step ttft-smollm2-compiled 30 70 "${TTFT[@]}" "${SMALL[@]}" "${COMPILED[@]}" --only scaffold \
   --variants bf16+compile --placement device --out "$WORK/ttft-smollm2-compiled"

@@ -223,3 +223,32 @@ def test_issue17_compile_flag_reaches_the_engine_kwargs():
     add_common_arguments(parser, "out.jsonl")
     assert engine_kwargs(parser.parse_args(["--compile"]), 8)["compile"] is True
     assert "compile" not in engine_kwargs(parser.parse_args([]), 8)
+
+
+def test_issue17_scheduler_serves_compiled_prefills(llama_fp32):
+    """The server's path: PML prefills compiled (16-token chunks), decode batched eagerly over the
+    KV the static buffers hold; concurrent results equal the greedy text of generate() alone."""
+    import threading
+
+    from promptcache.serve.scheduler import GenRequest, Scheduler
+
+    pc, _ = llama_fp32
+    prompts = [FULL_PROMPTS[k] for k in ("default-ish", "union-gap-param", "turns")]
+    expected = [pc.generate(p, max_new_tokens=6) for p in prompts]
+    sched = Scheduler(pc, max_batch=3, prefill_chunk=16)
+    sched.start()
+    results: dict[int, object] = {}
+    try:
+        def client(i: int) -> None:
+            results[i] = sched.submit(GenRequest(prompts[i], 6)).result(timeout=120)
+
+        threads = [threading.Thread(target=client, args=(i,)) for i in range(len(prompts))]
+        for t in threads:
+            t.start()
+        for t in threads:
+            t.join(180)
+    finally:
+        sched.stop()
+    for i, exp in enumerate(expected):
+        assert results[i].token_ids == exp.token_ids, prompts[i]
+    _no_fallbacks(pc)

@@ -42,6 +42,9 @@ from .kv import ModuleKV, SplicedCache
 SUFFIX_BUCKETS: tuple[int, ...] = (1, 16, 32, 64, 128, 256, 512)
 #: The smallest cache bucket; the others are its doublings.
 MIN_CACHE_BUCKET = 256
+#: What ``compile=True`` leaves eager on purpose (listed by :meth:`CompiledForwards.report`).
+EAGER_BY_DESIGN = ("baseline prefill (use_cache=False)", "module encoding", "selective-recompute fused prefill",
+                   "plain-text and chat prompts (prefix caching)", "batched decode of the server (DecodeBatch)")
 #: Idle buffers kept per cache bucket for the next requests; more are freed when given back.
 MAX_IDLE_BUFFERS = 2
 #: Environment variable naming the inductor's on-disk cache (set here only when unset).
@@ -458,6 +461,7 @@ class CompiledForwards:
             "recompiles": self.recompiles,
             "fallbacks": dict(self.fallbacks),
             "buffers": {str(c): n for c, n in sorted(self.pool.allocated.items())},
+            "eager_by_design": list(EAGER_BY_DESIGN),
         }
 
 

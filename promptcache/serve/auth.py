@@ -52,7 +52,7 @@ def check_api_key(authorization: str | None, api_key: str | None, admin_key: str
 def check_admin_key(authorization: str | None, admin_key: str | None) -> None:
     """Raise :class:`AuthError` unless the request carries the admin key (403 when none is set)."""
     if admin_key is None:
-        raise AuthError("schema changes over HTTP are disabled: start the server with --admin-key "
+        raise AuthError("admin changes over HTTP (schemas, adapters) are disabled: start the server with --admin-key "
                         "(or PROMPTCACHE_ADMIN_KEY)", status=403)
     token = bearer_token(authorization)
     if not key_matches(token, admin_key):

@@ -19,7 +19,10 @@ one to produce the first logits). Worker side (:meth:`start_load_kv`): the entri
 the attention backend's own ``do_kv_cache_update`` (the same kernel vLLM's forward uses), so the
 connector does not depend on the backend's block layout (CPU: ``[blocks, heads, block, 2*dim]``).
 An entry stored at another offset than the one its key is used at (same relative layout) is
-re-rotated (RoPE ``default`` only).
+re-rotated (RoPE ``default`` only), and so is a span whose layout ``position`` differs from its
+``start`` in vLLM's sequence (``render(..., approximate=True)``: non-prefix selections, skipped
+modules' gaps closed; approximate, never saved). Entries are read and verified once per worker
+and kept, prepared, in a bytes-bounded host LRU (``host_cache_bytes``, :mod:`.vllm_cache`).
 
 Save side: a span the store lacks (``render`` lists every span of the exact prefix) is read back
 from the paged blocks after vLLM has computed it (:meth:`save_kv_layer`, per layer) and written

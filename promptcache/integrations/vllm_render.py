@@ -12,7 +12,9 @@ the number of prompt tokens before it (no position gap, so no RoPE re-rotation i
 would have shown it: no ghost union member, no parameter scaffold, no skipped module). The run
 ends at the first segment that breaks either, or that is not cached. With ``scaffold`` encoding
 and a prompt on the default path (scaffold members, no arguments before the cached modules) that
-is the whole cached prefix.
+is the whole cached prefix. ``render(..., approximate=True)`` also lists cached spans past a gap
+or with another encoding context (non-prefix selections of ``independent`` modules), marked
+``exact: false`` with their layout ``position``: the connector re-rotates them (an approximation).
 
 This module imports no vLLM: it runs in the client's process (any Python with promptcache).
 """

@@ -75,12 +75,16 @@ def run_ttft(args: argparse.Namespace) -> dict:
                 times[name].append(res.ttft_s)
             logits[name] = res.first_token_logits
     ref_name = args.variants[0]
-    rows = {}
+    rows, oracles = {}, {}
+    for name, pc in engines.items():  # the same dtype's eager oracle: one forward, 4-D mask
+        if pc.dtype not in oracles:
+            oracles[pc.dtype] = pc.oracle_logits(prompt).float()
     for name in engines:
         med = statistics.median(times[name])
         diff = float((logits[name] - logits[ref_name]).abs().max())
         rows[name] = {"ttft_ms": med * 1000, "ratio": med / statistics.median(times[ref_name]),
                       "max_abs_logit_diff": diff,
+                      "vs_own_dtype_oracle": float((logits[name].float() - oracles[engines[name].dtype]).abs().max()),
                       "top_token_same": int(logits[name].argmax()) == int(logits[ref_name].argmax())}
     _, req = next(iter(engines.values())).request(prompt)
     out = {"case": f"persona, {req.num_cached} cached + {len(req.computed_ids)} computed tokens",
@@ -90,7 +94,8 @@ def run_ttft(args: argparse.Namespace) -> dict:
     print(f"{out['case']}; medians of {args.rounds} interleaved rounds; load {out['loadavg']}")
     for name, row in rows.items():
         print(f"  {name:14s} {row['ttft_ms']:8.1f} ms  x{row['ratio']:.2f} of {ref_name}  "
-              f"max|dlogit| {row['max_abs_logit_diff']:.3g}  top same: {row['top_token_same']}")
+              f"max|dlogit| {row['max_abs_logit_diff']:.3g}  top same: {row['top_token_same']}  "
+              f"vs own-dtype oracle {row['vs_own_dtype_oracle']:.3g}")
     for name, rep in out["compile_report"].items():
         print(f"  {name}: compiles {rep['compiles']}, recompiles {rep['recompiles']}, "
               f"fallbacks {rep['fallbacks']}, buckets {rep['buckets_used']}")

@@ -298,6 +298,8 @@ class CompiledForwards:
         self.compiled_buckets: dict[tuple[int, int], float] = {}
         self.calls: dict[tuple[int, int], int] = {}
         self.recompiles = 0
+        self.last_recompile_error: str | None = None
+        self.recompile_reasons: dict[str, int] = {}
         self.fallbacks: dict[str, int] = {}
         self._warned: set[str] = set()
 
@@ -374,39 +376,59 @@ class CompiledForwards:
         return out
 
     def _run(self, bucket: tuple[int, int], cache, input_ids, position_ids, mask, keep) -> torch.Tensor:
-        """Call the compiled graph of ``bucket``; compile it on first use; eager when it cannot be."""
+        """Call the compiled graph of ``bucket``; compile it on first use; eager when it cannot be.
+
+        A call whose guards fail (another model class ran in between and grew a transformers
+        registry, the model was put in ``train()``, an adapter was switched) is not recompiled
+        behind the user's back: dynamo's ``fail_on_recompile`` stance stops it, the recompile is
+        then made explicitly, counted with the guard that failed, and warned about once per reason."""
         self.calls[bucket] = self.calls.get(bucket, 0) + 1
         args = (self.runner.model, cache, input_ids, position_ids, mask, keep)
         if self.eager_reason is not None:
             self.fallbacks[self.eager_reason] = self.fallbacks.get(self.eager_reason, 0) + 1
             return _step(*args)
         if bucket not in self.compiled_buckets:
-            t0 = time.perf_counter()
-            try:
-                out = self._fn(*args)
-            except Exception as exc:  # noqa: BLE001 - any compile failure: eager, loudly
-                self.eager_reason = f"torch.compile failed ({type(exc).__name__}: {str(exc).splitlines()[0][:200]})"
-                self._fallback(self.eager_reason)
-                return _step(*args)
-            self.runner.sync()
-            self.compiled_buckets[bucket] = time.perf_counter() - t0
-            return out
+            return self._compile_call(bucket, args)
         try:
             with torch.compiler.set_stance("fail_on_recompile"):
                 return self._fn(*args)
         except RuntimeError as exc:
             if "recompil" not in str(exc).lower():
                 raise
+            reason = _first_reason(exc)
             self.recompiles += 1
-            self._fallback(f"recompile refused for bucket {bucket} ({_first_reason(exc)})")
+            self.last_recompile_error = str(exc)  # every cache entry's failed guard, for debugging
+            self.recompile_reasons[reason] = self.recompile_reasons.get(reason, 0) + 1
+            self._warn_once(f"promptcache: recompiling the compiled forward of bucket {bucket}: a guard failed "
+                            f"({reason})")
+            return self._compile_call(bucket, args)
+
+    def _compile_call(self, bucket: tuple[int, int], args: tuple) -> torch.Tensor:
+        """Run ``args`` through the compiled function, compiling (timed); eager when it cannot."""
+        t0 = time.perf_counter()
+        try:
+            out = self._fn(*args)
+        except torch._dynamo.exc.FailOnRecompileLimitHit:
+            self._fallback(f"dynamo's recompile limit ({_recompile_limit()}) is reached: bucket {bucket} "
+                           "not compiled (raise torch._dynamo.config.recompile_limit)")
             return _step(*args)
+        except Exception as exc:  # noqa: BLE001 - any compile failure: eager from now on, loudly
+            self.eager_reason = f"torch.compile failed ({type(exc).__name__}: {str(exc).splitlines()[0][:200]})"
+            self._fallback(self.eager_reason)
+            return _step(*args)
+        self.runner.sync()
+        self.compiled_buckets[bucket] = self.compiled_buckets.get(bucket, 0.0) + time.perf_counter() - t0
+        return out
+
+    def _warn_once(self, message: str) -> None:
+        if message not in self._warned:
+            self._warned.add(message)
+            warnings.warn(message, UserWarning, stacklevel=5)
 
     def _fallback(self, reason: str) -> None:
         """Count an eager forward and warn once per reason (never silently)."""
         self.fallbacks[reason] = self.fallbacks.get(reason, 0) + 1
-        if reason not in self._warned:
-            self._warned.add(reason)
-            warnings.warn(f"promptcache: compiled forward ran eager: {reason}", UserWarning, stacklevel=4)
+        self._warn_once(f"promptcache: compiled forward ran eager: {reason}")
 
     # -------------------------------------------------------------------- warm-up and report
 
@@ -459,6 +481,7 @@ class CompiledForwards:
             "compiles": len(self.compiled_buckets),
             "compile_s": {f"{s}x{c}": round(t, 3) for (s, c), t in sorted(self.compiled_buckets.items())},
             "recompiles": self.recompiles,
+            "recompile_reasons": dict(self.recompile_reasons),
             "fallbacks": dict(self.fallbacks),
             "buffers": {str(c): n for c, n in sorted(self.pool.allocated.items())},
             "eager_by_design": list(EAGER_BY_DESIGN),
@@ -474,10 +497,18 @@ def _raise_recompile_limit(needed: int) -> None:
     dynamo_config.accumulated_recompile_limit = max(dynamo_config.accumulated_recompile_limit, 4 * needed)
 
 
+def _recompile_limit() -> int:
+    import torch._dynamo.config as dynamo_config
+
+    return dynamo_config.recompile_limit
+
+
 def _first_reason(exc: BaseException) -> str:
     """The first line of a dynamo recompile error that names the failed guard."""
     lines = [ln.strip() for ln in str(exc).splitlines() if ln.strip()]
-    for ln in lines:
-        if "guard" in ln.lower() or "triggered by" in ln.lower():
-            return ln[:200]
-    return lines[0][:200] if lines else type(exc).__name__
+    guards = [ln.lstrip("- ") for ln in lines if ln.startswith("- ")]
+    # "size/dtype mismatch" lines are other buckets' (or other models') entries: not the news.
+    news = [g for g in guards if "mismatch" not in g]
+    if news or guards:
+        return (news or guards)[0][:300]
+    return lines[0][:300] if lines else type(exc).__name__

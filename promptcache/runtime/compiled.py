@@ -17,11 +17,12 @@ every unwritten slot), so one compiled graph per ``(S, C)`` pair serves every pr
 Compiled graphs are made by ``torch.compile(fullgraph=True, dynamic=False)`` (CUDA: mode
 ``"reduce-overhead"``, CUDA graphs); the inductor cache is kept on disk
 (:data:`INDUCTOR_CACHE_ENV`, default ``~/.cache/promptcache/inductor``) with the FX graph cache on,
-so a second process loads its kernels instead of compiling them. Nothing falls back to eager in
-silence: a bucket's first call compiles it (counted, timed), later calls run under dynamo's
-``fail_on_recompile`` stance, and a recompile, a failed compile or an unsupported case runs the
-same forward eagerly over the same buffer, warns once per reason and is counted in
-:meth:`CompiledForwards.report`.
+so a second process loads its kernels instead of compiling them. Nothing recompiles or falls back
+to eager in silence: a bucket's first call compiles it (counted, timed); later calls run under
+dynamo's ``fail_on_recompile`` stance, so a failed guard is seen, then recompiled explicitly
+(counted, the guard named, warned once); dynamo's recompile limit, a failed compile or an ALiBi
+model runs the same forward eagerly, warns once per reason and is counted in
+:meth:`CompiledForwards.report`. What stays eager by design: :data:`EAGER_BY_DESIGN`.
 """
 
 from __future__ import annotations

@@ -86,6 +86,13 @@ def run_ttft(args: argparse.Namespace) -> dict:
                       "max_abs_logit_diff": diff,
                       "vs_own_dtype_oracle": float((logits[name].float() - oracles[engines[name].dtype]).abs().max()),
                       "top_token_same": int(logits[name].argmax()) == int(logits[ref_name].argmax())}
+    if args.decode:
+        for name, pc in engines.items():  # per-token decode time after the prefill (greedy)
+            per = []
+            for _ in range(3):
+                res = pc.generate(prompt, max_new_tokens=args.decode)
+                per.append((res.total_s - res.ttft_s) / max(1, len(res.token_ids) - 1))
+            rows[name]["decode_ms_per_token"] = statistics.median(per) * 1000
     _, req = next(iter(engines.values())).request(prompt)
     out = {"case": f"persona, {req.num_cached} cached + {len(req.computed_ids)} computed tokens",
            "rounds": args.rounds, "threads": args.threads, "loadavg": os.getloadavg(), "rows": rows,
@@ -95,7 +102,8 @@ def run_ttft(args: argparse.Namespace) -> dict:
     for name, row in rows.items():
         print(f"  {name:14s} {row['ttft_ms']:8.1f} ms  x{row['ratio']:.2f} of {ref_name}  "
               f"max|dlogit| {row['max_abs_logit_diff']:.3g}  top same: {row['top_token_same']}  "
-              f"vs own-dtype oracle {row['vs_own_dtype_oracle']:.3g}")
+              f"vs own-dtype oracle {row['vs_own_dtype_oracle']:.3g}"
+              + (f"  decode {row['decode_ms_per_token']:.1f} ms/token" if args.decode else ""))
     for name, rep in out["compile_report"].items():
         print(f"  {name}: compiles {rep['compiles']}, recompiles {rep['recompiles']}, "
               f"fallbacks {rep['fallbacks']}, buckets {rep['buckets_used']}")
@@ -146,6 +154,8 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--variants", type=lambda s: s.split(","), default=DEFAULT_VARIANTS,
                    help=f"comma-separated from {', '.join(VARIANTS)}; the first is the reference "
                         f"(default: {','.join(DEFAULT_VARIANTS)})")
+    p.add_argument("--decode", type=int, default=0, metavar="N",
+                   help="also time greedy decode of N tokens per variant (ms per token, median of 3)")
     p.add_argument("--warmup-processes", action="store_true", help="also time warm-up in two fresh processes")
     p.add_argument("--no-ttft", action="store_true", help="skip the TTFT table (with --warmup-processes)")
     p.add_argument("--warmup-only", action="store_true", help=argparse.SUPPRESS)

@@ -103,7 +103,7 @@ def setup_inductor_cache() -> str:
     if not path or path == default_cache_dir():
         path = os.path.expanduser(DEFAULT_INDUCTOR_DIR)
         os.environ[INDUCTOR_CACHE_ENV] = path
-    os.makedirs(path, exist_ok=True)
+    os.makedirs(path, mode=0o700, exist_ok=True)  # it holds shared objects this process will load
     import torch._inductor.config as inductor_config
 
     inductor_config.fx_graph_cache = True

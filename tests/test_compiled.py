@@ -14,8 +14,6 @@ Tolerances (measured on these tiny random models, whose logits are O(1-10)):
 
 from __future__ import annotations
 
-import warnings
-
 import pytest
 import torch
 

@@ -63,8 +63,9 @@ class PromptCache(LoraMethods):
             on CUDA) host memory and copies them per request.
         reserve_tokens: room preallocated after the prompt for generated tokens.
         progress: show a progress bar while encoding schemas with several forwards.
-        recompute: default selective-recompute policy (``"none"``, ``"boundary:K"``, ``"deviation:R"``,
-            ``"full"``; see :mod:`promptcache.recompute`); ``generate``/``next_token_logits`` may override it.
+        recompute: default selective-recompute policy (``"none"``, ``"boundary:K"``, ``"boundary:P%"``,
+            ``"deviation:R"``, ``"full"``, ``"auto:B"``; see :mod:`promptcache.recompute`);
+            ``generate``/``next_token_logits`` may override it.
         store: a persistent module-cache store (directory, ``redis://...``, ``memory://`` URL or a
             ``CacheStore``): modules are loaded from it instead of encoded, and written to it.
         max_device_bytes, max_host_bytes: byte budgets of the device and host tiers of module caches

@@ -64,7 +64,8 @@ def run_ttft(args: argparse.Namespace) -> dict:
         pc.add_schema(schema)
         if pc.fast is not None:
             _, req = pc.request(prompt)
-            warm[name] = pc.warmup(suffix_lengths=[1, len(req.computed_ids)])
+            warm[name] = pc.warmup(suffix_lengths=[1, len(req.computed_ids)],
+                                   cache_lengths=[req.num_cached + len(req.computed_ids)])
             print(f"{name}: {warm[name]}", flush=True)
     times: dict[str, list[float]] = {n: [] for n in engines}
     logits = {}
@@ -118,7 +119,8 @@ def run_warmup_only(args: argparse.Namespace) -> dict:
     pc.add_schema(schema)
     _, req = pc.request(prompt)
     t1 = time.perf_counter()
-    report = pc.warmup(suffix_lengths=[1, len(req.computed_ids)])
+    report = pc.warmup(suffix_lengths=[1, len(req.computed_ids)],
+                       cache_lengths=[req.num_cached + len(req.computed_ids)])
     res = pc.generate(prompt, max_new_tokens=0)
     out = {"setup_s": t1 - t0, "warmup_s": report.total_s, "buckets": report.buckets,
            "first_ttft_ms": res.ttft_s * 1000, "total_s": time.perf_counter() - t0,

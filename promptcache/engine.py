@@ -351,6 +351,10 @@ class PromptCache(LoraMethods):
                 req = self.prefix.begin(prompt, use_cache, insert_prefix, t0=t0, reserve=reserve,
                                         prefill_chunk=prefill_chunk)
             else:
+                if reserve is None and max_new_tokens is not None and self.fast is not None:
+                    # The static buffer's size is paid by every forward (its keys are attended,
+                    # masked or not): room for the tokens asked for, not more (decode past it moves).
+                    reserve = min(max_new_tokens, self.reserve_tokens)
                 req = self._begin_pml(prompt, use_cache, recompute, reserve, prefill_chunk, t0, adapter)
             self._track_adapter(req, adapter)
             if prefill:

@@ -201,8 +201,77 @@ def test_issue17_buckets(monkeypatch):
     monkeypatch.setattr(compiled_mod, "MIN_CACHE_BUCKET", DEFAULT_BUCKETS[1])
     assert compiled_mod.suffix_bucket(1) == 1 and compiled_mod.suffix_bucket(13) == 16
     assert compiled_mod.suffix_bucket(10_000) == compiled_mod.SUFFIX_BUCKETS[-1]
-    assert [compiled_mod.cache_bucket(n) for n in (1, 256, 257, 385, 513, 1405, 3000)] == \
-        [256, 256, 384, 512, 768, 1536, 3072]
+    assert [compiled_mod.cache_bucket(n) for n in (1, 256, 257, 385, 513, 1118, 1405, 3000)] == \
+        [256, 256, 320, 448, 640, 1280, 1536, 3072]
+
+
+def test_issue17_gap1_buffer_room_is_what_the_request_asks_for(monkeypatch):
+    """Every forward attends to the whole static buffer, so its size is paid per token: a request
+    asking for few new tokens gets a buffer without the default 256-token reserve; decoding past
+    it moves to a bigger bucket and still equals the baseline."""
+    monkeypatch.setattr(compiled_mod, "SUFFIX_BUCKETS", TEST_BUCKETS)
+    monkeypatch.setattr(compiled_mod, "MIN_CACHE_BUCKET", DEFAULT_BUCKETS[1])
+    pc = make_cache("llama", compile=True)
+    pc.fast._fn = compiled_mod._step  # the same forward, not compiled
+    pc.add_schema(DEFAULT_PATH_SCHEMA)
+    small = pc.begin(DEFAULT_PATH_PROMPT, max_new_tokens=0)
+    full = pc.begin(DEFAULT_PATH_PROMPT)  # no max_new_tokens: the default reserve
+    assert small.cache.buffer.capacity == compiled_mod.cache_bucket(small.cache.length)
+    assert full.cache.buffer.capacity >= full.cache.length + pc.reserve_tokens > small.cache.buffer.capacity
+    for req in (small, full):
+        req.finish([], req.cache)
+    cap = compiled_mod.cache_bucket(small.cache.length)
+    n = cap - small.cache.length + 3  # decode past the first bucket: one move
+    fast = pc.generate(DEFAULT_PATH_PROMPT, max_new_tokens=n)
+    assert fast.token_ids == pc.generate(DEFAULT_PATH_PROMPT, max_new_tokens=n, use_cache=False).token_ids
+    assert any(int(c) > cap for c in pc.compile_report()["buffers"]), pc.compile_report()["buffers"]
+
+
+def test_issue17_gap2_laid_piece_is_told_by_its_memory_owner():
+    """A buffer reuses a piece it holds only when the request's tensors are that very memory,
+    still owned by the same live tensor (a freed module's address can be handed out again)."""
+    from promptcache.runtime.kv import ModuleKV
+
+    k, v = torch.randn(2, 4, 8), torch.randn(2, 4, 8)
+    laid = compiled_mod.LaidPiece.of(ModuleKV([k], [v]), 0)
+    assert laid.holds(ModuleKV([k[:, :4]], [v[:, :4]]), 0)  # a new view of the same memory
+    assert not laid.holds(ModuleKV([k], [v]), 4)  # elsewhere in the buffer
+    assert not laid.holds(ModuleKV([k[:, :3]], [v[:, :3]]), 0)  # a shorter piece
+    assert not laid.holds(ModuleKV([k.transpose(1, 2).contiguous().transpose(1, 2)], [v]), 0)
+    alias = torch.empty(0).set_(k.untyped_storage(), 0, k.shape, k.stride())  # same address, other owner
+    assert alias.data_ptr() == k.data_ptr() and not laid.holds(ModuleKV([alias], [v]), 0)
+    del k
+    assert not laid.holds(ModuleKV([alias], [v]), 0)
+
+
+def test_issue17_gap2_buffer_keeps_the_scaffold_for_the_next_request(monkeypatch):
+    """The second request of a schema copies only what its buffer does not hold yet, and every
+    answer still equals the oracle: after another prompt, after a scratch forward overwrote the
+    buffer, and after the modules were evicted and encoded again."""
+    monkeypatch.setattr(compiled_mod, "SUFFIX_BUCKETS", TEST_BUCKETS)
+    pc = make_cache("llama", compile=True)
+    pc.fast._fn = compiled_mod._step  # the same forward, not compiled
+    pc.add_schema(FULL_SCHEMA)
+    first, other = FULL_PROMPTS["default-ish"], FULL_PROMPTS["union-gap-param"]
+    oracle = {p: pc.oracle_logits(p) for p in (first, other)}
+
+    def check(prompt: str) -> dict:
+        before = dict(pc.fast.splice_tokens)
+        assert float((pc.next_token_logits(prompt) - oracle[prompt]).abs().max()) <= FP32_TOL
+        return {k: pc.fast.splice_tokens[k] - before[k] for k in before}
+
+    assert check(first)["reused"] == 0
+    again = check(first)
+    assert again["copied"] == 0 and again["reused"] > 0  # the whole scaffold was still there
+    check(other)
+    check(first)
+    cap = max(c for c, free in pc.fast.pool.free.items() if free)
+    with torch.inference_mode():
+        pc.fast._scratch_forward(16, cap)  # writes from slot 0 of the idle buffer
+    assert check(first)["copied"] > 0
+    pc.remove_schema(next(iter(pc.schemas)))  # its modules leave the tiers and are freed
+    pc.add_schema(FULL_SCHEMA)  # encoded again: new tensors
+    assert check(first)["copied"] > 0
 
 
 def test_issue17_buffer_pool_keeps_few_idle_buffers():

@@ -14,6 +14,8 @@ Tolerances (measured on these tiny random models, whose logits are O(1-10)):
 
 from __future__ import annotations
 
+import os
+
 import pytest
 import torch
 
@@ -272,6 +274,37 @@ def test_issue17_gap2_buffer_keeps_the_scaffold_for_the_next_request(monkeypatch
     pc.remove_schema(next(iter(pc.schemas)))  # its modules leave the tiers and are freed
     pc.add_schema(FULL_SCHEMA)  # encoded again: new tensors
     assert check(first)["copied"] > 0
+
+
+def test_issue17_gap3_cpu_gqa_switch(monkeypatch):
+    """The CPU fast path turns on transformers' GQA-in-SDPA unless the user chose; never on CUDA."""
+    env = compiled_mod.SDPA_GQA_ENV
+    monkeypatch.delenv(env, raising=False)
+    assert not compiled_mod.setup_cpu_gqa(torch.device("cuda")) and env not in os.environ
+    assert compiled_mod.setup_cpu_gqa(torch.device("cpu")) and os.environ[env] == "1"
+    monkeypatch.setenv(env, "0")
+    assert not compiled_mod.setup_cpu_gqa(torch.device("cpu")) and os.environ[env] == "0"
+
+
+def test_issue17_gap3_static_path_repeats_no_kv_heads(monkeypatch):
+    """With a mask, transformers copies the K/V heads once per query group (repeat_kv) unless SDPA
+    groups them itself: the CPU fast path must not copy (and still equal the oracle)."""
+    import transformers.integrations.sdpa_attention as sdpa_mod
+
+    monkeypatch.delenv(compiled_mod.SDPA_GQA_ENV, raising=False)
+    monkeypatch.setattr(compiled_mod, "SUFFIX_BUCKETS", TEST_BUCKETS)
+    model = tiny_model("llama", num_attention_heads=4, num_key_value_heads=2)  # two query heads per K/V head
+    pc = PromptCache(model, tiny_tokenizer(), progress=False, compile=True)  # sets the switch (restored after)
+    assert pc.compile_report()["sdpa_gqa"]
+    pc.fast._fn = compiled_mod._step  # the same forward, not compiled
+    pc.add_schema(DEFAULT_PATH_SCHEMA)
+
+    def no_repeat(*args, **kwargs):
+        raise AssertionError("repeat_kv called: the K/V heads were copied")
+
+    monkeypatch.setattr(sdpa_mod, "repeat_kv", no_repeat)
+    cached = pc.next_token_logits(DEFAULT_PATH_PROMPT)
+    assert float((cached - pc.oracle_logits(DEFAULT_PATH_PROMPT)).abs().max()) <= FP32_TOL
 
 
 def test_issue17_buffer_pool_keeps_few_idle_buffers():

@@ -38,7 +38,7 @@ from .prefix.runner import PrefixRunner, is_pml_prompt
 from .recompute import Selection, cached_spans, choose, parse_policy, prefill_with_recompute, prepare
 from .results import EncodeReport, GenerationResult
 from .roles import ChatRenderer
-from .runtime.compiled import CompiledForwards, WarmupReport, resolve_dtype
+from .runtime.compiled import CompiledForwards, WarmupReport, cache_bucket, resolve_dtype
 from .runtime.kv import ModuleKV, SplicedCache
 from .runtime.request import ActiveRequest, ChunkedPrefill
 from .runtime.runner import ModelRunner, oracle_forward
@@ -439,14 +439,16 @@ class PromptCache(LoraMethods):
         """Compile the fast path's graphs now instead of at the first requests (``compile=True``).
 
         ``suffix_lengths``: new-token counts to expect (default 1 and 16: decode and a short
-        question); ``cache_lengths``: cache sizes (default: each added schema's whole layout plus
-        ``reserve_tokens``). Each is rounded up to its bucket. Returns seconds per bucket.
+        question); ``cache_lengths``: cache sizes (default: for each added schema, every cache
+        bucket from its whole layout to its layout plus ``reserve_tokens``: a request's buffer
+        holds its cached tokens plus room for the tokens it asks for, at most ``reserve_tokens``).
+        Each is rounded up to its bucket. Returns seconds per bucket.
         """
         if self.fast is None:
             return WarmupReport(compiled=False, reason="compile=False")
         if cache_lengths is None and self.schemas:
-            cache_lengths = [max((g.start + len(g.tokens) for g in s.layout.segments), default=0)
-                             + self.reserve_tokens for s in self.schemas.values()]
+            cache_lengths = sorted({n for s in self.schemas.values()
+                                    for n in _bucket_range(_layout_length(s), self.reserve_tokens)})
         return self.fast.warmup(suffix_lengths, cache_lengths)
 
     def compile_report(self) -> dict:
@@ -497,6 +499,16 @@ def _release_static(cache) -> Callable[[list[int], object, bool], None]:
     if release is None:
         return _nothing_to_close
     return lambda generated, kv, completed: release()
+
+
+def _layout_length(state: SchemaState) -> int:
+    """Positions a schema's layout spans (its default-path requests hold about this many keys)."""
+    return max((g.start + len(g.tokens) for g in state.layout.segments), default=0)
+
+
+def _bucket_range(low: int, extra: int) -> list[int]:
+    """One length per cache bucket from ``low`` to ``low + extra`` keys (buckets are multiples of 64)."""
+    return sorted({cache_bucket(n) for n in range(low, low + extra, 64)} | {cache_bucket(low + extra)})
 
 
 def _room(runner: ModelRunner, reserve: int | None, computed: int, chunk: int | None) -> int:

@@ -377,3 +377,17 @@ def test_issue17_recompile_limit_is_a_counted_fallback(llama_fp32, monkeypatch):
     assert any("recompile limit" in r for r in report["fallbacks"])
     pc.fast.fallbacks.clear()
     pc.fast.recompiles = 0
+
+
+def test_issue17_warmup_default_covers_short_answers(monkeypatch):
+    """A request asking few tokens gets a buffer sized to them (a smaller bucket than layout +
+    reserve_tokens): the default warm-up must compile that bucket too, not leave it to the first request."""
+    pc = make_cache("llama", compile=True, reserve_tokens=512)
+    pc.add_schema(DEFAULT_PATH_SCHEMA)
+    asked: list[int] = []
+    monkeypatch.setattr(pc.fast, "warmup", lambda suffixes, caps: asked.extend(caps))
+    pc.warmup()
+    length = max(g.start + len(g.tokens) for g in pc.schemas[next(iter(pc.schemas))].layout.segments)
+    covered = {compiled_mod.cache_bucket(n) for n in asked}
+    for room in (1, 16, 64, 256, 512):
+        assert compiled_mod.cache_bucket(length + room) in covered, (room, sorted(covered))

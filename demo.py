@@ -183,7 +183,7 @@ def main(argv: list[str] | None = None, *, model=None, tokenizer=None) -> int:
               f"segments, encoded in {report.encode_s * 1000:.0f} ms", flush=True)
         if args.compile:
             progress("compiling the fast path (first run compiles; later runs load the inductor cache)...")
-            print(pc.warmup(), flush=True)
+            print(pc.warmup(prompts=[prompt], max_new_tokens=args.max_new_tokens), flush=True)
         modes = [True, False] if args.compare else [args.use_cache]
         results = {}
         for use_cache in modes:

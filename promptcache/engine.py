@@ -38,7 +38,7 @@ from .prefix.runner import PrefixRunner, is_pml_prompt
 from .recompute import Selection, cached_spans, choose, parse_policy, prefill_with_recompute, prepare
 from .results import EncodeReport, GenerationResult
 from .roles import ChatRenderer
-from .runtime.compiled import CompiledForwards, WarmupReport, cache_bucket, resolve_dtype
+from .runtime.compiled import CompiledForwards, WarmupReport, buffer_bucket, resolve_dtype
 from .runtime.kv import ModuleKV, SplicedCache
 from .runtime.request import ActiveRequest, ChunkedPrefill
 from .runtime.runner import ModelRunner, oracle_forward
@@ -435,20 +435,33 @@ class PromptCache(LoraMethods):
                          insert_prefix=insert_prefix, prefill=False, adapter=adapter)
         return req.generate(options, max_new_tokens, stream, self.eos_ids, self.renderer.decode)
 
-    def warmup(self, suffix_lengths=None, cache_lengths=None) -> WarmupReport:
+    def warmup(self, suffix_lengths=None, cache_lengths=None, *, prompts=(),
+               max_new_tokens: int | None = None) -> WarmupReport:
         """Compile the fast path's graphs now instead of at the first requests (``compile=True``).
 
-        ``suffix_lengths``: new-token counts to expect (default 1 and 16: decode and a short
-        question); ``cache_lengths``: cache sizes (default: for each added schema, every cache
-        bucket from its whole layout to its layout plus ``reserve_tokens``: a request's buffer
-        holds its cached tokens plus room for the tokens it asks for, at most ``reserve_tokens``).
+        ``prompts``: PML prompts whose requests should find their graphs compiled (their suffix
+        and buffer buckets, with room for ``max_new_tokens``, default ``reserve_tokens``; decode
+        included): the precise choice when the requests are known. ``suffix_lengths``: new-token
+        counts to expect (default 1 and 16: decode and a short question); ``cache_lengths``: cache
+        sizes (default, without prompts: each added schema's whole layout plus ``reserve_tokens``).
         Each is rounded up to its bucket. Returns seconds per bucket.
         """
         if self.fast is None:
             return WarmupReport(compiled=False, reason="compile=False")
+        if prompts:
+            room = self.reserve_tokens if max_new_tokens is None else min(max_new_tokens, self.reserve_tokens)
+            report = WarmupReport(compiled=True)
+            for prompt in prompts:
+                _, request = self.request(prompt)
+                computed = len(request.computed_ids)
+                cap = buffer_bucket(request.num_cached, computed, room)
+                one = self.fast.warmup([computed, 1], [cap])
+                report.buckets.update(one.buckets)
+                report.total_s += one.total_s
+                report.compiled, report.reason = one.compiled, one.reason
+            return report
         if cache_lengths is None and self.schemas:
-            cache_lengths = sorted({n for s in self.schemas.values()
-                                    for n in _bucket_range(_layout_length(s), self.reserve_tokens)})
+            cache_lengths = [_layout_length(s) + self.reserve_tokens for s in self.schemas.values()]
         return self.fast.warmup(suffix_lengths, cache_lengths)
 
     def compile_report(self) -> dict:
@@ -504,11 +517,6 @@ def _release_static(cache) -> Callable[[list[int], object, bool], None]:
 def _layout_length(state: SchemaState) -> int:
     """Positions a schema's layout spans (its default-path requests hold about this many keys)."""
     return max((g.start + len(g.tokens) for g in state.layout.segments), default=0)
-
-
-def _bucket_range(low: int, extra: int) -> list[int]:
-    """One length per cache bucket from ``low`` to ``low + extra`` keys (buckets are multiples of 64)."""
-    return sorted({cache_bucket(n) for n in range(low, low + extra, 64)} | {cache_bucket(low + extra)})
 
 
 def _room(runner: ModelRunner, reserve: int | None, computed: int, chunk: int | None) -> int:

@@ -379,15 +379,16 @@ def test_issue17_recompile_limit_is_a_counted_fallback(llama_fp32, monkeypatch):
     pc.fast.recompiles = 0
 
 
-def test_issue17_warmup_default_covers_short_answers(monkeypatch):
-    """A request asking few tokens gets a buffer sized to them (a smaller bucket than layout +
-    reserve_tokens): the default warm-up must compile that bucket too, not leave it to the first request."""
+def test_issue17_warmup_for_prompts_compiles_what_their_requests_use():
+    """``warmup(prompts=..., max_new_tokens=...)`` compiles the buckets those requests then use: the
+    request itself compiles nothing (its buffer is sized to max_new_tokens, its suffix to its
+    computed tokens: neither is the default warm-up's layout + reserve_tokens / 16 tokens)."""
     pc = make_cache("llama", compile=True, reserve_tokens=512)
     pc.add_schema(DEFAULT_PATH_SCHEMA)
-    asked: list[int] = []
-    monkeypatch.setattr(pc.fast, "warmup", lambda suffixes, caps: asked.extend(caps))
-    pc.warmup()
-    length = max(g.start + len(g.tokens) for g in pc.schemas[next(iter(pc.schemas))].layout.segments)
-    covered = {compiled_mod.cache_bucket(n) for n in asked}
-    for room in (1, 16, 64, 256, 512):
-        assert compiled_mod.cache_bucket(length + room) in covered, (room, sorted(covered))
+    report = pc.warmup(prompts=[DEFAULT_PATH_PROMPT], max_new_tokens=4)
+    assert report.compiled and report.buckets, report
+    compiles = pc.compile_report()["compiles"]
+    pc.generate(DEFAULT_PATH_PROMPT, max_new_tokens=4)
+    after = pc.compile_report()
+    assert after["compiles"] == compiles, after["buckets_used"]
+    assert set(after["buckets_used"]) <= set(report.buckets), (after["buckets_used"], report.buckets)

@@ -100,6 +100,12 @@ def cache_bucket(n: int) -> int:
         base *= 2
 
 
+def buffer_bucket(held: int, computed: int, room: int) -> int:
+    """The cache bucket of a request's static buffer: ``held`` cached keys, ``computed`` new
+    tokens (its first forward is padded to their suffix bucket) and ``room`` generated ones."""
+    return cache_bucket(max(held + computed + room, held + suffix_bucket(max(computed, 1))))
+
+
 def setup_inductor_cache() -> str:
     """Point inductor at an on-disk cache (unless the user already did) and turn the FX graph
     cache on, so a second process reuses compiled kernels. Returns the directory.
@@ -403,8 +409,7 @@ class CompiledForwards:
             return self.runner.new_cache(pieces, room)
         if any(p.positions is None for p in pieces):
             raise ValueError("every piece of a spliced cache needs its layout positions")
-        held = sum(p.length for p in pieces)
-        cap = cache_bucket(max(held + computed + room, held + suffix_bucket(max(computed, 1))))
+        cap = buffer_bucket(sum(p.length for p in pieces), computed, room)
         cache = StaticSplicedCache(self, self.pool.lease(cap), self.runner.num_layers)
         cache.lora = getattr(self.runner, "lora_name", None)  # the adapter its forwards run under
         cache.splice(pieces)

@@ -366,10 +366,11 @@ def test_issue17_recompile_limit_is_a_counted_fallback(llama_fp32, monkeypatch):
     import torch._dynamo.config as dynamo_config
 
     pc, _ = llama_fp32
-    monkeypatch.setattr(dynamo_config, "recompile_limit", 1)
     monkeypatch.setattr(compiled_mod, "MIN_CACHE_BUCKET", 1024)  # a bucket not compiled yet
     prompt = FULL_PROMPTS["single-module-no-suffix"]
-    with pytest.warns(UserWarning, match="recompile limit"):
+    # torch's own config patch: pytest's monkeypatch leaves dynamo's option hidden on undo
+    # (its __delattr__ hides a name), which broke every later compiled engine in the process.
+    with dynamo_config.patch(recompile_limit=1), pytest.warns(UserWarning, match="recompile limit"):
         cached = pc.next_token_logits(prompt)
     assert float((cached - pc.oracle_logits(prompt)).abs().max()) <= FP32_TOL
     report = pc.compile_report()

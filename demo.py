@@ -137,7 +137,7 @@ def compare_line(pc, prompt, cached, baseline, recompute: str) -> tuple[str, dic
         line += left if recompute == "full" else ""
     elif not approx.exact:
         line += ("; remedy: --recompute full recomputes every cached token in the prompt's own "
-                 f"context{left}; boundary:K or deviation:R are cheaper and partial")
+                 f"context{left}; boundary:K, deviation:R or auto:B (a TTFT budget) are cheaper and partial")
     fields = {"first_token_kl": kl, "why": line[len("why: "):], "recompute": recompute,
               "approximation": approx.as_dict()}
     return line, fields

@@ -181,6 +181,8 @@ class SplicedCache(DynamicCache):
 
     ``key_positions``: LongTensor ``[n]``, the layout positions of the ``n`` keys held; set by
     the model runner after every forward (ALiBi and sliding windows read it during one).
+    ``lora``: the LoRA adapter every forward over this cache runs under (``None``: the base
+    model; stamped by :meth:`ModelRunner.new_cache`, see promptcache.lora).
     A cache with no pieces is an ordinary empty cache (the baseline prefill uses one).
     """
 
@@ -192,6 +194,7 @@ class SplicedCache(DynamicCache):
         if key_positions is None:
             key_positions = torch.zeros(0, dtype=torch.long, device=device)
         self.key_positions: torch.Tensor = key_positions
+        self.lora: str | None = None
 
     def settle(self, base: int, slots: torch.Tensor, fresh_rows: torch.Tensor, keep_rows: torch.Tensor) -> None:
         """After a fused recompute prefill: the tail's ``fresh_rows`` (recomputed tokens) overwrite

@@ -271,7 +271,7 @@ def register_serve(sub: argparse._SubParsersAction) -> None:
     p = sub.add_parser(
         "serve", help="run an OpenAI-compatible HTTP server (PML prompts, batched decoding, metrics)",
         description="Serve one model over HTTP: /v1/completions (plain text or PML <prompt schema=...>), "
-                    "/v1/chat/completions (prefix caching), /v1/models, /v1/schemas, /health and "
+                    "/v1/chat/completions (prefix caching), /v1/models, /v1/schemas, /v1/adapters (LoRA), /health and "
                     "/metrics (Prometheus). Concurrent requests wait in a bounded queue and decode "
                     "together. Needs the serve extra: pip install 'promptcache[serve]'.",
         epilog="Keys: clients send Authorization: Bearer KEY. Without an API key the server is open "

@@ -352,9 +352,7 @@ class PromptCache(LoraMethods):
                                         prefill_chunk=prefill_chunk)
             else:
                 if reserve is None and max_new_tokens is not None and self.fast is not None:
-                    # The static buffer's size is paid by every forward (its keys are attended,
-                    # masked or not): room for the tokens asked for, not more (decode past it moves).
-                    reserve = min(max_new_tokens, self.reserve_tokens)
+                    reserve = self._static_room(max_new_tokens)
                 req = self._begin_pml(prompt, use_cache, recompute, reserve, prefill_chunk, t0, adapter)
             self._track_adapter(req, adapter)
             if prefill:
@@ -449,7 +447,7 @@ class PromptCache(LoraMethods):
         if self.fast is None:
             return WarmupReport(compiled=False, reason="compile=False")
         if prompts:
-            room = self.reserve_tokens if max_new_tokens is None else min(max_new_tokens, self.reserve_tokens)
+            room = self._static_room(max_new_tokens)
             report = WarmupReport(compiled=True)
             for prompt in prompts:
                 _, request = self.request(prompt)
@@ -463,6 +461,12 @@ class PromptCache(LoraMethods):
         if cache_lengths is None and self.schemas:
             cache_lengths = [_layout_length(s) + self.reserve_tokens for s in self.schemas.values()]
         return self.fast.warmup(suffix_lengths, cache_lengths)
+
+    def _static_room(self, max_new_tokens: int | None) -> int:
+        """Room for generated tokens in a fast-path request's static buffer. Its size is paid by
+        every forward (its keys are attended, masked or not): the tokens asked for, not more,
+        capped by ``reserve_tokens`` (decode past it moves to the next bucket)."""
+        return self.reserve_tokens if max_new_tokens is None else min(max_new_tokens, self.reserve_tokens)
 
     def compile_report(self) -> dict:
         """What the fast path did: buckets used, compiles (seconds), recompiles, eager fallbacks and why."""

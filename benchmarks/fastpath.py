@@ -1,6 +1,6 @@
 #!/usr/bin/env python
 """Issue 17's engine-side measurements: cached TTFT of the persona case, fp32 eager vs bf16 eager
-vs bf16 compiled (interleaved rounds, medians), and the compiled path's warm-up time in a first
+vs bf16 compiled, with and without prepacked linear weights (interleaved rounds, medians), and the compiled path's warm-up time in a first
 and a second process (the inductor cache on disk).
 
     python benchmarks/fastpath.py --threads 1                  # TTFT table (warm-up in this process)
@@ -29,28 +29,28 @@ if __package__ in (None, ""):
 
 from benchmarks.common import persona_case, set_threads  # noqa: E402
 
-VARIANTS = {"fp32-eager": ("float32", False), "bf16-eager": ("bfloat16", False),
-            "bf16-compiled": ("bfloat16", True), "bf16-frozen": ("bfloat16", "freeze"),
-            "fp32-compiled": ("float32", True)}
-DEFAULT_VARIANTS = ["fp32-eager", "bf16-eager", "bf16-compiled"]
+#: name -> (dtype, compiled, prepacked linear weights). bf16-compiled is the fast path's default
+#: (prepack on); the "-unpacked" variants show what prepacking adds, side by side.
+VARIANTS = {"fp32-eager": ("float32", False, False), "bf16-eager": ("bfloat16", False, False),
+            "bf16-eager-packed": ("bfloat16", False, True),
+            "bf16-compiled": ("bfloat16", True, True), "bf16-compiled-unpacked": ("bfloat16", True, False),
+            "fp32-compiled": ("float32", True, False)}
+DEFAULT_VARIANTS = ["fp32-eager", "bf16-eager", "bf16-compiled-unpacked", "bf16-compiled"]
 
 
 def _engines(model_name: str, device: str | None, variants: list[str]) -> dict:
-    """One engine per variant; bf16 variants share one bf16 model."""
+    """One engine per variant; variants of one dtype and prepacking share one model (prepacking
+    patches the model's linears, so packed and unpacked variants need their own copies)."""
     from promptcache.engine import PromptCache
     from promptcache.loading import load_model
 
     models, engines = {}, {}
     for name in variants:
-        dtype, compiled = VARIANTS[name]
-        if dtype not in models:
-            models[dtype] = load_model(model_name, device=device, dtype=dtype)
-        model, tok = models[dtype]
-        engines[name] = PromptCache(model, tok, progress=False, compile=bool(compiled))
-        if compiled == "freeze":  # inductor freezing (CPU): not the default, see docs/fastpath.md
-            from promptcache.runtime.compiled import CompiledForwards
-
-            engines[name].fast = CompiledForwards(engines[name].runner, engines[name].adapter.family, freeze=True)
+        dtype, compiled, packed = VARIANTS[name]
+        if (dtype, packed) not in models:
+            models[dtype, packed] = load_model(model_name, device=device, dtype=dtype)
+        model, tok = models[dtype, packed]
+        engines[name] = PromptCache(model, tok, progress=False, compile=compiled, prepack=packed)
     return engines
 
 

@@ -39,6 +39,8 @@ from .recompute import Selection, cached_spans, choose, parse_policy, prefill_wi
 from .results import EncodeReport, GenerationResult
 from .roles import ChatRenderer
 from .runtime.compiled import CompiledForwards, WarmupReport, buffer_bucket, resolve_dtype
+from .runtime.prepack import PackedLinears
+from .runtime.prepack import supported as prepack_supported
 from .runtime.kv import ModuleKV, SplicedCache
 from .runtime.request import ActiveRequest, ChunkedPrefill
 from .runtime.runner import ModelRunner, oracle_forward
@@ -84,6 +86,10 @@ class PromptCache(LoraMethods):
             static KV buffer, one graph per shape bucket (see docs/fastpath.md,
             :mod:`promptcache.runtime.compiled`); :meth:`warmup` compiles ahead, :meth:`compile_report`
             says what ran compiled and what did not, and why.
+        prepack: prepack linear weights for oneDNN once (CPU, bf16/fp16), shared by every forward, eager
+            and compiled: shorter forwards are bound by reading weights, and unpacked ones are reordered
+            on every call (:mod:`promptcache.runtime.prepack`). Costs a packed copy of the weights.
+            ``None`` (default): on with ``compile=True`` where supported; ``True`` insists.
         adapters: LoRA adapters to load at start, ``{name: PEFT adapter folder}``; requests pick one
             with ``adapter="name"`` (``None``: the base model). See :meth:`load_adapter`, docs/lora.md.
     """
@@ -95,7 +101,7 @@ class PromptCache(LoraMethods):
                  prefix_cache: bool = True, prefix_max_bytes: int | None = None,
                  prefix_policy: str = "lru", prefix_ttl_s: float | None = None,
                  max_positions: int | None = None, dtype: str | torch.dtype | None = None,
-                 compile: bool = False,
+                 compile: bool = False, prepack: bool | None = None,
                  adapters: Mapping[str, str | os.PathLike] | None = None) -> None:
         if encoding not in POLICIES:
             raise ValueError(f"encoding must be one of {', '.join(POLICIES)}, not {encoding!r}")
@@ -124,6 +130,7 @@ class PromptCache(LoraMethods):
                                   self.max_positions)
         self.num_layers, self.kv_heads, self.head_dim = self.runner.num_layers, self.runner.kv_heads, \
             self.runner.head_dim
+        self.prepacked = self._prepack(prepack, compile)
         self.fast = CompiledForwards(self.runner, self.adapter.family) if compile else None
         self.schemas: dict[str, SchemaState] = {}
         if store is not None:
@@ -462,6 +469,17 @@ class PromptCache(LoraMethods):
             cache_lengths = [_layout_length(s) + self.reserve_tokens for s in self.schemas.values()]
         return self.fast.warmup(suffix_lengths, cache_lengths)
 
+    def _prepack(self, prepack: bool | None, compile: bool) -> PackedLinears | None:
+        """Prepack the linear weights when asked (``True``), or by default on the fast path."""
+        if prepack is False or (prepack is None and not compile):
+            return None
+        why_not = prepack_supported(self.device, self.dtype)
+        if why_not is not None:
+            if prepack:
+                raise ValueError(f"prepack=True: {why_not}")
+            return None
+        return PackedLinears.of(self.model)
+
     def _static_room(self, max_new_tokens: int | None) -> int:
         """Room for generated tokens in a fast-path request's static buffer. Its size is paid by
         every forward (its keys are attended, masked or not): the tokens asked for, not more,
@@ -470,9 +488,10 @@ class PromptCache(LoraMethods):
 
     def compile_report(self) -> dict:
         """What the fast path did: buckets used, compiles (seconds), recompiles, eager fallbacks and why."""
+        prepacked = self.prepacked.report() if self.prepacked is not None else None
         if self.fast is None:
-            return {"enabled": False, "eager_reason": "compile=False"}
-        return self.fast.report()
+            return {"enabled": False, "eager_reason": "compile=False", "prepacked": prepacked}
+        return {**self.fast.report(), "prepacked": prepacked}
 
     def prefix_stats(self) -> dict:
         """Prefix caching counters: hits, misses, hit rate, tokens reused/computed, bytes, evictions."""

@@ -140,6 +140,24 @@ def test_issue17_other_family_bf16_compiled_equals_bf16_oracle(qwen2_bf16):
     _no_fallbacks(pc)
 
 
+def test_issue17_compiled_bf16_graphs_read_the_prepacked_weights(qwen2_bf16):
+    """On CPU the bf16 fast path prepacks its linear weights once (runtime/prepack.py), and the
+    compiled graphs call the packed op instead of ``aten::mm`` (a per-graph copy would not show)."""
+    from torch.profiler import profile
+
+    pc, _ = qwen2_bf16
+    rep = pc.compile_report()["prepacked"]
+    if rep is None:
+        pytest.skip("oneDNN cannot prepack bf16 weights on this CPU")
+    assert rep["linears"] == sum(isinstance(m, torch.nn.Linear) for m in pc.model.modules())
+    with profile() as prof:
+        pc.next_token_logits(DEFAULT_PATH_PROMPT)
+    ops = {e.key: e.count for e in prof.key_averages()}
+    assert ops.get("promptcache::packed_linear", 0) >= rep["linears"]
+    assert ops.get("aten::mm", 0) == 0 and ops.get("aten::addmm", 0) == 0
+    _no_fallbacks(pc)
+
+
 @pytest.mark.parametrize("family", [f for f in FAMILIES if f not in ALIBI_FAMILIES])
 def test_issue17_static_buffer_path_equals_oracle(family, monkeypatch):
     """The static buffer, padding and bucketed masks, run uncompiled (cheap) for every RoPE family."""
@@ -173,7 +191,7 @@ def test_issue17_dtype_argument_casts_and_rejects_unknown():
     model = tiny_model("llama")
     pc = PromptCache(model, tiny_tokenizer(), progress=False, dtype="bfloat16")
     assert pc.dtype == torch.bfloat16 and next(model.parameters()).dtype == torch.bfloat16
-    assert pc.compile_report() == {"enabled": False, "eager_reason": "compile=False"}
+    assert pc.compile_report() == {"enabled": False, "eager_reason": "compile=False", "prepacked": None}
     with pytest.raises(ValueError, match="dtype must be one of"):
         PromptCache(tiny_model("llama"), tiny_tokenizer(), progress=False, dtype="int8")
 

@@ -365,11 +365,12 @@ class CompiledForwards:
 
     Made by ``PromptCache(compile=True)``; see the module docstring for buckets and fallbacks.
     ``eager_reason``: why this model never compiles (unsupported family), or ``None``.
-    ``freeze``: inductor freezing (CPU only): weights become constants of the graph (prepacked for
-    oneDNN), faster on CPU, but a weight changed in place afterwards is NOT seen by the graphs.
+    Weights are not frozen into the graphs: inductor's freezing would prepack a copy of every
+    weight per graph (+325 MB per bucket for SmolLM2 in bf16); :mod:`.prepack` keeps one packed
+    copy that every graph and the eager paths share.
     """
 
-    def __init__(self, runner, family: str, mode: str | None = None, freeze: bool = False) -> None:
+    def __init__(self, runner, family: str, mode: str | None = None) -> None:
         self.runner = runner
         self.device = runner.device
         self.dtype = runner.dtype
@@ -382,11 +383,7 @@ class CompiledForwards:
             self.eager_reason = (f"compile=True is not supported for the {family} family with ALiBi (its bias "
                                  "is sized to the keys held, not to a static buffer); its forwards run eager")
             warnings.warn(f"promptcache: {self.eager_reason}", UserWarning, stacklevel=3)
-        self.freeze = bool(freeze) and self.device.type != "cuda"
-        if self.freeze:
-            self._fn = torch.compile(_step, fullgraph=True, dynamic=False, options={"freezing": True})
-        else:
-            self._fn = torch.compile(_step, fullgraph=True, dynamic=False, mode=self.mode)
+        self._fn = torch.compile(_step, fullgraph=True, dynamic=False, mode=self.mode)
         _raise_recompile_limit(len(SUFFIX_BUCKETS) * 24)
         self.compiled_buckets: dict[tuple[int, int], float] = {}
         self.calls: dict[tuple[int, int], int] = {}
@@ -565,7 +562,6 @@ class CompiledForwards:
             "enabled": self.eager_reason is None,
             "eager_reason": self.eager_reason,
             "mode": self.mode or "default",
-            "freeze": self.freeze,
             "device": str(self.device),
             "dtype": str(self.dtype).replace("torch.", ""),
             "inductor_cache_dir": self.cache_dir,

@@ -1,0 +1,162 @@
+"""Prepacked linear weights on CPU: oneDNN's blocked weight layout made once per weight, shared by
+the eager forwards and every compiled graph.
+
+Why: on CPU a bf16 ``nn.Linear`` already runs through oneDNN (AMX where the CPU has it), but
+``aten::mm`` reorders the weight into oneDNN's blocked layout on every call. A short forward is
+bound by reading the weights, and that reorder reads and writes them once more: on the persona
+case (16 new tokens, SmolLM2-135M, one thread) the linears took 40 ms of a 62 ms compiled
+forward, 29 ms prepacked; eager 16-token forwards 56 -> 43 ms, and the same logits (oneDNN runs
+the same kernels on the packed copy). Inductor's ``freezing`` prepacks too, but only inside each
+compiled graph (a copy of every weight per shape bucket) and only when set globally before
+dynamo traces; here one packed copy per weight serves all graphs and the eager paths.
+
+How: each ``nn.Linear`` of the model gets an instance ``forward`` that calls oneDNN's linear on
+the packed weight; inside ``torch.compile`` the call is the opaque custom op
+``promptcache::packed_linear`` (its fake kernel gives the output shape), so graphs read the same
+packed copy. The packed copy is found by the weight's memory and checked against the weight's
+version counter: a weight changed in place is repacked before use, never served stale. Any case
+the packed kernel does not cover (another dtype or device, autograd, a weight not packed) runs
+the plain ``F.linear``.
+
+Cost: one packed copy of every linear weight (about the model's size again: ``bytes`` in
+:meth:`PackedLinears.report`), which is why only the fast path turns it on by default
+(``PromptCache(compile=True)`` on CPU in bf16/fp16; ``prepack=True``/``False`` decides otherwise).
+"""
+
+from __future__ import annotations
+
+import weakref
+from dataclasses import dataclass
+from typing import Optional
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+#: oneDNN packs a weight for an expected number of rows; 16 (a short question) also serves
+#: decode (1 row) and long prefills as fast as their own hints did on this CPU (docs/fastpath.md).
+DEFAULT_BATCH_HINT = 16
+
+
+@dataclass
+class _Packed:
+    """A weight's packed copy, and what tells whether it still is that weight's."""
+
+    packed: torch.Tensor
+    owner: weakref.ref  # the weight tensor packed: while it lives, its memory is not reused
+    version: int
+    shape: tuple[int, ...]
+    dtype: torch.dtype
+    hint: int
+
+
+#: Packed copies by the packed weight's data pointer (one per weight, whoever calls).
+_PACKED: dict[int, _Packed] = {}
+
+
+def supported(device: torch.device, dtype: torch.dtype) -> str | None:
+    """``None`` when weights of ``dtype`` on ``device`` can be prepacked, else why not."""
+    if device.type != "cpu":
+        return f"prepacked weights are a CPU path (device is {device.type})"
+    if not torch.backends.mkldnn.is_available():
+        return "this torch build has no oneDNN (mkldnn)"
+    if dtype == torch.bfloat16 and torch.ops.mkldnn._is_mkldnn_bf16_supported():
+        return None
+    if dtype == torch.float16 and torch.ops.mkldnn._is_mkldnn_fp16_supported():
+        return None
+    return f"oneDNN on this CPU does not prepack {str(dtype).replace('torch.', '')} weights (bf16/fp16 only)"
+
+
+def _pack(weight: torch.Tensor, hint: int) -> _Packed:
+    with torch.no_grad():
+        packed = torch.ops.mkldnn._reorder_linear_weight(weight.detach(), hint)
+    ptr = weight.data_ptr()
+    entry = _Packed(packed, weakref.ref(weight), weight._version, tuple(weight.shape), weight.dtype, hint)
+    _PACKED[ptr] = entry
+    weakref.finalize(weight, _drop, ptr, entry)  # a freed model leaves no packed copy behind
+    return entry
+
+
+def _drop(ptr: int, entry: _Packed) -> None:
+    if _PACKED.get(ptr) is entry:
+        del _PACKED[ptr]
+
+
+def _lookup(weight: torch.Tensor) -> _Packed | None:
+    """The packed copy of ``weight`` (repacked first if the weight changed in place), or ``None``."""
+    entry = _PACKED.get(weight.data_ptr())
+    if entry is None or entry.owner() is None or entry.shape != tuple(weight.shape) or entry.dtype != weight.dtype:
+        return None
+    if entry.version != weight._version:  # written in place since it was packed
+        entry = _pack(entry.owner(), entry.hint)
+    return entry
+
+
+def packed_or_plain(x: torch.Tensor, weight: torch.Tensor, bias: Optional[torch.Tensor]) -> torch.Tensor:
+    """``F.linear(x, weight, bias)``, through the packed weight when there is one and it applies."""
+    entry = None
+    if x.dtype == weight.dtype and x.device.type == "cpu" and not (torch.is_grad_enabled() and weight.requires_grad):
+        entry = _lookup(weight)
+    if entry is None:
+        return F.linear(x, weight, bias)
+    return torch.ops.mkldnn._linear_pointwise(x.contiguous(), entry.packed, bias, "none", [], "")
+
+
+#: ``promptcache::packed_linear``: the compiled graphs' view of :func:`packed_or_plain`, opaque to
+#: inductor (a plain ``torch.library`` op: its dispatch costs ~2 us a call, ``custom_op``'s ~5 us).
+_LIB = torch.library.Library("promptcache", "FRAGMENT")
+_LIB.define("packed_linear(Tensor x, Tensor weight, Tensor? bias) -> Tensor")
+_LIB.impl("packed_linear", packed_or_plain, "CPU")
+
+
+@torch.library.register_fake("promptcache::packed_linear", lib=_LIB)
+def _packed_linear_fake(x: torch.Tensor, weight: torch.Tensor, bias: Optional[torch.Tensor]) -> torch.Tensor:
+    return x.new_empty((*x.shape[:-1], weight.shape[0]))
+
+
+def _forward(self: nn.Linear, x: torch.Tensor) -> torch.Tensor:
+    """An ``nn.Linear``'s forward while prepacked (set per instance)."""
+    if torch.compiler.is_compiling():
+        return torch.ops.promptcache.packed_linear.default(x, self.weight, self.bias)
+    return packed_or_plain(x, self.weight, self.bias)
+
+
+class PackedLinears:
+    """The prepacked linears of one model (module docstring); :meth:`remove` undoes it."""
+
+    def __init__(self, model: nn.Module, batch_hint: int = DEFAULT_BATCH_HINT) -> None:
+        self.batch_hint = batch_hint
+        self.modules: list[nn.Linear] = []
+        self.bytes = 0
+        seen: set[int] = set()
+        for module in model.modules():
+            if type(module) is not nn.Linear or "forward" in module.__dict__:
+                continue  # subclasses (quantized, PEFT) keep their own forward
+            weight = module.weight
+            if supported(weight.device, weight.dtype) is not None:
+                continue
+            if weight.data_ptr() not in seen:  # tied weights (lm_head = embeddings) pack once
+                seen.add(weight.data_ptr())
+                _pack(weight, batch_hint)
+                self.bytes += weight.numel() * weight.element_size()
+            module.forward = _forward.__get__(module)
+            self.modules.append(module)
+
+    @classmethod
+    def of(cls, model: nn.Module, batch_hint: int = DEFAULT_BATCH_HINT) -> "PackedLinears":
+        """The model's prepacked linears: made once per model, shared by every engine over it."""
+        existing = model.__dict__.get("_promptcache_prepacked")
+        if existing is None or not existing.modules:
+            existing = cls(model, batch_hint)
+            model.__dict__["_promptcache_prepacked"] = existing
+        return existing
+
+    def remove(self) -> None:
+        """Give every linear its own forward back and drop the packed copies."""
+        for module in self.modules:
+            module.__dict__.pop("forward", None)
+            _PACKED.pop(module.weight.data_ptr(), None)
+        self.modules, self.bytes = [], 0
+
+    def report(self) -> dict:
+        return {"linears": len(self.modules), "bytes": self.bytes, "batch_hint": self.batch_hint}

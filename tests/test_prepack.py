@@ -88,9 +88,9 @@ def test_issue17_prepack_is_shared_undone_and_freed():
     second = PromptCache(model, tiny_tokenizer(), progress=False, prepack=True)
     assert first.prepacked is second.prepacked  # one packed copy per model, not per engine
     linear = model.model.layers[0].self_attn.q_proj
-    assert "forward" in linear.__dict__ and linear.weight.data_ptr() in prepack._PACKED
+    assert type(linear) is prepack.PackedLinear and linear.weight.data_ptr() in prepack._PACKED
     first.prepacked.remove()
-    assert "forward" not in linear.__dict__ and linear.weight.data_ptr() not in prepack._PACKED
+    assert type(linear) is torch.nn.Linear and linear.weight.data_ptr() not in prepack._PACKED
     again = prepack.PackedLinears.of(model)
     ptrs = [m.weight.data_ptr() for m in again.modules]
     assert ptrs and all(p in prepack._PACKED for p in ptrs)
@@ -116,3 +116,16 @@ def test_issue17_prepack_leaves_autograd_to_plain_linear():
         loss = model(input_ids=ids).logits.float().sum()
         loss.backward()
     assert model.model.layers[0].self_attn.q_proj.weight.grad is not None
+
+
+def test_issue17_prepack_of_a_deep_copy_packs_the_copy():
+    """A deep copy of a packed model (benchmarks copy models per variant) carries the class but
+    not the packed copies: packing it again must pack its own weights, not report stale ones."""
+    model = tiny_model("llama").to(torch.bfloat16)
+    prepack.PackedLinears.of(model)
+    twin = copy.deepcopy(model)
+    packed = prepack.PackedLinears.of(twin)
+    assert packed.modules and all(m.weight.data_ptr() in prepack._PACKED for m in packed.modules)
+    ids = torch.tensor([[3, 4, 5, 6]])
+    with torch.inference_mode():
+        assert torch.equal(model(input_ids=ids).logits, twin(input_ids=ids).logits)

@@ -129,3 +129,41 @@ def test_issue17_prepack_of_a_deep_copy_packs_the_copy():
     ids = torch.tensor([[3, 4, 5, 6]])
     with torch.inference_mode():
         assert torch.equal(model(input_ids=ids).logits, twin(input_ids=ids).logits)
+
+
+def test_issue17_prepack_batched_decode_rows_equal_decoding_alone_and_plain():
+    """The server's batched decode (eager, several rows in one forward) reads the packed weights
+    too: each row's greedy tokens equal the row decoded alone, and the plain engine's."""
+    from promptcache.runtime.batch import BatchedDecodeBatch
+    from promptcache.runtime.runner import DecodeSequence
+
+    packed, plain = _pair("llama")
+    prompts = [FULL_PROMPTS[k] for k in ("default-ish", "union-gap-param", "turns")]
+
+    def first(pc, prompt):
+        state, request = pc.request(prompt)
+        logits, cache, next_pos, _ = pc.prefill_cached(state, request)
+        return int(logits.argmax()), cache, next_pos
+
+    def alone(pc, prompt, steps=4):
+        token, cache, pos = first(pc, prompt)
+        tokens = [token]
+        for k in range(steps):
+            tokens.append(int(pc.runner.decode_step([DecodeSequence(cache, tokens[-1], pos + k)])[0].argmax()))
+        return tokens
+
+    with torch.inference_mode():
+        batch = BatchedDecodeBatch(packed.runner, max_rows=3)
+        rows = []
+        for p in prompts:
+            token, cache, pos = first(packed, p)
+            rows.append([batch.add(cache), [token], pos])
+        ops = _ops(lambda: [r[1].append(int(out.argmax())) for r, out in
+                            zip(rows, batch.step([(r[0], r[1][-1], r[2]) for r in rows]))])
+        for _ in range(3):
+            outs = batch.step([(r[0], r[1][-1], r[2] + len(r[1]) - 1) for r in rows])
+            for r, out in zip(rows, outs):
+                r[1].append(int(out.argmax()))
+        assert ops.get("aten::linear", 0) == 0 and ops.get("mkldnn::_linear_pointwise", 0) > 0
+        for (_, tokens, _), p in zip(rows, prompts):
+            assert tokens == alone(packed, p) == alone(plain, p), p

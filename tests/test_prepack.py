@@ -167,3 +167,24 @@ def test_issue17_prepack_batched_decode_rows_equal_decoding_alone_and_plain():
         assert ops.get("aten::linear", 0) == 0 and ops.get("mkldnn::_linear_pointwise", 0) > 0
         for (_, tokens, _), p in zip(rows, prompts):
             assert tokens == alone(packed, p) == alone(plain, p), p
+
+
+def test_issue17_prepack_under_lora_adapters_equals_plain(tmp_path):
+    """An eager prepacked engine with LoRA adapters: PEFT wraps the packed linears, each adapter's
+    first-token logits equal the plain engine's under the same adapter and differ from the base."""
+    pytest.importorskip("peft")
+    from test_lora import make_adapter
+
+    folder = make_adapter(tiny_model("llama"), tmp_path / "a", seed=1)
+    engines = [PromptCache(tiny_model("llama"), tiny_tokenizer(), progress=False, dtype="bf16", prepack=packed,
+                           adapters={"a": folder}) for packed in (True, False)]
+    logits = {}
+    for pc in engines:
+        pc.add_schema(DEFAULT_PATH_SCHEMA)
+        for adapter in (None, "a"):
+            logits[pc.prepacked is not None, adapter] = pc.next_token_logits(DEFAULT_PATH_PROMPT, adapter=adapter)
+    assert engines[0].compile_report()["prepacked"]["linears"] > 0
+    for adapter in (None, "a"):
+        a, b = logits[True, adapter], logits[False, adapter]
+        assert float((a - b).abs().max()) <= BF16_TOL and int(a.argmax()) == int(b.argmax()), adapter
+    assert float((logits[True, "a"] - logits[True, None]).abs().max()) > 1e-2  # the adapter is in force

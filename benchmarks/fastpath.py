@@ -1,7 +1,7 @@
 #!/usr/bin/env python
 """Issue 17's engine-side measurements: cached TTFT of the persona case, fp32 eager vs bf16 eager
-vs bf16 compiled, with and without prepacked linear weights (interleaved rounds, medians), and the compiled path's warm-up time in a first
-and a second process (the inductor cache on disk).
+vs bf16 compiled, with and without prepacked linear weights (interleaved rounds, medians), and the
+compiled path's warm-up time in a first and a second process (the inductor cache on disk).
 
     python benchmarks/fastpath.py --threads 1                  # TTFT table (warm-up in this process)
     python benchmarks/fastpath.py --threads 1 --warmup-processes  # + warm-up, fresh cache dir, 2 processes

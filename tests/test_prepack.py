@@ -188,3 +188,22 @@ def test_issue17_prepack_under_lora_adapters_equals_plain(tmp_path):
         a, b = logits[True, adapter], logits[False, adapter]
         assert float((a - b).abs().max()) <= BF16_TOL and int(a.argmax()) == int(b.argmax()), adapter
     assert float((logits[True, "a"] - logits[True, None]).abs().max()) > 1e-2  # the adapter is in force
+
+
+def test_issue17_prepack_repacks_in_place_without_piling_up_copies():
+    """A weight written in place many times keeps ONE packed copy (the entry is repacked in place,
+    not replaced while an old one stays referenced)."""
+    model = tiny_model("llama").to(torch.bfloat16)
+    prepack.PackedLinears.of(model)
+    linear = model.model.layers[0].mlp.up_proj
+    entry = prepack._PACKED[linear.weight.data_ptr()]
+    ids = torch.tensor([[3, 4, 5, 6]])
+    for k in range(3):
+        with torch.no_grad():
+            linear.weight.add_(0.01)
+        with torch.inference_mode():
+            model(input_ids=ids)
+        assert prepack._PACKED[linear.weight.data_ptr()] is entry and entry.version == linear.weight._version
+    x = torch.randn(2, linear.in_features, dtype=torch.bfloat16)
+    with torch.inference_mode():
+        assert torch.allclose(linear(x).float(), torch.nn.functional.linear(x, linear.weight).float(), atol=1e-2)

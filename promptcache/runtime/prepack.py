@@ -70,13 +70,17 @@ def supported(device: torch.device, dtype: torch.dtype) -> str | None:
 
 
 def _pack(weight: torch.Tensor, hint: int) -> _Packed:
-    with torch.no_grad():
-        packed = torch.ops.mkldnn._reorder_linear_weight(weight.detach(), hint)
+    """Pack ``weight`` and register the copy (dropped when the weight is freed)."""
     ptr = weight.data_ptr()
-    entry = _Packed(packed, weakref.ref(weight), weight._version, weight.shape, weight.dtype, hint)
+    entry = _Packed(_reorder(weight, hint), weakref.ref(weight), weight._version, weight.shape, weight.dtype, hint)
     _PACKED[ptr] = entry
     weakref.finalize(weight, _drop, ptr, entry)  # a freed model leaves no packed copy behind
     return entry
+
+
+def _reorder(weight: torch.Tensor, hint: int) -> torch.Tensor:
+    with torch.no_grad():
+        return torch.ops.mkldnn._reorder_linear_weight(weight.detach(), hint)
 
 
 def _drop(ptr: int, entry: _Packed) -> None:
@@ -89,8 +93,8 @@ def _lookup(weight: torch.Tensor) -> _Packed | None:
     entry = _PACKED.get(weight.data_ptr())
     if entry is None or entry.owner() is None or entry.shape != weight.shape or entry.dtype != weight.dtype:
         return None
-    if entry.version != weight._version:  # written in place since it was packed
-        entry = _pack(entry.owner(), entry.hint)
+    if entry.version != weight._version:  # written in place since it was packed: repack, same entry
+        entry.packed, entry.version = _reorder(weight, entry.hint), weight._version
     return entry
 
 
@@ -120,8 +124,8 @@ class PackedLinear(nn.Linear):
     """An ``nn.Linear`` whose weight is prepacked: the class a packed module is switched to.
 
     Why a class and not an instance ``forward``: compiled graphs guard on every module's
-    ``__dict__`` keys they read, and 211 instance attributes cost ~0.6 ms of guard checks per
-    compiled call on SmolLM2; the class is one identity guard per module, as before."""
+    ``__dict__`` keys they read, and 211 instance attributes cost ~0.4 ms of guard checks per
+    compiled call on SmolLM2 (1.67 -> 1.24 ms per call); the class is one identity guard per module, as before."""
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         if torch.compiler.is_compiling():

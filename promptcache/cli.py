@@ -425,6 +425,8 @@ def run_serve(args: argparse.Namespace, ctx: Context) -> int:
         pc.add_schema(schema)
     if args.compile:
         status("serve", f"compiling (warm-up)... {pc.warmup(suffix_lengths=(1, 16, args.prefill_chunk))}")
+        if pc.fast is not None:  # a request whose own bucket is not compiled runs in a compiled bigger one
+            pc.fast.prefer_compiled = True
     if config.api_key is None and args.host not in ("127.0.0.1", "localhost", "::1"):
         status("serve", f"warning: listening on {args.host} without an API key: anyone who can reach it "
                         "can use it (--api-key or PROMPTCACHE_API_KEY)")

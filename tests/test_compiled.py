@@ -378,6 +378,40 @@ def test_issue17_scheduler_serves_compiled_prefills(llama_fp32):
     _no_fallbacks(pc, recompiles=True)
 
 
+def test_issue17_prefer_compiled_picks_the_cheapest_compiled_bucket(llama_fp32, monkeypatch):
+    """The choice alone, over a given set of compiled buckets: off, the exact bucket; on, the
+    smallest compiled cache bucket that fits the rows and decode, and the smallest compiled suffix."""
+    fast = llama_fp32[0].fast
+    monkeypatch.setattr(fast, "compiled_buckets", {(1, 512): 1.0, (16, 512): 1.0, (1, 1024): 1.0,
+                                                   (16, 1024): 1.0, (64, 1024): 1.0, (64, 768): 1.0})
+    monkeypatch.setattr(fast, "prefer_compiled", False)
+    assert fast._warm_cap(640, 500, 10) == 640 and fast._warm_size(16, 10, 500, 640) == 16
+    monkeypatch.setattr(fast, "prefer_compiled", True)
+    assert fast._warm_cap(512, 300, 10) == 512          # compiled: itself
+    assert fast._warm_cap(640, 500, 10) == 1024         # 768 has no decode graph
+    assert fast._warm_cap(640, 500, 40) == 1024         # 40 rows: the 64-row graph of 1024
+    assert fast._warm_cap(2048, 500, 10) == 2048        # nothing compiled fits: compile it
+    assert fast._warm_size(32, 20, 500, 1024) == 64      # the smallest compiled suffix >= 20 rows
+    assert fast._warm_size(32, 20, 980, 1024) == 32      # 64 rows would not fit after 980 keys
+    assert fast._warm_size(16, 10, 500, 1024) == 16
+
+
+def test_issue17_prefer_compiled_serves_uncompiled_buckets_without_compiling(llama_fp32, monkeypatch):
+    """``promptcache serve --compile``'s setting: requests whose own buckets were not warmed up run
+    in a compiled bigger bucket, compile nothing, and still equal the oracle and the baseline."""
+    pc, _ = llama_fp32
+    monkeypatch.setattr(compiled_mod, "MIN_CACHE_BUCKET", 256)  # the requests' own buckets: 256-448
+    compiled = set(pc.fast.compiled_buckets)
+    assert all(c >= 512 for _, c in compiled)
+    monkeypatch.setattr(pc.fast, "prefer_compiled", True)
+    for name, prompt in FULL_PROMPTS.items():
+        cached = pc.next_token_logits(prompt)
+        assert float((cached - pc.oracle_logits(prompt)).abs().max()) <= FP32_TOL, name
+    fast = pc.generate(DEFAULT_PATH_PROMPT, max_new_tokens=6)
+    assert fast.token_ids == pc.generate(DEFAULT_PATH_PROMPT, max_new_tokens=6, use_cache=False).token_ids
+    assert set(pc.fast.compiled_buckets) == compiled  # nothing compiled inside a request
+
+
 def test_issue17_recompile_limit_is_a_counted_fallback(llama_fp32, monkeypatch):
     """At dynamo's recompile limit a new bucket runs eager, warned and counted, never silently,
     and the engine keeps its compiled buckets."""

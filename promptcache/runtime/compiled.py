@@ -392,6 +392,11 @@ class CompiledForwards:
         self.recompile_reasons: dict[str, int] = {}
         self.fallbacks: dict[str, int] = {}
         self.splice_tokens = {"copied": 0, "reused": 0}  # module tokens copied into buffers, or already there
+        #: Run a request in an already compiled bucket (a bigger buffer, more padded rows) when its
+        #: own is not compiled yet, instead of compiling it inside the request. Off by default
+        #: (exact buckets, compiled at first use); ``promptcache serve --compile`` turns it on, so
+        #: that requests after the warm-up never wait for a compile while a compiled bucket fits.
+        self.prefer_compiled = False
         self._warned: set[str] = set()
 
     # -------------------------------------------------------------------- caches
@@ -406,13 +411,38 @@ class CompiledForwards:
             return self.runner.new_cache(pieces, room)
         if any(p.positions is None for p in pieces):
             raise ValueError("every piece of a spliced cache needs its layout positions")
-        cap = buffer_bucket(sum(p.length for p in pieces), computed, room)
+        held = sum(p.length for p in pieces)
+        cap = self._warm_cap(buffer_bucket(held, computed, room), held, computed)
         cache = StaticSplicedCache(self, self.pool.lease(cap), self.runner.num_layers)
         cache.lora = getattr(self.runner, "lora_name", None)  # the adapter its forwards run under
         cache.splice(pieces)
         if pieces:
             cache.key_positions = torch.cat([p.positions.to(self.device) for p in pieces])
         return cache
+
+    # -------------------------------------------------------------------- compiled buckets first
+
+    def _warm_cap(self, cap: int, held: int, rows: int) -> int:
+        """With :attr:`prefer_compiled`: the smallest *compiled* cache bucket of at least ``cap``
+        slots in which ``rows`` new tokens over ``held`` keys and then decode run without compiling;
+        ``cap`` itself when it is compiled, or when none is (it then compiles at its first call)."""
+        rows = min(max(rows, 1), SUFFIX_BUCKETS[-1])  # a longer prefill runs in chunks of the largest
+
+        def warm(c: int) -> bool:
+            return (1, c) in self.compiled_buckets and self._warm_size(None, rows, held, c) is not None
+
+        if not self.prefer_compiled or warm(cap):
+            return cap
+        return min((c for (_, c) in self.compiled_buckets if c >= cap and warm(c)), default=cap)
+
+    def _warm_size(self, size: int | None, rows: int, past: int, cap: int) -> int | None:
+        """With :attr:`prefer_compiled`: ``size`` when ``(size, cap)`` is compiled, else the smallest
+        compiled suffix bucket of at least ``rows`` that fits after ``past`` keys (padding more rows
+        costs milliseconds, a compile seconds to minutes); ``size`` when there is none."""
+        if size is not None and (not self.prefer_compiled or (size, cap) in self.compiled_buckets):
+            return size
+        fits = [s for (s, c) in self.compiled_buckets if c == cap and rows <= s and past + s <= cap]
+        return min(fits, default=size)
 
     # -------------------------------------------------------------------- forwards
 
@@ -443,8 +473,10 @@ class CompiledForwards:
         n, past = len(ids), cache.length
         size = suffix_bucket(n) if n <= SUFFIX_BUCKETS[-1] else n
         if past + size > cache.buffer.capacity:
-            cache.move_to(self.pool.lease(cache_bucket(past + size + self.runner.reserve_tokens)))
+            bigger = cache_bucket(past + size + self.runner.reserve_tokens)
+            cache.move_to(self.pool.lease(self._warm_cap(bigger, past, n)))
         cap = cache.buffer.capacity
+        size = self._warm_size(size, n, past, cap)
         dev = self.device
         pad_pos = torch.cat([q_pos, q_pos[-1:].expand(size - n)])
         k_pos = torch.zeros(cap, dtype=torch.long, device=dev)
@@ -549,11 +581,13 @@ class CompiledForwards:
     def _scratch_forward(self, size: int, cap: int) -> None:
         """One forward of ``size`` tokens over an empty cache of capacity ``cap`` (compiles it)."""
         cache = StaticSplicedCache(self, self.pool.lease(cap), self.runner.num_layers)
+        prefer, self.prefer_compiled = self.prefer_compiled, False  # compile exactly this bucket
         try:
             ids = [0] * size
             q_pos = torch.arange(size, device=self.device)
             self._chunk(cache, ids, q_pos, self.runner.past_then_causal(0, size), size - 1)
         finally:
+            self.prefer_compiled = prefer
             cache.release()
 
     def report(self) -> dict:
@@ -576,6 +610,7 @@ class CompiledForwards:
             "fallbacks": dict(self.fallbacks),
             "buffers": {str(c): n for c, n in sorted(self.pool.allocated.items())},
             "splice_tokens": dict(self.splice_tokens),
+            "prefer_compiled": self.prefer_compiled,
             "eager_by_design": list(EAGER_BY_DESIGN),
         }
 

@@ -424,7 +424,7 @@ def run_serve(args: argparse.Namespace, ctx: Context) -> int:
         status("serve", f"encoding schema {schema.name!r}...")
         pc.add_schema(schema)
     if args.compile:
-        status("serve", f"compiling (warm-up)... {pc.warmup(suffix_lengths=(1, 16, args.prefill_chunk))}")
+        status("serve", f"compiling (warm-up)... {pc.warmup(suffix_lengths=(1, 16, 64, args.prefill_chunk))}")
         if pc.fast is not None:  # a request whose own bucket is not compiled runs in a compiled bigger one
             pc.fast.prefer_compiled = True
     if config.api_key is None and args.host not in ("127.0.0.1", "localhost", "::1"):

@@ -39,6 +39,7 @@ from .recompute import Selection, cached_spans, choose, parse_policy, prefill_wi
 from .results import EncodeReport, GenerationResult
 from .roles import ChatRenderer
 from .runtime.compiled import CompiledForwards, WarmupReport, buffer_bucket, resolve_dtype
+from .runtime.fused import FusedLongForwards
 from .runtime.prepack import PackedLinears
 from .runtime.prepack import supported as prepack_supported
 from .runtime.kv import ModuleKV, SplicedCache
@@ -85,7 +86,8 @@ class PromptCache(LoraMethods):
         compile: run PML cached prefills and their decode through ``torch.compile``d forwards over a
             static KV buffer, one graph per shape bucket (see docs/fastpath.md,
             :mod:`promptcache.runtime.compiled`); :meth:`warmup` compiles ahead, :meth:`compile_report`
-            says what ran compiled and what did not, and why.
+            says what ran compiled and what did not, and why. On CPU the norms and MLPs of long eager
+            forwards (full prefills, module encoding) run compiled too (:mod:`promptcache.runtime.fused`).
         prepack: prepack linear weights for oneDNN once (CPU, bf16/fp16), shared by every forward, eager
             and compiled: shorter forwards are bound by reading weights, and unpacked ones are reordered
             on every call (:mod:`promptcache.runtime.prepack`). Costs a packed copy of the weights.
@@ -132,6 +134,8 @@ class PromptCache(LoraMethods):
             self.runner.head_dim
         self.prepacked = self._prepack(prepack, compile)
         self.fast = CompiledForwards(self.runner, self.adapter.family) if compile else None
+        self.fused = (FusedLongForwards.of(model) if self.fast is not None and self.fast.eager_reason is None
+                      and self.device.type == "cpu" else None)  # long eager forwards: fused norms/MLPs
         self.schemas: dict[str, SchemaState] = {}
         if store is not None:
             from .store import open_store
@@ -491,7 +495,8 @@ class PromptCache(LoraMethods):
         prepacked = self.prepacked.report() if self.prepacked is not None else None
         if self.fast is None:
             return {"enabled": False, "eager_reason": "compile=False", "prepacked": prepacked}
-        return {**self.fast.report(), "prepacked": prepacked}
+        fused = self.fused.report() if self.fused is not None else None
+        return {**self.fast.report(), "prepacked": prepacked, "fused_long_forwards": fused}
 
     def prefix_stats(self) -> dict:
         """Prefix caching counters: hits, misses, hit rate, tokens reused/computed, bytes, evictions."""

@@ -44,7 +44,8 @@ SUFFIX_BUCKETS: tuple[int, ...] = (1, 16, 32, 64, 128, 256, 512)
 #: The smallest cache bucket; the others are its doublings.
 MIN_CACHE_BUCKET = 256
 #: What ``compile=True`` leaves eager on purpose (listed by :meth:`CompiledForwards.report`).
-EAGER_BY_DESIGN = ("baseline prefill (use_cache=False)", "module encoding", "selective-recompute fused prefill",
+EAGER_BY_DESIGN = ("baseline prefill (use_cache=False) and module encoding: eager, their norms and MLPs compiled "
+                   "for 64+ tokens on CPU (runtime/fused.py)", "selective-recompute fused prefill",
                    "plain-text and chat prompts (prefix caching)", "batched decode of the server (DecodeBatch)")
 #: Idle buffers kept per cache bucket for the next requests; more are freed when given back.
 MAX_IDLE_BUFFERS = 2

@@ -39,17 +39,18 @@ DEFAULT_VARIANTS = ["fp32-eager", "bf16-eager", "bf16-compiled-unpacked", "bf16-
 
 
 def _engines(model_name: str, device: str | None, variants: list[str]) -> dict:
-    """One engine per variant; variants of one dtype and prepacking share one model (prepacking
-    patches the model's linears, so packed and unpacked variants need their own copies)."""
+    """One engine per variant; variants of one dtype, prepacking and compiling share one model
+    (prepacking switches the model's linears, compiling its norms and MLPs: runtime/fused.py)."""
     from promptcache.engine import PromptCache
     from promptcache.loading import load_model
 
     models, engines = {}, {}
     for name in variants:
         dtype, compiled, packed = VARIANTS[name]
-        if (dtype, packed) not in models:
-            models[dtype, packed] = load_model(model_name, device=device, dtype=dtype)
-        model, tok = models[dtype, packed]
+        key = (dtype, packed, bool(compiled))
+        if key not in models:
+            models[key] = load_model(model_name, device=device, dtype=dtype)
+        model, tok = models[key]
         engines[name] = PromptCache(model, tok, progress=False, compile=compiled, prepack=packed)
     return engines
 

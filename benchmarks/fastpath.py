@@ -6,6 +6,7 @@ compiled path's warm-up time in a first and a second process (the inductor cache
     python benchmarks/fastpath.py --threads 1                  # TTFT table (warm-up in this process)
     python benchmarks/fastpath.py --threads 1 --warmup-processes  # + warm-up, fresh cache dir, 2 processes
     python benchmarks/fastpath.py --threads 1 --warmup-processes --no-ttft   # the warm-up only
+    python benchmarks/fastpath.py --threads 1 --rounds 3 --profile            # + top ops per variant
 
 The per-variant TTFT is ``generate(prompt, max_new_tokens=0).ttft_s``: parse, bind, splice,
 suffix forward, logits. The compiled variant is warmed up first (reported apart, never inside a
@@ -88,6 +89,15 @@ def run_ttft(args: argparse.Namespace) -> dict:
                       "max_abs_logit_diff": diff,
                       "vs_own_dtype_oracle": float((logits[name].float() - oracles[engines[name].dtype]).abs().max()),
                       "top_token_same": int(logits[name].argmax()) == int(logits[ref_name].argmax())}
+    if args.profile:
+        from torch.profiler import profile
+
+        for name, pc in engines.items():  # where a cached TTFT goes, per op (5 requests)
+            with profile() as prof:
+                for _ in range(5):
+                    pc.generate(prompt, max_new_tokens=0)
+            print(f"{name}: torch.profiler over 5 requests, top ops by self CPU time")
+            print(prof.key_averages().table(sort_by="self_cpu_time_total", row_limit=8))
     if args.decode:
         for name, pc in engines.items():  # per-token decode time after the prefill (greedy)
             per = []
@@ -159,6 +169,7 @@ def main(argv: list[str] | None = None) -> int:
                         f"(default: {','.join(DEFAULT_VARIANTS)})")
     p.add_argument("--decode", type=int, default=0, metavar="N",
                    help="also time greedy decode of N tokens per variant (ms per token, median of 3)")
+    p.add_argument("--profile", action="store_true", help="also print each variant's top ops (torch.profiler)")
     p.add_argument("--warmup-processes", action="store_true", help="also time warm-up in two fresh processes")
     p.add_argument("--no-ttft", action="store_true", help="skip the TTFT table (with --warmup-processes)")
     p.add_argument("--warmup-only", action="store_true", help=argparse.SUPPRESS)

@@ -4,9 +4,9 @@ the eager forwards and every compiled graph.
 Why: on CPU a bf16 ``nn.Linear`` already runs through oneDNN (AMX where the CPU has it), but
 ``aten::mm`` reorders the weight into oneDNN's blocked layout on every call. A short forward is
 bound by reading the weights, and that reorder reads and writes them once more: on the persona
-case (16 new tokens, SmolLM2-135M, one thread) the linears took 40 ms of a 62 ms compiled
-forward, 29 ms prepacked; eager 16-token forwards 56 -> 43 ms, and the same logits (oneDNN runs
-the same kernels on the packed copy). Inductor's ``freezing`` prepacks too, but only inside each
+case (16 new tokens, SmolLM2-135M, one thread) the linears took 39 ms of a 60 ms compiled cached
+TTFT, 27 ms prepacked (``benchmarks/fastpath.py --profile``); eager 16-token forwards 59 -> 43 ms
+(``benchmarks/prepack.py``), with the same logits (oneDNN runs the same kernels on the packed copy). Inductor's ``freezing`` prepacks too, but only inside each
 compiled graph (a copy of every weight per shape bucket) and only when set globally before
 dynamo traces; here one packed copy per weight serves all graphs and the eager paths.
 
@@ -34,9 +34,10 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-#: oneDNN packs a weight for an expected number of rows. SmolLM2 bf16, one thread, eager forwards
-#: of 1 / 16 / 128 / 1,149 tokens (ms): unpacked 53 / 58 / 100 / 608; hint 1: 42 / 46 / 91 / 604;
-#: hint 16: 42 / 46 / 81 / 596; hint 128: 43 / 47 / 82 / 565; hint 1024: 42 / 47 / 85 / 570.
+#: oneDNN packs a weight for an expected number of rows. ``benchmarks/prepack.py`` (SmolLM2 bf16, one
+#: thread, eager forwards of 1 / 16 / 128 / 1,149 tokens, ms): plain 57 / 59 / 93 / 572; hint 1:
+#: 39 / 42 / 85 / 602; hint 16: 39 / 42 / 76 / 523; hint 128: 40 / 43 / 77 / 514; hint 1024:
+#: 40 / 43 / 76 / 562.
 DEFAULT_BATCH_HINT = 128
 
 

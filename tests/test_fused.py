@@ -56,3 +56,24 @@ def test_issue17_fused_only_on_the_cpu_fast_path_and_reported():
     assert PromptCache(model, tiny_tokenizer(), progress=False, compile=True).fused is fast.fused  # once per model
     alibi = PromptCache(tiny_model("mpt", max_seq_len=512), tiny_tokenizer(), progress=False, compile=True)
     assert alibi.fused is None  # its forwards stay eager (warned at start)
+
+
+def test_issue17_fused_compile_failure_runs_eager_warned_and_reported(monkeypatch):
+    """A class whose compiled forward fails runs its own forward from then on: warned once, named in
+    the report, the same logits as unfused (never a failed request)."""
+    model = tiny_model("llama")
+    ids = random_ids(fused.LONG_ROWS + 3)
+    plain = _logits(model, ids)
+    patch = fused.FusedLongForwards(model)
+
+    def broken(cls):
+        def fail(*args, **kwargs):
+            raise RuntimeError("inductor says no")
+        return fail
+
+    monkeypatch.setattr(fused, "_compiled_forward", broken)
+    monkeypatch.setattr(fused, "FAILED", {})
+    with pytest.warns(UserWarning, match="compiled LlamaMLP forward failed .*inductor says no"):
+        got = _logits(model, ids)
+    assert torch.equal(got, plain)
+    assert set(patch.report()["failed"]) == {"LlamaMLP", "LlamaRMSNorm"}

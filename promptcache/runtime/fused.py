@@ -15,6 +15,8 @@ path's own graphs run the original forward unchanged. The copy is compiled with 
 
 from __future__ import annotations
 
+import warnings
+
 import torch
 from torch import nn
 
@@ -26,6 +28,8 @@ FUSED_SUFFIXES = ("RMSNorm", "MLP")
 
 _COMPILED: dict[type, object] = {}
 _FUSED_CLASSES: dict[type, type] = {}
+#: Classes whose compiled forward failed, and why: they run their own forward from then on (warned once).
+FAILED: dict[type, str] = {}
 
 
 def _compiled_forward(cls: type):
@@ -39,9 +43,14 @@ def _fused_class(cls: type) -> type:
     """A subclass of ``cls`` whose forward runs the compiled one on long inputs."""
     if cls not in _FUSED_CLASSES:
         def forward(self, x: torch.Tensor, *args, **kwargs):
-            if (x.dim() >= 3 and x.shape[1] >= LONG_ROWS and not torch.compiler.is_compiling()
-                    and not torch.is_grad_enabled()):  # [batch, tokens, ...]
-                return _compiled_forward(cls)(self, x, *args, **kwargs)
+            if (x.dim() >= 3 and x.shape[1] >= LONG_ROWS and cls not in FAILED
+                    and not torch.compiler.is_compiling() and not torch.is_grad_enabled()):  # [batch, tokens, ...]
+                try:
+                    return _compiled_forward(cls)(self, x, *args, **kwargs)
+                except Exception as exc:  # noqa: BLE001 - a compile failure: this class runs eager, loudly
+                    FAILED[cls] = f"{type(exc).__name__}: {str(exc).splitlines()[0][:200] if str(exc) else ''}"
+                    warnings.warn(f"promptcache: the compiled {cls.__name__} forward failed ({FAILED[cls]}); "
+                                  "it runs eager from now on", UserWarning, stacklevel=2)
             return cls.forward(self, x, *args, **kwargs)
 
         _FUSED_CLASSES[cls] = type(f"Fused{cls.__name__}", (cls,), {"forward": forward, "_unfused": cls})
@@ -74,5 +83,7 @@ class FusedLongForwards:
         self.modules = []
 
     def report(self) -> dict:
+        classes = {type(m)._unfused for m in self.modules}
         return {"modules": len(self.modules), "long_rows": LONG_ROWS,
-                "classes": sorted({type(m)._unfused.__name__ for m in self.modules})}
+                "classes": sorted(c.__name__ for c in classes),
+                "failed": {c.__name__: why for c, why in FAILED.items() if c in classes}}

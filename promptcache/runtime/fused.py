@@ -3,14 +3,15 @@ encoding): their elementwise ops fused, dynamic in the number of tokens.
 
 Why: the fast path compiles the cached prefill and decode over static buffers, but a full prefill
 (the no-cache baseline, a module being encoded) runs eagerly, and in bf16 on CPU its unfused
-elementwise ops are a quarter of the time: RMSNorm alone is six passes over the hidden states,
-the MLP's activation-times-up two more over the intermediate ones (persona case, 1,118 tokens,
-SmolLM2: linears 39%, attention 30%, elementwise ~25%). Each decoder layer's norms and MLP get a
-``forward`` that, for an input of at least :data:`LONG_ROWS` tokens outside ``torch.compile``
-and autograd, runs a compiled copy of the module class's own forward (one graph per class, any
-length: ``dynamic=True``); shorter inputs (decode, short suffixes) and everything inside the fast
-path's own graphs run the original forward unchanged. The copy is compiled with inductor's
-``emulate_precision_casts``: it rounds where eager rounds, so bf16 results stay the eager ones.
+elementwise ops cost a good part of it: RMSNorm alone is six passes over the hidden states, the
+MLP's activation-times-up two more over the intermediate ones. Each decoder layer's norms and MLP
+get a ``forward`` that, for an input of at least :data:`LONG_ROWS` tokens outside
+``torch.compile`` and autograd, runs a compiled copy of the module class's own forward (one graph
+per class, any length: ``dynamic=True``); shorter inputs (decode, short suffixes) and everything
+inside the fast path's own graphs run the original forward unchanged. The copy is compiled with
+inductor's ``emulate_precision_casts`` (rounding to bf16 where eager does); sums still run in
+another order, so bf16 logits move a little (persona case: up to 0.375, same top token; the full
+prefill 505.6 -> 474.8 ms: ``benchmarks/prepack.py``).
 """
 
 from __future__ import annotations

@@ -352,25 +352,16 @@ def test_issue17_compile_flag_reaches_the_engine_kwargs():
 def test_issue17_scheduler_serves_compiled_prefills(llama_fp32):
     """The server's path: PML prefills compiled (16-token chunks), decode batched eagerly over the
     KV the static buffers hold; concurrent results equal the greedy text of generate() alone."""
-    import threading
-
-    from promptcache.serve.scheduler import GenRequest, Scheduler
+    from promptcache.serve.scheduler import Scheduler
+    from test_scheduler import submit_concurrently
 
     pc, _ = llama_fp32
     prompts = [FULL_PROMPTS[k] for k in ("default-ish", "union-gap-param", "turns")]
     expected = [pc.generate(p, max_new_tokens=6) for p in prompts]
     sched = Scheduler(pc, max_batch=3, prefill_chunk=16)
     sched.start()
-    results: dict[int, object] = {}
     try:
-        def client(i: int) -> None:
-            results[i] = sched.submit(GenRequest(prompts[i], 6)).result(timeout=120)
-
-        threads = [threading.Thread(target=client, args=(i,)) for i in range(len(prompts))]
-        for t in threads:
-            t.start()
-        for t in threads:
-            t.join(180)
+        results = submit_concurrently(sched, prompts, 6, timeout=120)
     finally:
         sched.stop()
     for i, exp in enumerate(expected):

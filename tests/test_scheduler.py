@@ -134,6 +134,21 @@ def test_issue15_begin_errors_hold_nothing():
 
 # ---------------------------------------------------------------------------- scheduler
 
+def submit_concurrently(sched: Scheduler, prompts: list[str], max_new_tokens: int, timeout: float) -> list:
+    """Each prompt submitted from its own client thread at once; their results, in prompt order."""
+    results: dict[int, object] = {}
+
+    def client(i: int) -> None:
+        results[i] = sched.submit(GenRequest(prompts[i], max_new_tokens)).result(timeout=timeout)
+
+    threads = [threading.Thread(target=client, args=(i,)) for i in range(len(prompts))]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join(2 * timeout)
+    return [results[i] for i in range(len(prompts))]
+
+
 def _alone(prompts, n: int, family: str = "llama") -> list:
     ref = engine(family)
     return [ref.generate(p, max_new_tokens=n) for p in prompts]
@@ -143,16 +158,7 @@ def test_issue15_concurrent_submits_equal_greedy_alone(serve):
     prompts = PML_PROMPTS + OTHER_PROMPTS + [DOC + "Another question?", FULL_PROMPTS["nothing-selected"]]
     expected = _alone(prompts, 12)
     sched = serve(engine(), max_batch=3, prefill_chunk=16)  # chunks interleave with decode steps
-    results: dict[int, object] = {}
-
-    def client(i: int) -> None:
-        results[i] = sched.submit(GenRequest(prompts[i], 12)).result(timeout=60)
-
-    threads = [threading.Thread(target=client, args=(i,)) for i in range(len(prompts))]
-    for t in threads:
-        t.start()
-    for t in threads:
-        t.join(120)
+    results = submit_concurrently(sched, prompts, 12, timeout=60)
     for i, exp in enumerate(expected):
         got = results[i]
         assert got.token_ids == exp.token_ids and got.text == exp.text, prompts[i]

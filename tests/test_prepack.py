@@ -66,7 +66,10 @@ def test_issue17_prepack_runs_the_packed_kernel_not_aten_linear():
     ops_plain = _ops(lambda: plain.next_token_logits(DEFAULT_PATH_PROMPT))
     assert ops_plain.get("aten::linear", 0) > 0  # the plain engine does use F.linear (the test can fail)
     assert ops_packed.get("aten::linear", 0) == 0
-    assert ops_packed.get("mkldnn::_linear_pointwise", 0) >= packed.compile_report()["prepacked"]["linears"]
+    report = packed.compile_report()["prepacked"]
+    # q/k/v and gate/up run as one call per group: 2 layers x 4 calls + lm_head, not 2 x 7 + 1
+    assert report["groups"] == 4 and report["grouped_linears"] == 10 and report["linears"] == 15
+    assert ops_packed.get("mkldnn::_linear_pointwise", 0) == report["linears"] - report["grouped_linears"] + report["groups"]
 
 
 def test_issue17_prepack_sees_a_weight_changed_in_place():
@@ -75,6 +78,7 @@ def test_issue17_prepack_sees_a_weight_changed_in_place():
     with torch.no_grad():
         for pc in (packed, plain):
             pc.model.model.layers[0].mlp.down_proj.weight.mul_(3.0)
+            pc.model.model.layers[0].self_attn.k_proj.weight.mul_(-2.0)  # a member of a packed group
             pc.model.lm_head.weight.add_(0.05)
     a = packed.generate(DEFAULT_PATH_PROMPT, max_new_tokens=0, use_cache=False).first_token_logits
     b = plain.generate(DEFAULT_PATH_PROMPT, max_new_tokens=0, use_cache=False).first_token_logits
@@ -190,12 +194,13 @@ def test_issue17_prepack_under_lora_adapters_equals_plain(tmp_path):
     assert float((logits[True, "a"] - logits[True, None]).abs().max()) > 1e-2  # the adapter is in force
 
 
-def test_issue17_prepack_repacks_in_place_without_piling_up_copies():
+@pytest.mark.parametrize("name", ["mlp.down_proj", "mlp.up_proj"])  # packed alone, packed in a group
+def test_issue17_prepack_repacks_in_place_without_piling_up_copies(name):
     """A weight written in place many times keeps ONE packed copy (the entry is repacked in place,
     not replaced while an old one stays referenced)."""
     model = tiny_model("llama").to(torch.bfloat16)
     prepack.PackedLinears.of(model)
-    linear = model.model.layers[0].mlp.up_proj
+    linear = model.model.layers[0].get_submodule(name)
     entry = prepack._PACKED[linear.weight.data_ptr()]
     ids = torch.tensor([[3, 4, 5, 6]])
     for k in range(3):
@@ -203,7 +208,50 @@ def test_issue17_prepack_repacks_in_place_without_piling_up_copies():
             linear.weight.add_(0.01)
         with torch.inference_mode():
             model(input_ids=ids)
-        assert prepack._PACKED[linear.weight.data_ptr()] is entry and entry.version == linear.weight._version
+        assert prepack._PACKED[linear.weight.data_ptr()] is entry
+        versions = entry.group.versions if isinstance(entry, prepack._Member) else (entry.version,)
+        assert linear.weight._version in versions
     x = torch.randn(2, linear.in_features, dtype=torch.bfloat16)
     with torch.inference_mode():
         assert torch.allclose(linear(x).float(), torch.nn.functional.linear(x, linear.weight).float(), atol=1e-2)
+
+
+@pytest.mark.parametrize("family", ["llama", "qwen2"])  # qwen2: q/k/v with biases, concatenated
+def test_issue17_grouped_linears_answer_each_member_whatever_the_calls(family):
+    """q/k/v (and gate/up) are packed as one weight and computed in one call for the first member
+    called; the others get their slice only for the same input object, unchanged. Any other order,
+    a repeated member, another input in between or the input written in place still gives each
+    member its own ``F.linear``."""
+    model = tiny_model(family).to(torch.bfloat16)
+    packed = prepack.PackedLinears.of(model)
+    assert packed.groups == 2 * len(model.model.layers)
+    attn = model.model.layers[1].self_attn
+    q, k, v = attn.q_proj, attn.k_proj, attn.v_proj
+    assert isinstance(prepack._PACKED[k.weight.data_ptr()], prepack._Member)
+
+    def plain(m, x):
+        return torch.nn.functional.linear(x, m.weight, m.bias).float()
+
+    def check(m, x):
+        got = m(x)
+        assert got.shape == (*x.shape[:-1], m.out_features)
+        assert torch.allclose(got.float(), plain(m, x), atol=2e-2, rtol=2e-2), m
+
+    x1 = torch.randn(1, 5, q.in_features, dtype=torch.bfloat16)
+    x2 = torch.randn(1, 5, q.in_features, dtype=torch.bfloat16)
+    with torch.no_grad():
+        for m in (v, q, k):  # any order
+            check(m, x1)
+        for m in (q, q, k, v, v):  # a member twice
+            check(m, x1)
+        check(q, x1); check(k, x2); check(v, x1); check(k, x1)  # another input in between
+        check(q, x1)
+        x1.mul_(-1.0)  # written in place after q: k and v must not get the old slices
+        check(k, x1); check(v, x1)
+        ops = _ops(lambda: [q(x2), k(x2), v(x2)])
+    assert ops.get("mkldnn::_linear_pointwise", 0) == 1 and ops.get("aten::linear", 0) == 0
+    with torch.no_grad():
+        k.bias is not None and k.bias.add_(0.5)  # a member's bias written in place: the group repacks
+        k.weight.mul_(2.0)
+        for m in (q, k, v):
+            check(m, x2)

@@ -38,6 +38,7 @@ import torch
 from transformers.cache_utils import Cache, CacheLayerMixin
 
 from .kv import ModuleKV, SplicedCache
+from .prepack import inductor_with_grouped_linears
 
 #: Suffix lengths a compiled forward is padded to (1: decode). Longer suffixes run in chunks of the last.
 SUFFIX_BUCKETS: tuple[int, ...] = (1, 16, 32, 64, 128, 256, 512)
@@ -384,7 +385,10 @@ class CompiledForwards:
             self.eager_reason = (f"compile=True is not supported for the {family} family with ALiBi (its bias "
                                  "is sized to the keys held, not to a static buffer); its forwards run eager")
             warnings.warn(f"promptcache: {self.eager_reason}", UserWarning, stacklevel=3)
-        self._fn = torch.compile(_step, fullgraph=True, dynamic=False, mode=self.mode)
+        if self.device.type == "cpu" and self.mode is None:  # packed q/k/v and gate/up as one call each
+            self._fn = torch.compile(_step, fullgraph=True, dynamic=False, backend=inductor_with_grouped_linears())
+        else:
+            self._fn = torch.compile(_step, fullgraph=True, dynamic=False, mode=self.mode)
         _raise_recompile_limit(len(SUFFIX_BUCKETS) * 24)
         self.compiled_buckets: dict[tuple[int, int], float] = {}
         self.calls: dict[tuple[int, int], int] = {}

@@ -21,6 +21,8 @@ import warnings
 import torch
 from torch import nn
 
+from .prepack import inductor_with_grouped_linears
+
 #: Inputs of at least this many tokens run the compiled norms/MLP (shorter ones: not worth a call
 #: through dynamo's guards).
 LONG_ROWS = 64
@@ -36,7 +38,8 @@ FAILED: dict[type, str] = {}
 def _compiled_forward(cls: type):
     """The compiled ``cls.forward`` (made once per class)."""
     if cls not in _COMPILED:
-        _COMPILED[cls] = torch.compile(cls.forward, dynamic=True, options={"emulate_precision_casts": True})
+        _COMPILED[cls] = torch.compile(cls.forward, dynamic=True, backend=inductor_with_grouped_linears(
+            {"emulate_precision_casts": True}))
     return _COMPILED[cls]
 
 

@@ -32,11 +32,12 @@ from benchmarks.common import persona_case, set_threads  # noqa: E402
 
 #: name -> (dtype, compiled, prepacked linear weights). bf16-compiled is the fast path's default
 #: (prepack on, q/k/v and gate/up packed as groups); the "-unpacked" variants show what prepacking
-#: adds, "-ungrouped" what the groups add, side by side.
+#: adds, "-ungrouped" what the groups add, "-unfolded" what folding the query heads adds, side by side.
 VARIANTS = {"fp32-eager": ("float32", False, False), "bf16-eager": ("bfloat16", False, False),
             "bf16-eager-packed": ("bfloat16", False, True),
             "bf16-compiled": ("bfloat16", True, True), "bf16-compiled-unpacked": ("bfloat16", True, False),
             "bf16-compiled-ungrouped": ("bfloat16", True, "ungrouped"),
+            "bf16-compiled-unfolded": ("bfloat16", "unfolded", True),
             "fp32-compiled": ("float32", True, False)}
 DEFAULT_VARIANTS = ["fp32-eager", "bf16-eager", "bf16-compiled-unpacked", "bf16-compiled"]
 
@@ -50,14 +51,18 @@ def _engines(model_name: str, device: str | None, variants: list[str]) -> dict:
     models, engines = {}, {}
     for name in variants:
         dtype, compiled, packed = VARIANTS[name]
-        key = (dtype, packed, bool(compiled))  # "ungrouped" is its own model
+        key = (dtype, packed, compiled)  # "ungrouped" and "unfolded" are models of their own
         if key not in models:
             models[key] = load_model(model_name, device=device, dtype=dtype)
         model, tok = models[key]
         if packed == "ungrouped":  # packed before the engine, which then shares it
             from promptcache.runtime.prepack import PackedLinears
             PackedLinears.of(model, group=False)
-        engines[name] = PromptCache(model, tok, progress=False, compile=compiled, prepack=bool(packed))
+        engines[name] = PromptCache(model, tok, progress=False, compile=bool(compiled), prepack=bool(packed))
+        if compiled == "unfolded":  # SDPA per query head, as before runtime/attention.py
+            from promptcache.runtime.attention import unfold_query_heads
+            unfold_query_heads(model)
+            engines[name].fast.folded_heads = False
     return engines
 
 

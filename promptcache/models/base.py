@@ -22,7 +22,7 @@ from ..roles import GENERIC_ROLES
 
 # Attention implementations whose kernels take an arbitrary 4-D additive float mask. Flash
 # attention (varlen kernels, 2-D padding masks only) and paged/kernel back-ends do not.
-MASK_4D_IMPLEMENTATIONS = ("eager", "sdpa")
+MASK_4D_IMPLEMENTATIONS = ("eager", "sdpa", "promptcache_sdpa")  # the last: runtime/attention.py
 
 Roles = dict[str, Any]  # {"system": (open, close), "user": ..., "assistant": ..., "generation": str}
 

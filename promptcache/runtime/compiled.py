@@ -38,6 +38,7 @@ import torch
 from transformers.cache_utils import Cache, CacheLayerMixin
 
 from .kv import ModuleKV, SplicedCache
+from .attention import fold_query_heads
 from .prepack import inductor_with_grouped_linears
 
 #: Suffix lengths a compiled forward is padded to (1: decode). Longer suffixes run in chunks of the last.
@@ -166,26 +167,25 @@ class LaidPiece:
 
     start: int
     length: int
-    ptrs: tuple[tuple[int, tuple[int, ...]], ...]
+    ptrs: list[int]
+    strides: list[tuple[int, ...]]
     roots: tuple[weakref.ref, ...]
 
     @classmethod
     def of(cls, piece: ModuleKV, start: int) -> "LaidPiece":
         ts = (*piece.keys, *piece.values)
-        return cls(start, piece.length, tuple((t.data_ptr(), t.stride()) for t in ts),
+        return cls(start, piece.length, [t.data_ptr() for t in ts], [t.stride() for t in ts],
                    tuple(weakref.ref(_root(t)) for t in ts))
 
     def holds(self, piece: ModuleKV, start: int) -> bool:
-        """Whether ``piece`` placed at ``start`` is exactly what these slots hold."""
+        """Whether ``piece`` placed at ``start`` is exactly what these slots hold (asked for every
+        piece of every request: list comparisons, ~3x faster than a loop over the layers)."""
         if start != self.start or piece.length != self.length:
             return False
         ts = (*piece.keys, *piece.values)
-        if len(ts) != len(self.ptrs):
-            return False
-        for t, (ptr, stride), ref in zip(ts, self.ptrs, self.roots):
-            if t.data_ptr() != ptr or t.stride() != stride or ref() is not _root(t):
-                return False
-        return True
+        return (len(ts) == len(self.roots) and [t.data_ptr() for t in ts] == self.ptrs
+                and [t.stride() for t in ts] == self.strides
+                and all(ref() is (t if t._base is None else t._base) for t, ref in zip(ts, self.roots)))
 
 
 class StaticBuffer:
@@ -379,6 +379,8 @@ class CompiledForwards:
         self.pool = BufferPool((runner.num_layers, runner.kv_heads, runner.head_dim), runner.dtype, runner.device)
         self.cache_dir = setup_inductor_cache()
         self.sdpa_gqa = setup_cpu_gqa(self.device)
+        #: Short query blocks fold the query heads sharing a K/V head into one SDPA call (CPU): .attention
+        self.folded_heads = self.device.type == "cpu" and fold_query_heads(runner.model)
         self.mode = mode if mode is not None else ("reduce-overhead" if self.device.type == "cuda" else None)
         self.eager_reason: str | None = None
         if family in ALIBI_FAMILIES or getattr(runner.adapter.text_config, "alibi", False):
@@ -605,6 +607,7 @@ class CompiledForwards:
             "dtype": str(self.dtype).replace("torch.", ""),
             "inductor_cache_dir": self.cache_dir,
             "sdpa_gqa": self.sdpa_gqa,
+            "folded_query_heads": self.folded_heads,
             "suffix_buckets": list(SUFFIX_BUCKETS),
             "cache_buckets": f"{MIN_CACHE_BUCKET} x 2^k x 1, 1.25, 1.5, 1.75 (256, 320, 384, 448, 512, ...)",
             "buckets_used": {f"{s}x{c}": n for (s, c), n in sorted(self.calls.items())},

@@ -63,7 +63,9 @@ def config_fingerprint(model: Any) -> dict:
         data = dict(vars(config))
     data = {k: v for k, v in data.items() if k not in VOLATILE_CONFIG_FIELDS}
     # Not serialised by transformers, but eager vs sdpa attention changes the cached floats.
-    data["__attn_implementation"] = getattr(config, "_attn_implementation", None)
+    # The fast path's folded SDPA (runtime/attention.py) gives sdpa's floats to the bit: one key.
+    implementation = getattr(config, "_attn_implementation", None)
+    data["__attn_implementation"] = "sdpa" if implementation == "promptcache_sdpa" else implementation
     data["__class"] = type(model).__qualname__
     return data
 

@@ -38,6 +38,7 @@ VARIANTS = {"fp32-eager": ("float32", False, False), "bf16-eager": ("bfloat16", 
             "bf16-compiled": ("bfloat16", True, True), "bf16-compiled-unpacked": ("bfloat16", True, False),
             "bf16-compiled-ungrouped": ("bfloat16", True, "ungrouped"),
             "bf16-compiled-unfolded": ("bfloat16", "unfolded", True),
+            "bf16-compiled-ungrouped-unfolded": ("bfloat16", "unfolded", "ungrouped"),
             "fp32-compiled": ("float32", True, False)}
 DEFAULT_VARIANTS = ["fp32-eager", "bf16-eager", "bf16-compiled-unpacked", "bf16-compiled"]
 

@@ -5,6 +5,9 @@ in one process (bf16 bare model forwards, medians):
 * eager forwards of 1 / 16 / 128 / N tokens with plain ``nn.Linear`` weights and with the weights
   prepacked for each oneDNN batch hint (the default hint is chosen from this table);
 * the memory one packed copy of the weights costs (RSS before and after packing);
+* the model's linears alone (oneDNN calls on the packed weights, random inputs of 1 and 16 rows):
+  each packed alone, and q/k/v and gate/up packed as one weight per group (``LINEAR_GROUPS``),
+  interleaved;
 * the persona case's full prefill (``generate(use_cache=False)``) with the long eager forwards' norms
   and MLPs compiled or not, interleaved, and the largest first-token logit difference between them.
 
@@ -62,6 +65,50 @@ def hints_table(model, sizes: list[int], hints: list[int], reps: int) -> dict:
     return rows
 
 
+def grouped_linears(model, rows: list[int], rounds: int) -> dict:
+    """ms for one pass over the model's linears (each weight once), separate vs grouped, interleaved."""
+    import torch
+
+    from promptcache.runtime import prepack
+
+    seen: set[int] = set()
+    grouped: list[tuple[int, torch.Tensor]] = []  # (input width, packed weight)
+    for parent in model.modules():
+        for names in prepack.LINEAR_GROUPS:
+            members = [parent._modules.get(n) for n in names]
+            if prepack._groupable(members, seen):
+                seen.update(m.weight.data_ptr() for m in members)
+                weight = torch.cat([m.weight.detach() for m in members])
+                grouped.append((weight.shape[1], prepack._reorder(weight, prepack.DEFAULT_BATCH_HINT)))
+    separate: list[tuple[int, torch.Tensor]] = []
+    done: set[int] = set()
+    for m in model.modules():
+        if prepack._packable(m) and m.weight.data_ptr() not in done:
+            done.add(m.weight.data_ptr())
+            packed = prepack._reorder(m.weight, prepack.DEFAULT_BATCH_HINT)
+            separate.append((m.in_features, packed))
+            if m.weight.data_ptr() not in seen:
+                grouped.append((m.in_features, packed))
+    out: dict = {"calls": {"separate": len(separate), "grouped": len(grouped)}}
+    for n in rows:
+        xs = {w: torch.randn(n, w, dtype=torch.bfloat16) for w, _ in separate}
+
+        def run(weights) -> float:
+            t = time.perf_counter()
+            for width, packed in weights:
+                torch.ops.mkldnn._linear_pointwise(xs[width], packed, None, "none", [], "")
+            return time.perf_counter() - t
+
+        times: dict[str, list[float]] = {"separate": [], "grouped": []}
+        for r in range(rounds + 1):
+            for name, weights in (("separate", separate), ("grouped", grouped)):
+                dt = run(weights)
+                if r:  # round 0 untimed
+                    times[name].append(dt * 1000)
+        out[n] = {name: statistics.median(v) for name, v in times.items()}
+    return out
+
+
 def fused_prefill(model_name: str, rounds: int) -> dict:
     """The persona full prefill, norms/MLPs compiled or not (interleaved), on a bf16 compiled engine."""
     from promptcache.engine import PromptCache
@@ -103,6 +150,9 @@ def main(argv: list[str] | None = None) -> int:
 
     from promptcache.loading import load_model
 
+    from promptcache.runtime.malloc import keep_freed_memory
+
+    print(f"glibc malloc: {keep_freed_memory()}")  # as the fast path sets it; PROMPTCACHE_MALLOC=0: not
     sizes = [int(x) for x in args.sizes.split(",")]
     model, _ = load_model(args.model, dtype="bfloat16")
     model.eval()
@@ -111,6 +161,11 @@ def main(argv: list[str] | None = None) -> int:
         cells = "  ".join(f"{n}: {row[n]:7.1f}" for n in sizes)
         extra = f"  (+{row['rss_mb_added']:.0f} MB RSS)" if "rss_mb_added" in row else ""
         print(f"  {name:9s} {cells}{extra}")
+    lin = grouped_linears(model, [1, 16], max(args.rounds, 9))
+    print(f"the model's linears alone, ms per pass (median of {max(args.rounds, 9)} interleaved rounds): "
+          f"{lin['calls']['separate']} calls separate, {lin['calls']['grouped']} grouped; load {os.getloadavg()}")
+    for n in (1, 16):
+        print(f"  {n:3d} rows: separate {lin[n]['separate']:6.2f}  grouped {lin[n]['grouped']:6.2f}")
     del model
     out = fused_prefill(args.model, args.rounds)
     print(f"persona full prefill (bf16 compiled engine, median of {args.rounds} interleaved rounds): "

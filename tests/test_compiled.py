@@ -142,7 +142,8 @@ def test_issue17_other_family_bf16_compiled_equals_bf16_oracle(qwen2_bf16):
 
 def test_issue17_compiled_bf16_graphs_read_the_prepacked_weights(qwen2_bf16):
     """On CPU the bf16 fast path prepacks its linear weights once (runtime/prepack.py), and the
-    compiled graphs call the packed op instead of ``aten::mm`` (a per-graph copy would not show)."""
+    compiled graphs call the packed ops instead of ``aten::mm`` (a per-graph copy would not show),
+    one call per group of q/k/v and gate/up."""
     from torch.profiler import profile
 
     pc, _ = qwen2_bf16
@@ -153,7 +154,11 @@ def test_issue17_compiled_bf16_graphs_read_the_prepacked_weights(qwen2_bf16):
     with profile() as prof:
         pc.next_token_logits(DEFAULT_PATH_PROMPT)
     ops = {e.key: e.count for e in prof.key_averages()}
-    assert ops.get("promptcache::packed_linear", 0) >= rep["linears"]
+    forwards = sum(n for key, n in ops.items() if key.startswith("## Call CompiledFxGraph"))
+    assert forwards > 0 and rep["groups"] > 0
+    # q/k/v and gate/up: one grouped call each (the graph pass), every other linear its own call
+    assert ops.get("promptcache::packed_linear_group", 0) == forwards * rep["groups"]
+    assert ops.get("promptcache::packed_linear", 0) == forwards * (rep["linears"] - rep["grouped_linears"])
     assert ops.get("aten::mm", 0) == 0 and ops.get("aten::addmm", 0) == 0
     _no_fallbacks(pc)
 

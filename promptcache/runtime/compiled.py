@@ -39,6 +39,7 @@ from transformers.cache_utils import Cache, CacheLayerMixin
 
 from .kv import ModuleKV, SplicedCache
 from .attention import fold_query_heads
+from .malloc import keep_freed_memory
 from .prepack import inductor_with_grouped_linears
 
 #: Suffix lengths a compiled forward is padded to (1: decode). Longer suffixes run in chunks of the last.
@@ -379,6 +380,8 @@ class CompiledForwards:
         self.pool = BufferPool((runner.num_layers, runner.kv_heads, runner.head_dim), runner.dtype, runner.device)
         self.cache_dir = setup_inductor_cache()
         self.sdpa_gqa = setup_cpu_gqa(self.device)
+        #: glibc keeps freed activation memory instead of page-faulting it in again: .malloc
+        self.malloc = keep_freed_memory() if self.device.type == "cpu" else "off (not CPU)"
         #: Short query blocks fold the query heads sharing a K/V head into one SDPA call (CPU): .attention
         self.folded_heads = self.device.type == "cpu" and fold_query_heads(runner.model)
         self.mode = mode if mode is not None else ("reduce-overhead" if self.device.type == "cuda" else None)
@@ -608,6 +611,7 @@ class CompiledForwards:
             "inductor_cache_dir": self.cache_dir,
             "sdpa_gqa": self.sdpa_gqa,
             "folded_query_heads": self.folded_heads,
+            "malloc": self.malloc,
             "suffix_buckets": list(SUFFIX_BUCKETS),
             "cache_buckets": f"{MIN_CACHE_BUCKET} x 2^k x 1, 1.25, 1.5, 1.75 (256, 320, 384, 448, 512, ...)",
             "buckets_used": {f"{s}x{c}": n for (s, c), n in sorted(self.calls.items())},

@@ -17,7 +17,8 @@ oneDNN's linear on the packed weight; inside ``torch.compile`` the call is the o
 packed copy. The packed copy is found by the weight's memory and checked against the weight's
 version counter: a weight changed in place is repacked before use, never served stale. Any case
 the packed kernel does not cover (another dtype or device, autograd, a weight not packed) runs
-the plain ``F.linear``.
+the plain ``F.linear``. Linears that read one input (:data:`LINEAR_GROUPS`) are packed as one
+weight and computed in one call (:class:`_Group`; in compiled graphs :func:`group_packed_linears`).
 
 Cost: one packed copy of every linear weight (about the model's size again: ``bytes`` in
 :meth:`PackedLinears.report`), which is why only the fast path turns it on by default
@@ -42,9 +43,10 @@ DEFAULT_BATCH_HINT = 128
 
 
 #: Linears of one parent module that read the same input and are packed as ONE weight (vLLM's merged
-#: QKV and gate/up projections): one oneDNN call instead of three or two. A short forward pays
-#: ~14 us of oneDNN set-up per call, and wider matrices stream faster; on SmolLM2's shapes, 16 rows,
-#: one thread: the 211 linears take 29.3 ms separate, 26.3 ms grouped (``benchmarks/prepack.py``).
+#: QKV and gate/up projections): one oneDNN call instead of three or two. A short forward pays a
+#: fixed oneDNN set-up per call (~14 us, one-off microbenchmark) and wider matrices stream faster:
+#: SmolLM2's linears alone, one thread, 211 calls separate vs 121 grouped: 26.7 vs 25.4 ms for 16
+#: rows, 25.4 vs 24.3 ms for one (``benchmarks/prepack.py``).
 LINEAR_GROUPS = (("q_proj", "k_proj", "v_proj"), ("gate_proj", "up_proj"))
 
 
@@ -74,7 +76,11 @@ class _Group:
     The first member called with an input computes every member's output in one call; the others,
     called with that same input object (and unchanged version), get their slice of it. Any other
     input computes the whole group again, so results never depend on the call order. The slices
-    are views of one output (eager code reshapes and copies them; the compiled op copies them)."""
+    are views of one output (eager code reshapes and copies them; the compiled op copies them).
+    Limit: an inference tensor has no version counter, so an input written in place *between* two
+    members' calls inside ``torch.inference_mode`` would not be noticed; no supported family does
+    that (q/k/v and gate/up read the same hidden states back to back), and compiled graphs never
+    use this memo (one grouped op, :func:`group_packed_linears`)."""
 
     def __init__(self, modules: list[nn.Linear], hint: int) -> None:
         self.hint = hint

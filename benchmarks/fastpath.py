@@ -39,6 +39,7 @@ VARIANTS = {"fp32-eager": ("float32", False, False), "bf16-eager": ("bfloat16", 
             "bf16-compiled-ungrouped": ("bfloat16", True, "ungrouped"),
             "bf16-compiled-unfolded": ("bfloat16", "unfolded", True),
             "bf16-compiled-ungrouped-unfolded": ("bfloat16", "unfolded", "ungrouped"),
+            "bf16-compiled-wide": ("bfloat16", "wide", True),
             "fp32-compiled": ("float32", True, False)}
 DEFAULT_VARIANTS = ["fp32-eager", "bf16-eager", "bf16-compiled-unpacked", "bf16-compiled"]
 
@@ -60,10 +61,12 @@ def _engines(model_name: str, device: str | None, variants: list[str]) -> dict:
             from promptcache.runtime.prepack import PackedLinears
             PackedLinears.of(model, group=False)
         engines[name] = PromptCache(model, tok, progress=False, compile=bool(compiled), prepack=bool(packed))
+        if compiled == "wide":  # attention over the whole buffer, as before narrow attention
+            engines[name].fast.narrow_attention = False
         if compiled == "unfolded":  # SDPA per query head, as before runtime/attention.py
             from promptcache.runtime.attention import unfold_query_heads
             unfold_query_heads(model)
-            engines[name].fast.folded_heads = False
+            engines[name].fast.folded_heads = engines[name].fast.narrow_attention = False
     return engines
 
 

@@ -32,6 +32,10 @@ def folded_sdpa_forward(module: torch.nn.Module, query: torch.Tensor, key: torch
                         **kwargs) -> tuple[torch.Tensor, None]:
     """transformers' attention-function signature: ``query`` ``[b, heads, q, d]``, ``key``/``value``
     ``[b, kv_heads, k, d]``, a 4-D mask shared by the heads; returns ``[b, q, heads, d]``."""
+    if attention_mask is not None and attention_mask.dim() == 4 and attention_mask.shape[-1] < key.shape[-2]:
+        # a mask narrower than the keys (the fast path's static buffer, :data:`NARROW_SLOTS`): the
+        # slots past it are unwritten or stale, never visible; attention reads only the mask's width
+        key, value = key[:, :, : attention_mask.shape[-1]], value[:, :, : attention_mask.shape[-1]]
     groups = getattr(module, "num_key_value_groups", 1)
     if (groups > 1 and 1 < query.shape[2] <= FOLD_MAX_ROWS and query.device.type == "cpu" and dropout == 0.0
             and attention_mask is not None and attention_mask.dim() == 4 and attention_mask.shape[1] == 1

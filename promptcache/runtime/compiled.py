@@ -38,6 +38,7 @@ import torch
 from transformers.cache_utils import Cache, CacheLayerMixin
 
 from .kv import ModuleKV, SplicedCache
+from .attention import NAME as ATTENTION_NAME
 from .attention import fold_query_heads
 from .malloc import keep_freed_memory
 from .prepack import inductor_with_grouped_linears
@@ -52,6 +53,8 @@ EAGER_BY_DESIGN = ("baseline prefill (use_cache=False) and module encoding: eage
                    "plain-text and chat prompts (prefix caching)", "batched decode of the server (DecodeBatch)")
 #: Idle buffers kept per cache bucket for the next requests; more are freed when given back.
 MAX_IDLE_BUFFERS = 2
+#: Narrow attention reads the written slots rounded up to a multiple of this (CPU fast path).
+NARROW_STEP = 64
 #: Environment variable naming the inductor's on-disk cache (set here only when unset).
 INDUCTOR_CACHE_ENV = "TORCHINDUCTOR_CACHE_DIR"
 DEFAULT_INDUCTOR_DIR = os.path.join("~", ".cache", "promptcache", "inductor")
@@ -384,6 +387,9 @@ class CompiledForwards:
         self.malloc = keep_freed_memory() if self.device.type == "cpu" else "off (not CPU)"
         #: Short query blocks fold the query heads sharing a K/V head into one SDPA call (CPU): .attention
         self.folded_heads = self.device.type == "cpu" and fold_query_heads(runner.model)
+        #: Attention reads only the written slots (rounded up to NARROW_STEP) instead of the whole
+        #: buffer: the mask is that wide, dynamic in the graphs (.attention slices K/V to it).
+        self.narrow_attention = self.folded_heads and self.device.type == "cpu" and mode is None
         self.mode = mode if mode is not None else ("reduce-overhead" if self.device.type == "cuda" else None)
         self.eager_reason: str | None = None
         if family in ALIBI_FAMILIES or getattr(runner.adapter.text_config, "alibi", False):
@@ -488,15 +494,21 @@ class CompiledForwards:
         cap = cache.buffer.capacity
         size = self._warm_size(size, n, past, cap)
         dev = self.device
+        # the slots attention reads: the whole buffer, or (narrow attention) the written ones rounded up
+        narrow = self.narrow_attention and self.runner.model.config._attn_implementation == ATTENTION_NAME
+        width = min(cap, -(-(past + size) // NARROW_STEP) * NARROW_STEP) if narrow else cap
         pad_pos = torch.cat([q_pos, q_pos[-1:].expand(size - n)])
-        k_pos = torch.zeros(cap, dtype=torch.long, device=dev)
+        k_pos = torch.zeros(width, dtype=torch.long, device=dev)
         k_pos[:past] = cache.key_positions
         k_pos[past:past + size] = pad_pos
-        full = torch.zeros(size, cap, dtype=torch.bool, device=dev)
+        full = torch.zeros(size, width, dtype=torch.bool, device=dev)
         full[:n, : past + n] = visible.to(dev)
         pads = torch.arange(n, size, device=dev)
         full[pads, past + pads] = True  # a padded row sees itself only
         mask = self.runner.adapter.attention_mask(full, pad_pos, k_pos, self.dtype)
+        if narrow:  # one graph per bucket for every width
+            for m in (mask.values() if isinstance(mask, dict) else (mask,)):  # dict: per layer type
+                torch._dynamo.maybe_mark_dynamic(m, 3)
         input_ids = torch.zeros(1, size, dtype=torch.long, device=dev)
         input_ids[0, :n] = torch.as_tensor(list(ids), dtype=torch.long, device=dev)
         keep = torch.tensor([keep_row], dtype=torch.long, device=dev)

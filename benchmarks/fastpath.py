@@ -32,7 +32,8 @@ from benchmarks.common import persona_case, set_threads  # noqa: E402
 
 #: name -> (dtype, compiled, prepacked linear weights). bf16-compiled is the fast path's default
 #: (prepack on, q/k/v and gate/up packed as groups); the "-unpacked" variants show what prepacking
-#: adds, "-ungrouped" what the groups add, "-unfolded" what folding the query heads adds, side by side.
+#: adds, "-ungrouped" what the groups add, "-wide" what attention over the written slots only adds,
+#: "-unfolded" what runtime/attention.py adds (transformers' own SDPA: neither folded nor narrow).
 VARIANTS = {"fp32-eager": ("float32", False, False), "bf16-eager": ("bfloat16", False, False),
             "bf16-eager-packed": ("bfloat16", False, True),
             "bf16-compiled": ("bfloat16", True, True), "bf16-compiled-unpacked": ("bfloat16", True, False),
@@ -63,9 +64,9 @@ def _engines(model_name: str, device: str | None, variants: list[str]) -> dict:
         engines[name] = PromptCache(model, tok, progress=False, compile=bool(compiled), prepack=bool(packed))
         if compiled == "wide":  # attention over the whole buffer, as before narrow attention
             engines[name].fast.narrow_attention = False
-        if compiled == "unfolded":  # SDPA per query head, as before runtime/attention.py
-            from promptcache.runtime.attention import unfold_query_heads
-            unfold_query_heads(model)
+        if compiled == "unfolded":  # transformers' SDPA, as before runtime/attention.py
+            from promptcache.runtime.attention import restore_sdpa
+            restore_sdpa(model)
             engines[name].fast.folded_heads = engines[name].fast.narrow_attention = False
     return engines
 

@@ -1,17 +1,22 @@
-"""Short query blocks on CPU: the query heads that share a K/V head folded into one SDPA call.
+"""The fast path's SDPA on CPU: attention over the written slots only, and short query blocks with
+the query heads that share a K/V head folded into one call.
 
-Why: a cached prefill computes a few new tokens (16 on the persona case) against the whole
-static buffer, and on CPU torch's flash kernel then runs one small block per query head: SmolLM2's
-9 query heads over its 3 K/V heads cost 313 us per layer at 16 queries over 1,280 slots, folded
-(3 heads of 48 rows) 274 us; 2 queries 208 -> 96 us; 48 queries 756 -> 562 us; but 1 query (decode)
-68 -> 83 us and 64 queries 647 -> 676 us, so only 2..:data:`FOLD_MAX_ROWS` queries are folded
-(one-off microbenchmark, bf16, one thread). The result is the same to the bit: each query row is
-computed alone, against the same keys and the same mask row, in the same order.
+Why: a cached prefill computes a few new tokens (16 on the persona case) against a static buffer,
+and on CPU torch's flash kernel then (1) reads every slot of the buffer, written or not, and (2)
+runs one small block per query head. (1): the fast path makes the mask only as wide as the slots
+written, rounded up (``compiled.NARROW_STEP``), and attention here reads only that many keys and
+values (persona case, 1,118 tokens in a 1,280-slot buffer: cached TTFT 51.8 -> 49.7 ms,
+``benchmarks/fastpath.py --variants bf16-compiled-wide,bf16-compiled``). (2): SmolLM2's 9 query
+heads over its 3 K/V heads cost 313 us per layer at 16 queries over 1,280 slots, folded (3 heads
+of 48 rows) 274 us; 2 queries 208 -> 96 us; 48 queries 756 -> 562 us; but 1 query (decode) 68 ->
+83 us and 64 queries 647 -> 676 us, so only 2..:data:`FOLD_MAX_ROWS` queries are folded (one-off
+microbenchmark, bf16, one thread). Both give the same result to the bit: each query row is computed
+alone, against the same keys, mask row and order, and the slots dropped are ones the mask hides.
 
 How: transformers looks its attention function up by the model's ``_attn_implementation``; the CPU
-fast path switches a grouped-query model from ``"sdpa"`` to :data:`NAME`, registered here, which
-folds when it applies and otherwise calls transformers' own ``sdpa_attention_forward``. Module
-store keys treat the two as one implementation (same floats).
+fast path switches an ``"sdpa"`` model to :data:`NAME`, registered here, which narrows and folds
+where that applies and otherwise calls transformers' own ``sdpa_attention_forward``. Module store
+keys treat the two as one implementation (same floats).
 """
 
 from __future__ import annotations
@@ -27,14 +32,13 @@ NAME = "promptcache_sdpa"
 FOLD_MAX_ROWS = 48
 
 
-def folded_sdpa_forward(module: torch.nn.Module, query: torch.Tensor, key: torch.Tensor, value: torch.Tensor,
-                        attention_mask: torch.Tensor | None, dropout: float = 0.0, scaling: float | None = None,
-                        **kwargs) -> tuple[torch.Tensor, None]:
+def fast_sdpa_forward(module: torch.nn.Module, query: torch.Tensor, key: torch.Tensor, value: torch.Tensor,
+                      attention_mask: torch.Tensor | None, dropout: float = 0.0, scaling: float | None = None,
+                      **kwargs) -> tuple[torch.Tensor, None]:
     """transformers' attention-function signature: ``query`` ``[b, heads, q, d]``, ``key``/``value``
-    ``[b, kv_heads, k, d]``, a 4-D mask shared by the heads; returns ``[b, q, heads, d]``."""
+    ``[b, kv_heads, k, d]``, a 4-D mask; returns ``[b, q, heads, d]``. A mask narrower than the
+    keys (the fast path's static buffer) means the slots past it are never visible: they are not read."""
     if attention_mask is not None and attention_mask.dim() == 4 and attention_mask.shape[-1] < key.shape[-2]:
-        # a mask narrower than the keys (the fast path's static buffer, :data:`NARROW_SLOTS`): the
-        # slots past it are unwritten or stale, never visible; attention reads only the mask's width
         key, value = key[:, :, : attention_mask.shape[-1]], value[:, :, : attention_mask.shape[-1]]
     groups = getattr(module, "num_key_value_groups", 1)
     if (groups > 1 and 1 < query.shape[2] <= FOLD_MAX_ROWS and query.device.type == "cpu" and dropout == 0.0
@@ -52,17 +56,15 @@ def folded_sdpa_forward(module: torch.nn.Module, query: torch.Tensor, key: torch
                                   **kwargs)
 
 
-AttentionInterface.register(NAME, folded_sdpa_forward)
+AttentionInterface.register(NAME, fast_sdpa_forward)
 AttentionMaskInterface.register(NAME, sdpa_mask)
 
 
-def fold_query_heads(model: torch.nn.Module) -> bool:
-    """Switch a grouped-query CPU model from ``"sdpa"`` to :data:`NAME`; returns whether it now
-    runs it. Models on another attention, or without grouped queries, are left as they are."""
+def use_fast_sdpa(model: torch.nn.Module) -> bool:
+    """Switch an ``"sdpa"`` model to :data:`NAME`; returns whether it now runs it. Models on another
+    attention (the user's choice, or a family without SDPA) are left as they are."""
     config = getattr(model, "config", None)
-    text = getattr(config, "text_config", None) or config
-    heads, kv_heads = getattr(text, "num_attention_heads", None), getattr(text, "num_key_value_heads", None)
-    if config is None or not heads or not kv_heads or heads == kv_heads:
+    if config is None:
         return False
     if config._attn_implementation == NAME:
         return True
@@ -72,7 +74,19 @@ def fold_query_heads(model: torch.nn.Module) -> bool:
     return config._attn_implementation == NAME
 
 
-def unfold_query_heads(model: torch.nn.Module) -> None:
-    """Undo :func:`fold_query_heads` (side-by-side benchmarks and tests)."""
-    if getattr(model.config, "_attn_implementation", None) == NAME:
+def runs_fast_sdpa(model: torch.nn.Module) -> bool:
+    return getattr(getattr(model, "config", None), "_attn_implementation", None) == NAME
+
+
+def grouped_query_heads(model: torch.nn.Module) -> bool:
+    """Whether the model's query heads share K/V heads (what folding needs)."""
+    config = getattr(model, "config", None)
+    text = getattr(config, "text_config", None) or config
+    heads, kv_heads = getattr(text, "num_attention_heads", None), getattr(text, "num_key_value_heads", None)
+    return bool(heads and kv_heads and heads != kv_heads)
+
+
+def restore_sdpa(model: torch.nn.Module) -> None:
+    """Undo :func:`use_fast_sdpa` (side-by-side benchmarks and tests)."""
+    if runs_fast_sdpa(model):
         model.set_attn_implementation("sdpa")

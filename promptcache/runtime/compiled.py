@@ -38,8 +38,7 @@ import torch
 from transformers.cache_utils import Cache, CacheLayerMixin
 
 from .kv import ModuleKV, SplicedCache
-from .attention import NAME as ATTENTION_NAME
-from .attention import fold_query_heads
+from .attention import grouped_query_heads, runs_fast_sdpa, use_fast_sdpa
 from .malloc import keep_freed_memory
 from .prepack import inductor_with_grouped_linears
 
@@ -54,7 +53,7 @@ EAGER_BY_DESIGN = ("baseline prefill (use_cache=False) and module encoding: eage
 #: Idle buffers kept per cache bucket for the next requests; more are freed when given back.
 MAX_IDLE_BUFFERS = 2
 #: Narrow attention reads the written slots rounded up to a multiple of this (CPU fast path).
-NARROW_STEP = 64
+NARROW_STEP = 16
 #: Environment variable naming the inductor's on-disk cache (set here only when unset).
 INDUCTOR_CACHE_ENV = "TORCHINDUCTOR_CACHE_DIR"
 DEFAULT_INDUCTOR_DIR = os.path.join("~", ".cache", "promptcache", "inductor")
@@ -385,11 +384,12 @@ class CompiledForwards:
         self.sdpa_gqa = setup_cpu_gqa(self.device)
         #: glibc keeps freed activation memory instead of page-faulting it in again: .malloc
         self.malloc = keep_freed_memory() if self.device.type == "cpu" else "off (not CPU)"
-        #: Short query blocks fold the query heads sharing a K/V head into one SDPA call (CPU): .attention
-        self.folded_heads = self.device.type == "cpu" and fold_query_heads(runner.model)
-        #: Attention reads only the written slots (rounded up to NARROW_STEP) instead of the whole
-        #: buffer: the mask is that wide, dynamic in the graphs (.attention slices K/V to it).
-        self.narrow_attention = self.folded_heads and self.device.type == "cpu" and mode is None
+        # The fast path's SDPA (CPU, .attention): short query blocks fold the query heads sharing a
+        # K/V head into one call; attention reads only the written slots (rounded up to
+        # NARROW_STEP), the mask being that wide and dynamic in the graphs (not with CUDA graphs).
+        fast_sdpa = self.device.type == "cpu" and use_fast_sdpa(runner.model)
+        self.folded_heads = fast_sdpa and grouped_query_heads(runner.model)
+        self.narrow_attention = fast_sdpa and mode is None
         self.mode = mode if mode is not None else ("reduce-overhead" if self.device.type == "cuda" else None)
         self.eager_reason: str | None = None
         if family in ALIBI_FAMILIES or getattr(runner.adapter.text_config, "alibi", False):
@@ -495,7 +495,7 @@ class CompiledForwards:
         size = self._warm_size(size, n, past, cap)
         dev = self.device
         # the slots attention reads: the whole buffer, or (narrow attention) the written ones rounded up
-        narrow = self.narrow_attention and self.runner.model.config._attn_implementation == ATTENTION_NAME
+        narrow = self.narrow_attention and runs_fast_sdpa(self.runner.model)  # not if switched back since
         width = min(cap, -(-(past + size) // NARROW_STEP) * NARROW_STEP) if narrow else cap
         pad_pos = torch.cat([q_pos, q_pos[-1:].expand(size - n)])
         k_pos = torch.zeros(width, dtype=torch.long, device=dev)
@@ -623,6 +623,7 @@ class CompiledForwards:
             "inductor_cache_dir": self.cache_dir,
             "sdpa_gqa": self.sdpa_gqa,
             "folded_query_heads": self.folded_heads,
+            "narrow_attention": self.narrow_attention,
             "malloc": self.malloc,
             "suffix_buckets": list(SUFFIX_BUCKETS),
             "cache_buckets": f"{MIN_CACHE_BUCKET} x 2^k x 1, 1.25, 1.5, 1.75 (256, 320, 384, 448, 512, ...)",

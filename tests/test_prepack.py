@@ -95,6 +95,8 @@ def test_issue17_prepack_is_shared_undone_and_freed():
     assert type(linear) is prepack.PackedLinear and linear.weight.data_ptr() in prepack._PACKED
     first.prepacked.remove()
     assert type(linear) is torch.nn.Linear and linear.weight.data_ptr() not in prepack._PACKED
+    assert first.prepacked.report() | {"batch_hint": 0} == {"linears": 0, "groups": 0, "grouped_linears": 0,
+                                                           "bytes": 0, "batch_hint": 0}
     again = prepack.PackedLinears.of(model)
     ptrs = [m.weight.data_ptr() for m in again.modules]
     assert ptrs and all(p in prepack._PACKED for p in ptrs)

@@ -388,12 +388,11 @@ class PackedLinears:
         for module in self.modules:
             module.__class__ = nn.Linear
             _PACKED.pop(module.weight.data_ptr(), None)
-        self.modules, self.bytes = [], 0
+        self.modules, self.bytes, self.groups, self.grouped = [], 0, 0, 0
 
     def report(self) -> dict:
         return {"linears": len(self.modules), "groups": self.groups, "grouped_linears": self.grouped,
-                "bytes": self.bytes,
-                "batch_hint": self.batch_hint}
+                "bytes": self.bytes, "batch_hint": self.batch_hint}
 
 
 def _packable(module: nn.Module | None) -> bool:

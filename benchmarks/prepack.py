@@ -73,13 +73,10 @@ def grouped_linears(model, rows: list[int], rounds: int) -> dict:
 
     seen: set[int] = set()
     grouped: list[tuple[int, torch.Tensor]] = []  # (input width, packed weight)
-    for parent in model.modules():
-        for names in prepack.LINEAR_GROUPS:
-            members = [parent._modules.get(n) for n in names]
-            if prepack._groupable(members, seen):
-                seen.update(m.weight.data_ptr() for m in members)
-                weight = torch.cat([m.weight.detach() for m in members])
-                grouped.append((weight.shape[1], prepack._reorder(weight, prepack.DEFAULT_BATCH_HINT)))
+    for members in prepack.linear_groups(model):
+        seen.update(m.weight.data_ptr() for m in members)
+        weight = torch.cat([m.weight.detach() for m in members])
+        grouped.append((weight.shape[1], prepack._reorder(weight, prepack.DEFAULT_BATCH_HINT)))
     separate: list[tuple[int, torch.Tensor]] = []
     done: set[int] = set()
     for m in model.modules():

@@ -345,14 +345,11 @@ class PackedLinears:
         self.grouped = 0  # linears packed as members of a group
         self.bytes = 0
         seen: set[int] = set()
-        for parent in model.modules() if group else ():
-            for names in LINEAR_GROUPS:
-                members = [parent._modules.get(name) for name in names]
-                if _groupable(members, seen):
-                    _pack_group(members, batch_hint)
-                    self._adopt(members, seen)
-                    self.groups += 1
-                    self.grouped += len(members)
+        for members in linear_groups(model) if group else ():
+            _pack_group(members, batch_hint)
+            self._adopt(members, seen)
+            self.groups += 1
+            self.grouped += len(members)
         grouped = {id(m) for m in self.modules}
         for module in model.modules():
             if not _packable(module) or id(module) in grouped:  # grouped already
@@ -393,6 +390,19 @@ class PackedLinears:
     def report(self) -> dict:
         return {"linears": len(self.modules), "groups": self.groups, "grouped_linears": self.grouped,
                 "bytes": self.bytes, "batch_hint": self.batch_hint}
+
+
+def linear_groups(model: nn.Module) -> list[list[nn.Linear]]:
+    """The model's linears that can be packed as groups (:data:`LINEAR_GROUPS`), each in order."""
+    groups: list[list[nn.Linear]] = []
+    seen: set[int] = set()
+    for parent in model.modules():
+        for names in LINEAR_GROUPS:
+            members = [parent._modules.get(name) for name in names]
+            if _groupable(members, seen):
+                seen.update(m.weight.data_ptr() for m in members)
+                groups.append(members)
+    return groups
 
 
 def _packable(module: nn.Module | None) -> bool:

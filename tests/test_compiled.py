@@ -269,6 +269,24 @@ def test_issue17_gap2_laid_piece_is_told_by_its_memory_owner():
     assert not laid.holds(ModuleKV([alias], [v]), 0)
 
 
+def test_issue17_laid_piece_is_told_first_by_the_lists_it_shares(monkeypatch):
+    """Each request places its modules with ``ModuleKV.at`` (the same K/V lists): while the value
+    laid is alive, those lists tell the piece without reading every layer's memory; a value that only
+    claims that origin, with other tensors, is told by its memory and not held."""
+    from promptcache.runtime.kv import ModuleKV
+
+    k, v = torch.randn(2, 4, 8), torch.randn(2, 4, 8)
+    canonical = ModuleKV([k], [v])
+    laid = compiled_mod.LaidPiece.of(canonical.at(torch.arange(4)), 0)
+    assert laid.shared() is canonical
+    impostor = ModuleKV([torch.randn(2, 4, 8)], [v], origin=canonical)
+    assert not laid.holds(impostor, 0)
+    with monkeypatch.context() as mp:
+        mp.setattr(torch.Tensor, "data_ptr", lambda t: (_ for _ in ()).throw(AssertionError("memory read")))
+        assert laid.holds(canonical.at(torch.arange(10, 14)), 0)  # by the shared lists alone
+    assert laid.holds(ModuleKV(list(canonical.keys), list(canonical.values)), 0)  # other lists: by memory
+
+
 def test_issue17_gap2_buffer_keeps_the_scaffold_for_the_next_request(monkeypatch):
     """The second request of a schema copies only what its buffer does not hold yet, and every
     answer still equals the oracle: after another prompt, after a scratch forward overwrote the

@@ -173,22 +173,33 @@ class LaidPiece:
     ptrs: list[int]
     strides: list[tuple[int, ...]]
     roots: tuple[weakref.ref, ...]
+    shared: weakref.ref  # the ModuleKV whose K/V lists the piece had (itself or its ``origin``)
 
     @classmethod
     def of(cls, piece: ModuleKV, start: int) -> "LaidPiece":
         ts = (*piece.keys, *piece.values)
         return cls(start, piece.length, [t.data_ptr() for t in ts], [t.stride() for t in ts],
-                   tuple(weakref.ref(_root(t)) for t in ts))
+                   tuple(weakref.ref(_root(t)) for t in ts), weakref.ref(_lists_owner(piece)))
 
     def holds(self, piece: ModuleKV, start: int) -> bool:
         """Whether ``piece`` placed at ``start`` is exactly what these slots hold (asked for every
-        piece of every request: list comparisons, ~3x faster than a loop over the layers)."""
+        piece of every request). First by identity: the same K/V lists as the live value laid here
+        (``ModuleKV.at`` shares them; lists and tensors are never changed once made); else every
+        layer's memory, as list comparisons."""
         if start != self.start or piece.length != self.length:
             return False
+        owner = self.shared()
+        if owner is not None and piece.keys is owner.keys and piece.values is owner.values:
+            return True
         ts = (*piece.keys, *piece.values)
         return (len(ts) == len(self.roots) and [t.data_ptr() for t in ts] == self.ptrs
                 and [t.stride() for t in ts] == self.strides
                 and all(ref() is (t if t._base is None else t._base) for t, ref in zip(ts, self.roots)))
+
+
+def _lists_owner(piece: ModuleKV) -> ModuleKV:
+    origin = piece.origin
+    return origin if origin is not None and origin.keys is piece.keys and origin.values is piece.values else piece
 
 
 class StaticBuffer:

@@ -16,7 +16,7 @@ it holds; :class:`promptcache.runtime.runner.ModelRunner` sets it, ALiBi and sli
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Iterable, Sequence
 
 import torch
@@ -39,6 +39,10 @@ class ModuleKV:
     keys: list[torch.Tensor]
     values: list[torch.Tensor]
     positions: torch.Tensor | None = None
+    #: The value whose ``keys``/``values`` lists this one shares (made by :meth:`at`): one identity
+    #: a static buffer can tell a piece by (runtime/compiled.py's ``LaidPiece``). Lists are never
+    #: changed once made, like the tensors in them.
+    origin: "ModuleKV | None" = field(default=None, repr=False, compare=False)
 
     @property
     def length(self) -> int:
@@ -60,7 +64,7 @@ class ModuleKV:
 
     def at(self, positions: torch.Tensor | None) -> "ModuleKV":
         """The same tensors placed at ``positions`` (no copy)."""
-        return ModuleKV(self.keys, self.values, positions)
+        return ModuleKV(self.keys, self.values, positions, self.origin if self.origin is not None else self)
 
     def slice(self, start: int, end: int | None = None) -> "ModuleKV":
         """Tokens ``start:end`` (or the first ``start`` tokens when ``end`` is omitted); views, no copy."""

@@ -486,7 +486,8 @@ class PromptCache(LoraMethods):
 
     def _static_room(self, max_new_tokens: int | None) -> int:
         """Room for generated tokens in a fast-path request's static buffer. Its size is paid by
-        every forward (its keys are attended, masked or not): the tokens asked for, not more,
+        every forward where attention reads the whole buffer (CUDA graphs; on CPU it reads only the
+        slots written) and in memory everywhere: the tokens asked for, not more,
         capped by ``reserve_tokens`` (decode past it moves to the next bucket)."""
         return self.reserve_tokens if max_new_tokens is None else min(max_new_tokens, self.reserve_tokens)
 

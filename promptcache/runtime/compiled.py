@@ -94,9 +94,10 @@ CACHE_BUCKET_QUARTERS: tuple[int, ...] = (4, 5, 6, 7)
 def cache_bucket(n: int) -> int:
     """The smallest cache bucket holding ``n`` keys: :data:`MIN_CACHE_BUCKET` times a power of two,
     times 1, 1.25, 1.5 or 1.75 (256, 320, 384, 448, 512, 640, 768, 896, 1024, 1280, 1536, ...).
-    Why not only powers of two: a query attends to the whole buffer (masked slots included), so
-    padded keys are paid on every forward (persona case: 1,280 slots gave 0.497x of fp32 eager
-    where 1,536 gave 0.51x); quarter steps keep the padding under a fifth for 4x the graphs."""
+    Why not only powers of two: where a query attends to the whole buffer (masked slots included:
+    CUDA graphs; on CPU narrow attention reads only the slots written), padded keys are paid on every
+    forward (persona case, before narrow attention: 1,280 slots gave 0.497x of fp32 eager where 1,536
+    gave 0.51x); quarter steps keep the padding under a fifth for 4x the graphs."""
     base = MIN_CACHE_BUCKET
     while True:
         for quarters in CACHE_BUCKET_QUARTERS:
@@ -250,7 +251,8 @@ class BufferPool:
 
 class StaticLayer(CacheLayerMixin):
     """One layer of a :class:`StaticSplicedCache`: writes new K/V at the write position and
-    returns the whole buffer (the mask hides what is not the request's). Outside a forward,
+    returns the whole buffer (the mask hides what is not the request's; with narrow attention the
+    mask is narrower and attention reads only its width). Outside a forward,
     ``keys``/``values`` are views of the tokens held, like every other cache of the package."""
 
     is_compileable = True

@@ -170,11 +170,10 @@ def _pack(weight: torch.Tensor, hint: int) -> _Packed:
 def _pack_group(modules: list[nn.Linear], hint: int) -> _Group:
     """Pack ``modules``' weights as one group and register each member (all dropped when one is freed)."""
     group = _Group(modules, hint)
-    ptrs = [m.weight.data_ptr() for m in modules]
-    for index, ptr in enumerate(ptrs):
+    for index, ptr in enumerate(group.ptrs):
         _PACKED[ptr] = _Member(group, index)
     for m in modules:
-        weakref.finalize(m.weight, _drop_group, ptrs, group)
+        weakref.finalize(m.weight, _drop_group, group.ptrs, group)
     return group
 
 

@@ -33,7 +33,8 @@ from benchmarks.common import persona_case, set_threads  # noqa: E402
 #: name -> (dtype, compiled, prepacked linear weights). bf16-compiled is the fast path's default
 #: (prepack on, q/k/v and gate/up packed as groups); the "-unpacked" variants show what prepacking
 #: adds, "-ungrouped" what the groups add, "-wide" what attention over the written slots only adds,
-#: "-unfolded" what runtime/attention.py adds (transformers' own SDPA: neither folded nor narrow).
+#: "-unfolded" what runtime/attention.py adds (transformers' own SDPA: neither folded nor narrow),
+#: "-onednn" what the AMX kernel adds (runtime/amx.py; oneDNN's packed linear instead).
 VARIANTS = {"fp32-eager": ("float32", False, False), "bf16-eager": ("bfloat16", False, False),
             "bf16-eager-packed": ("bfloat16", False, True),
             "bf16-compiled": ("bfloat16", True, True), "bf16-compiled-unpacked": ("bfloat16", True, False),
@@ -41,6 +42,7 @@ VARIANTS = {"fp32-eager": ("float32", False, False), "bf16-eager": ("bfloat16", 
             "bf16-compiled-unfolded": ("bfloat16", "unfolded", True),
             "bf16-compiled-ungrouped-unfolded": ("bfloat16", "unfolded", "ungrouped"),
             "bf16-compiled-wide": ("bfloat16", "wide", True),
+            "bf16-compiled-onednn": ("bfloat16", True, "onednn"),
             "fp32-compiled": ("float32", True, False)}
 DEFAULT_VARIANTS = ["fp32-eager", "bf16-eager", "bf16-compiled-unpacked", "bf16-compiled"]
 
@@ -58,9 +60,9 @@ def _engines(model_name: str, device: str | None, variants: list[str]) -> dict:
         if key not in models:
             models[key] = load_model(model_name, device=device, dtype=dtype)
         model, tok = models[key]
-        if packed == "ungrouped":  # packed before the engine, which then shares it
+        if packed in ("ungrouped", "onednn"):  # packed before the engine, which then shares it
             from promptcache.runtime.prepack import PackedLinears
-            PackedLinears.of(model, group=False)
+            PackedLinears.of(model, group=packed != "ungrouped", kernel="onednn" if packed == "onednn" else None)
         engines[name] = PromptCache(model, tok, progress=False, compile=bool(compiled), prepack=bool(packed))
         if compiled == "wide":  # attention over the whole buffer, as before narrow attention
             engines[name].fast.narrow_attention = False

@@ -2,12 +2,13 @@
 """Issue 17's CPU forward measurements behind runtime/prepack.py and runtime/fused.py, side by side
 in one process (bf16 bare model forwards, medians):
 
-* eager forwards of 1 / 16 / 128 / N tokens with plain ``nn.Linear`` weights and with the weights
-  prepacked for each oneDNN batch hint (the default hint is chosen from this table);
+* eager forwards of 1 / 16 / 128 / N tokens with plain ``nn.Linear`` weights, with the weights
+  prepacked for each oneDNN batch hint (the default hint is chosen from this table), and packed for
+  the AMX kernel (runtime/amx.py; where this CPU has AMX);
 * the memory one packed copy of the weights costs (RSS before and after packing);
-* the model's linears alone (oneDNN calls on the packed weights, random inputs of 1 and 16 rows):
-  each packed alone, and q/k/v and gate/up packed as one weight per group (``LINEAR_GROUPS``),
-  interleaved;
+* the model's linears alone (the packed kernel's calls, random inputs of 1 and 16 rows): each
+  packed alone, and q/k/v and gate/up packed as one weight per group (``LINEAR_GROUPS``), with
+  oneDNN's kernel and with AMX's, interleaved;
 * the persona case's full prefill (``generate(use_cache=False)``) with the long eager forwards' norms
   and MLPs compiled or not, interleaved, and the largest first-token logit difference between them.
 
@@ -44,7 +45,7 @@ def _median_ms(fn, reps: int) -> float:
 
 
 def hints_table(model, sizes: list[int], hints: list[int], reps: int) -> dict:
-    """ms per eager forward for each token count: plain weights, then each batch hint."""
+    """ms per eager forward for each token count: plain weights, then each oneDNN batch hint, then AMX."""
     import torch
 
     from promptcache.runtime.prepack import PackedLinears
@@ -56,49 +57,62 @@ def hints_table(model, sizes: list[int], hints: list[int], reps: int) -> dict:
             model(input_ids=ids[:, :n], logits_to_keep=1)
 
     rows = {"plain": {n: _median_ms(lambda: forward(n), reps) for n in sizes}}
-    for hint in hints:
+    from promptcache.runtime.prepack import default_kernel
+
+    packings = [(f"hint {hint}", hint, "onednn") for hint in hints]
+    if default_kernel() == "amx":
+        packings.append(("amx", DEFAULT_HINT, "amx"))
+    for name, hint, kernel in packings:
         before = _rss_mb()
-        packed = PackedLinears(model, batch_hint=hint)
-        rows[f"hint {hint}"] = {n: _median_ms(lambda: forward(n), reps) for n in sizes}
-        rows[f"hint {hint}"]["rss_mb_added"] = _rss_mb() - before
+        packed = PackedLinears(model, batch_hint=hint, kernel=kernel)
+        rows[name] = {n: _median_ms(lambda: forward(n), reps) for n in sizes}
+        rows[name]["rss_mb_added"] = _rss_mb() - before
         packed.remove()
     return rows
 
 
+DEFAULT_HINT = 128  # runtime/prepack.py's DEFAULT_BATCH_HINT (not used by the AMX kernel)
+
+
 def grouped_linears(model, rows: list[int], rounds: int) -> dict:
-    """ms for one pass over the model's linears (each weight once), separate vs grouped, interleaved."""
+    """ms for one pass over the model's linears (each weight once), separate vs grouped, with each
+    packed kernel there is here (oneDNN's, AMX's), interleaved."""
     import torch
 
     from promptcache.runtime import prepack
 
-    seen: set[int] = set()
-    grouped: list[tuple[int, torch.Tensor]] = []  # (input width, packed weight)
-    for members in prepack.linear_groups(model):
-        seen.update(m.weight.data_ptr() for m in members)
-        weight = torch.cat([m.weight.detach() for m in members])
-        grouped.append((weight.shape[1], prepack._reorder(weight, prepack.DEFAULT_BATCH_HINT)))
-    separate: list[tuple[int, torch.Tensor]] = []
-    done: set[int] = set()
-    for m in model.modules():
-        if prepack._packable(m) and m.weight.data_ptr() not in done:
-            done.add(m.weight.data_ptr())
-            packed = prepack._reorder(m.weight, prepack.DEFAULT_BATCH_HINT)
-            separate.append((m.in_features, packed))
-            if m.weight.data_ptr() not in seen:
-                grouped.append((m.in_features, packed))
-    out: dict = {"calls": {"separate": len(separate), "grouped": len(grouped)}}
+    kernels = ["onednn"] + (["amx"] if prepack.default_kernel() == "amx" else [])
+    variants: dict[str, list[tuple[int, object]]] = {}  # name -> (input width, packed weight) per call
+    for kernel in kernels:
+        seen: set[int] = set()
+        grouped: list[tuple[int, object]] = []
+        for members in prepack.linear_groups(model):
+            seen.update(m.weight.data_ptr() for m in members)
+            weight = torch.cat([m.weight.detach() for m in members])
+            grouped.append((weight.shape[1], prepack._reorder(weight, prepack.DEFAULT_BATCH_HINT, kernel)))
+        separate: list[tuple[int, object]] = []
+        done: set[int] = set()
+        for m in model.modules():
+            if prepack._packable(m) and m.weight.data_ptr() not in done:
+                done.add(m.weight.data_ptr())
+                packed = prepack._reorder(m.weight, prepack.DEFAULT_BATCH_HINT, kernel)
+                separate.append((m.in_features, packed))
+                if m.weight.data_ptr() not in seen:
+                    grouped.append((m.in_features, packed))
+        variants[f"{kernel} separate"], variants[f"{kernel} grouped"] = separate, grouped
+    out: dict = {"calls": {"separate": len(variants["onednn separate"]), "grouped": len(variants["onednn grouped"])}}
     for n in rows:
-        xs = {w: torch.randn(n, w, dtype=torch.bfloat16) for w, _ in separate}
+        xs = {w: torch.randn(n, w, dtype=torch.bfloat16) for w, _ in variants["onednn separate"]}
 
         def run(weights) -> float:
             t = time.perf_counter()
             for width, packed in weights:
-                torch.ops.mkldnn._linear_pointwise(xs[width], packed, None, "none", [], "")
+                prepack._linear(xs[width], packed, None)
             return time.perf_counter() - t
 
-        times: dict[str, list[float]] = {"separate": [], "grouped": []}
+        times: dict[str, list[float]] = {name: [] for name in variants}
         for r in range(rounds + 1):
-            for name, weights in (("separate", separate), ("grouped", grouped)):
+            for name, weights in variants.items():
                 dt = run(weights)
                 if r:  # round 0 untimed
                     times[name].append(dt * 1000)
@@ -162,7 +176,7 @@ def main(argv: list[str] | None = None) -> int:
     print(f"the model's linears alone, ms per pass (median of {max(args.rounds, 9)} interleaved rounds): "
           f"{lin['calls']['separate']} calls separate, {lin['calls']['grouped']} grouped; load {os.getloadavg()}")
     for n in (1, 16):
-        print(f"  {n:3d} rows: separate {lin[n]['separate']:6.2f}  grouped {lin[n]['grouped']:6.2f}")
+        print(f"  {n:3d} rows: " + "  ".join(f"{name} {ms:6.2f}" for name, ms in lin[n].items()))
     del model
     out = fused_prefill(args.model, args.rounds)
     print(f"persona full prefill (bf16 compiled engine, median of {args.rounds} interleaved rounds): "

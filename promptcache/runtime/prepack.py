@@ -27,6 +27,7 @@ Cost: one packed copy of every linear weight (about the model's size again: ``by
 
 from __future__ import annotations
 
+import os
 import weakref
 from dataclasses import dataclass
 from typing import Optional
@@ -35,11 +36,16 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from . import amx
+
 #: oneDNN packs a weight for an expected number of rows. ``benchmarks/prepack.py`` (SmolLM2 bf16, one
 #: thread, eager forwards of 1 / 16 / 128 / 1,149 tokens, ms): plain 57 / 59 / 93 / 572; hint 1:
 #: 39 / 42 / 85 / 602; hint 16: 39 / 42 / 76 / 523; hint 128: 40 / 43 / 77 / 514; hint 1024:
 #: 40 / 43 / 76 / 562.
 DEFAULT_BATCH_HINT = 128
+
+#: A weight shape the AMX kernel takes, to ask whether it runs here at all.
+COLUMNS_PROBE = amx.COLUMNS
 
 
 #: Linears of one parent module that read the same input and are packed as ONE weight (vLLM's merged
@@ -60,13 +66,14 @@ class _Packed:
     shape: torch.Size
     dtype: torch.dtype
     hint: int
+    kernel: str
 
     def current(self, weight: torch.Tensor) -> torch.Tensor | None:
         """The packed copy of ``weight`` (repacked first if it changed in place), or ``None``."""
         if self.owner() is None or self.shape != weight.shape or self.dtype != weight.dtype:
             return None
         if self.version != weight._version:  # written in place since it was packed: repack, same entry
-            self.packed, self.version = _reorder(weight, self.hint), weight._version
+            self.packed, self.version = _reorder(weight, self.hint, self.kernel), weight._version
         return self.packed
 
 
@@ -82,8 +89,8 @@ class _Group:
     that (q/k/v and gate/up read the same hidden states back to back), and compiled graphs never
     use this memo (one grouped op, :func:`group_packed_linears`)."""
 
-    def __init__(self, modules: list[nn.Linear], hint: int) -> None:
-        self.hint = hint
+    def __init__(self, modules: list[nn.Linear], hint: int, kernel: str) -> None:
+        self.hint, self.kernel = hint, kernel
         self.weights = [weakref.ref(m.weight) for m in modules]
         self.biases = [weakref.ref(m.bias) for m in modules] if modules[0].bias is not None else []
         self.shapes = [m.weight.shape for m in modules]
@@ -96,7 +103,7 @@ class _Group:
 
     def _pack(self, weights: list[torch.Tensor], biases: list[torch.Tensor]) -> None:
         with torch.no_grad():
-            self.packed = _reorder(torch.cat([w.detach() for w in weights]), self.hint)
+            self.packed = _reorder(torch.cat([w.detach() for w in weights]), self.hint, self.kernel)
             self.bias = torch.cat([b.detach() for b in biases]) if biases else None
         self.versions = tuple(t._version for t in (*weights, *biases))
 
@@ -158,18 +165,19 @@ def supported(device: torch.device, dtype: torch.dtype) -> str | None:
     return f"oneDNN on this CPU does not prepack {str(dtype).replace('torch.', '')} weights (bf16/fp16 only)"
 
 
-def _pack(weight: torch.Tensor, hint: int) -> _Packed:
+def _pack(weight: torch.Tensor, hint: int, kernel: str) -> _Packed:
     """Pack ``weight`` and register the copy (dropped when the weight is freed)."""
     ptr = weight.data_ptr()
-    entry = _Packed(_reorder(weight, hint), weakref.ref(weight), weight._version, weight.shape, weight.dtype, hint)
+    entry = _Packed(_reorder(weight, hint, kernel), weakref.ref(weight), weight._version, weight.shape,
+                    weight.dtype, hint, kernel)
     _PACKED[ptr] = entry
     weakref.finalize(weight, _drop, ptr, entry)  # a freed model leaves no packed copy behind
     return entry
 
 
-def _pack_group(modules: list[nn.Linear], hint: int) -> _Group:
+def _pack_group(modules: list[nn.Linear], hint: int, kernel: str) -> _Group:
     """Pack ``modules``' weights as one group and register each member (all dropped when one is freed)."""
-    group = _Group(modules, hint)
+    group = _Group(modules, hint, kernel)
     for index, ptr in enumerate(group.ptrs):
         _PACKED[ptr] = _Member(group, index)
     for m in modules:
@@ -177,13 +185,27 @@ def _pack_group(modules: list[nn.Linear], hint: int) -> _Group:
     return group
 
 
-def _reorder(weight: torch.Tensor, hint: int) -> torch.Tensor:
+def _reorder(weight: torch.Tensor, hint: int, kernel: str) -> torch.Tensor | amx.AmxWeight:
+    """``weight`` packed for ``kernel`` ("amx" where :func:`amx.unavailable` allows, else oneDNN's)."""
+    if kernel == "amx" and amx.unavailable(weight) is None:
+        return amx.pack(weight)
     with torch.no_grad():
         return torch.ops.mkldnn._reorder_linear_weight(weight.detach(), hint)
 
 
-def _linear(x: torch.Tensor, packed: torch.Tensor, bias: Optional[torch.Tensor]) -> torch.Tensor:
+def _linear(x: torch.Tensor, packed: torch.Tensor | amx.AmxWeight, bias: Optional[torch.Tensor]) -> torch.Tensor:
+    if isinstance(packed, amx.AmxWeight):
+        return amx.linear(x, packed, bias if bias is None or bias.dtype == x.dtype else bias.to(x.dtype))
     return torch.ops.mkldnn._linear_pointwise(x.contiguous(), packed, bias, "none", [], "")
+
+
+def default_kernel() -> str:
+    """"amx" where this CPU, torch and compiler run :mod:`.amx`'s kernel (``PROMPTCACHE_AMX=0``:
+    never), else "onednn"."""
+    if os.environ.get("PROMPTCACHE_AMX", "1") == "0":
+        return "onednn"
+    probe = torch.zeros((COLUMNS_PROBE, COLUMNS_PROBE), dtype=torch.bfloat16)
+    return "amx" if amx.unavailable(probe) is None else "onednn"
 
 
 def _version(x: torch.Tensor) -> int:
@@ -337,15 +359,20 @@ class PackedLinear(nn.Linear):
 class PackedLinears:
     """The prepacked linears of one model (module docstring); :meth:`remove` undoes it."""
 
-    def __init__(self, model: nn.Module, batch_hint: int = DEFAULT_BATCH_HINT, group: bool = True) -> None:
+    def __init__(self, model: nn.Module, batch_hint: int = DEFAULT_BATCH_HINT, group: bool = True,
+                 kernel: str | None = None) -> None:
+        if kernel not in (None, "amx", "onednn"):
+            raise ValueError(f"kernel must be 'amx', 'onednn' or None (the default here), not {kernel!r}")
         self.batch_hint = batch_hint
+        #: "amx" (:mod:`.amx`, bf16 weights whose input width it takes; oneDNN's for the others) or "onednn"
+        self.kernel = kernel or default_kernel()
         self.modules: list[nn.Linear] = []
         self.groups = 0
         self.grouped = 0  # linears packed as members of a group
         self.bytes = 0
         seen: set[int] = set()
         for members in linear_groups(model) if group else ():
-            _pack_group(members, batch_hint)
+            _pack_group(members, batch_hint, self.kernel)
             self._adopt(members, seen)
             self.groups += 1
             self.grouped += len(members)
@@ -354,7 +381,7 @@ class PackedLinears:
             if not _packable(module) or id(module) in grouped:  # grouped already
                 continue
             if module.weight.data_ptr() not in seen:  # tied weights (lm_head = embeddings) pack once
-                _pack(module.weight, batch_hint)
+                _pack(module.weight, batch_hint, self.kernel)
             self._adopt([module], seen)
 
     def _adopt(self, modules: list[nn.Linear], seen: set[int]) -> None:
@@ -366,12 +393,14 @@ class PackedLinears:
             self.modules.append(module)
 
     @classmethod
-    def of(cls, model: nn.Module, batch_hint: int = DEFAULT_BATCH_HINT, group: bool = True) -> "PackedLinears":
+    def of(cls, model: nn.Module, batch_hint: int = DEFAULT_BATCH_HINT, group: bool = True,
+           kernel: str | None = None) -> "PackedLinears":
         """The model's prepacked linears: made once per model, shared by every engine over it
-        (``group=False``: every linear packed alone, as before groups; for side-by-side benchmarks)."""
+        (``group=False``: every linear packed alone, as before groups; ``kernel="onednn"``: oneDNN's
+        kernel where AMX's would run; both for side-by-side benchmarks)."""
         existing = model.__dict__.get("_promptcache_prepacked")
         if existing is None or not existing.live():  # never packed, removed, or a deep copy's
-            existing = cls(model, batch_hint, group)
+            existing = cls(model, batch_hint, group, kernel)
             model.__dict__["_promptcache_prepacked"] = existing
         return existing
 
@@ -387,8 +416,12 @@ class PackedLinears:
         self.modules, self.bytes, self.groups, self.grouped = [], 0, 0, 0
 
     def report(self) -> dict:
+        amx_weights = {id(e.group) if isinstance(e, _Member) else id(e): isinstance(
+            e.group.packed if isinstance(e, _Member) else e.packed, amx.AmxWeight)
+            for e in (_PACKED.get(m.weight.data_ptr()) for m in self.modules) if e is not None}
         return {"linears": len(self.modules), "groups": self.groups, "grouped_linears": self.grouped,
-                "bytes": self.bytes, "batch_hint": self.batch_hint}
+                "bytes": self.bytes, "batch_hint": self.batch_hint, "kernel": self.kernel,
+                "amx_weights": sum(amx_weights.values()), "onednn_weights": len(amx_weights) - sum(amx_weights.values())}
 
 
 def linear_groups(model: nn.Module) -> list[list[nn.Linear]]:

@@ -34,7 +34,8 @@ from benchmarks.common import persona_case, set_threads  # noqa: E402
 #: (prepack on, q/k/v and gate/up packed as groups); the "-unpacked" variants show what prepacking
 #: adds, "-ungrouped" what the groups add, "-wide" what attention over the written slots only adds,
 #: "-unfolded" what runtime/attention.py adds (transformers' own SDPA: neither folded nor narrow),
-#: "-onednn" what the AMX kernel adds (runtime/amx.py; oneDNN's packed linear instead).
+#: "-onednn" what the AMX linear kernel adds (runtime/amx.py; oneDNN's packed linear instead), "-flash"
+#: what the AMX attention kernel adds (runtime/amx_attention.py; torch's flash SDPA, folded, instead).
 VARIANTS = {"fp32-eager": ("float32", False, False), "bf16-eager": ("bfloat16", False, False),
             "bf16-eager-packed": ("bfloat16", False, True),
             "bf16-compiled": ("bfloat16", True, True), "bf16-compiled-unpacked": ("bfloat16", True, False),
@@ -43,6 +44,7 @@ VARIANTS = {"fp32-eager": ("float32", False, False), "bf16-eager": ("bfloat16", 
             "bf16-compiled-ungrouped-unfolded": ("bfloat16", "unfolded", "ungrouped"),
             "bf16-compiled-wide": ("bfloat16", "wide", True),
             "bf16-compiled-onednn": ("bfloat16", True, "onednn"),
+            "bf16-compiled-flash": ("bfloat16", "flash", True),
             "fp32-compiled": ("float32", True, False)}
 DEFAULT_VARIANTS = ["fp32-eager", "bf16-eager", "bf16-compiled-unpacked", "bf16-compiled"]
 
@@ -66,6 +68,9 @@ def _engines(model_name: str, device: str | None, variants: list[str]) -> dict:
         engines[name] = PromptCache(model, tok, progress=False, compile=bool(compiled), prepack=bool(packed))
         if compiled == "wide":  # attention over the whole buffer, as before narrow attention
             engines[name].fast.narrow_attention = False
+        if compiled == "flash":  # torch's SDPA for the short blocks too, as before runtime/amx_attention.py
+            from promptcache.runtime.attention import use_amx_attention
+            engines[name].fast.amx_attention = use_amx_attention(model, on=False)
         if compiled == "unfolded":  # transformers' SDPA, as before runtime/attention.py
             from promptcache.runtime.attention import restore_sdpa
             restore_sdpa(model)

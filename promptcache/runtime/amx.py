@@ -149,8 +149,8 @@ void kernel(const uint16_t* A, const uint16_t* B, const uint16_t* bias, uint16_t
 }
 """
 
-_ARGTYPES = ["const uint16_t*", "const uint16_t*", "const uint16_t*", "uint16_t*",
-             "int64_t", "int64_t", "int64_t", "int64_t", "int64_t", "int64_t", "int64_t", "int64_t"]
+_ARGTYPES = ("const uint16_t*", "const uint16_t*", "const uint16_t*", "uint16_t*",
+             "int64_t", "int64_t", "int64_t", "int64_t", "int64_t", "int64_t", "int64_t", "int64_t")
 
 
 @dataclass(frozen=True)
@@ -163,8 +163,9 @@ class AmxWeight:
 
 
 @functools.lru_cache(maxsize=None)
-def _build() -> tuple[object | None, str | None]:
-    """The compiled kernel, or why there is none (once per process)."""
+def build(source: str, argtypes: tuple[str, ...]) -> tuple[object | None, str | None]:
+    """An AMX kernel built from C++ ``source`` (entry point ``kernel``), or why there is none; once
+    per process and source (inductor caches the library on disk)."""
     capabilities = torch.cpu.get_capabilities()
     if not (capabilities.get("amx_tile") and capabilities.get("amx_bf16") and capabilities.get("avx512_bf16")):
         return None, "this CPU has no AMX bf16 tiles"
@@ -173,9 +174,14 @@ def _build() -> tuple[object | None, str | None]:
     try:
         from torch._inductor.codecache import CppPythonBindingsCodeCache
 
-        return CppPythonBindingsCodeCache.load_pybinding(_ARGTYPES, KERNEL_SOURCE), None
-    except Exception as exc:  # no compiler, an old one without AMX intrinsics: oneDNN stays
+        return CppPythonBindingsCodeCache.load_pybinding(list(argtypes), source), None
+    except Exception as exc:  # no compiler, an old one without AMX intrinsics: the caller's fallback runs
         return None, f"the AMX kernel did not build ({type(exc).__name__}: {str(exc).splitlines()[0][:200]})"
+
+
+@functools.lru_cache(maxsize=None)
+def _build() -> tuple[object | None, str | None]:  # the linear's, without hashing the source per call
+    return build(KERNEL_SOURCE, _ARGTYPES)
 
 
 def unavailable(weight: torch.Tensor) -> str | None:

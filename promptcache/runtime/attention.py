@@ -13,10 +13,17 @@ of 48 rows) 274 us; 2 queries 208 -> 96 us; 48 queries 756 -> 562 us; but 1 quer
 microbenchmark, bf16, one thread). Both give the same result to the bit: each query row is computed
 alone, against the same keys, mask row and order, and the slots dropped are ones the mask hides.
 
+Where the CPU has AMX, the compiled graphs' bf16 query blocks of up to
+:data:`amx_attention.MAX_ROWS` folded rows (a cached prefill's suffix, a decode step) run on
+:mod:`.amx_attention`'s kernel instead (the op ``promptcache::amx_attention``, opaque to inductor),
+which rounds like torch's bf16 kernel but not to the same bits; eager forwards (module encoding,
+whose K/V the store keeps under sdpa's key) never do. :func:`use_amx_attention` turns it off per
+model (side-by-side benchmarks).
+
 How: transformers looks its attention function up by the model's ``_attn_implementation``; the CPU
 fast path switches an ``"sdpa"`` model to :data:`NAME`, registered here, which narrows and folds
 where that applies and otherwise calls transformers' own ``sdpa_attention_forward``. Module store
-keys treat the two as one implementation (same floats).
+keys treat the two as one implementation (same floats in every eager forward).
 """
 
 from __future__ import annotations
@@ -26,6 +33,8 @@ import torch.nn.functional as F
 from transformers import AttentionInterface
 from transformers.integrations.sdpa_attention import sdpa_attention_forward
 from transformers.masking_utils import AttentionMaskInterface, sdpa_mask
+
+from . import amx_attention
 
 NAME = "promptcache_sdpa"
 #: Query blocks of 2..FOLD_MAX_ROWS tokens are folded (module docstring).
@@ -38,6 +47,13 @@ def fast_sdpa_forward(module: torch.nn.Module, query: torch.Tensor, key: torch.T
     """transformers' attention-function signature: ``query`` ``[b, heads, q, d]``, ``key``/``value``
     ``[b, kv_heads, k, d]``, a 4-D mask; returns ``[b, q, heads, d]``. A mask narrower than the
     keys (the fast path's static buffer) means the slots past it are never visible: they are not read."""
+    if (torch.compiler.is_compiling() and query.shape[2] <= amx_attention.MAX_ROWS and dropout == 0.0
+            and not kwargs.get("softcap")
+            and kwargs.get("position_bias") is None and kwargs.get("cache") is None
+            and not kwargs.get("output_attentions") and getattr(getattr(module, "config", None), AMX_FLAG, False)
+            and amx_attention.unsupported(query, key, value, attention_mask) is None):  # built: the flag says
+        scale = scaling if scaling is not None else query.shape[-1] ** -0.5
+        return torch.ops.promptcache.amx_attention.default(query, key, value, attention_mask, scale), None
     if attention_mask is not None and attention_mask.dim() == 4 and attention_mask.shape[-1] < key.shape[-2]:
         key, value = key[:, :, : attention_mask.shape[-1]], value[:, :, : attention_mask.shape[-1]]
     groups = getattr(module, "num_key_value_groups", 1)
@@ -56,6 +72,21 @@ def fast_sdpa_forward(module: torch.nn.Module, query: torch.Tensor, key: torch.T
                                   **kwargs)
 
 
+#: The config attribute that lets a model's attention run on the AMX kernel (:func:`use_amx_attention`).
+AMX_FLAG = "_promptcache_amx_attention"
+
+_LIB = torch.library.Library("promptcache", "FRAGMENT")
+_LIB.define("amx_attention(Tensor query, Tensor key, Tensor value, Tensor mask, float scale) -> Tensor")
+_LIB.impl("amx_attention", amx_attention.attention, "CPU")
+
+
+@torch.library.register_fake("promptcache::amx_attention", lib=_LIB)
+def _amx_attention_fake(query: torch.Tensor, key: torch.Tensor, value: torch.Tensor, mask: torch.Tensor,
+                        scale: float) -> torch.Tensor:
+    b, heads, rows, dim = query.shape
+    return query.new_empty((b, rows, heads, dim))
+
+
 AttentionInterface.register(NAME, fast_sdpa_forward)
 AttentionMaskInterface.register(NAME, sdpa_mask)
 
@@ -72,6 +103,18 @@ def use_fast_sdpa(model: torch.nn.Module) -> bool:
         return False
     model.set_attn_implementation(NAME)
     return config._attn_implementation == NAME
+
+
+def use_amx_attention(model: torch.nn.Module, on: bool = True) -> str | None:
+    """Let the model's short query blocks run on :mod:`.amx_attention` (``on=False``: never); returns
+    ``None`` when they will, else why not (the model is then left on torch's SDPA)."""
+    config = getattr(model, "config", None)
+    text = getattr(config, "text_config", None) or config
+    probe = torch.zeros((1, 1, 1, amx_attention.MAX_HEAD_DIM // 2), dtype=torch.bfloat16)
+    reason = "turned off" if not on else amx_attention.unavailable(probe, probe, probe, probe[..., :1])
+    for c in {id(c): c for c in (config, text) if c is not None}.values():
+        setattr(c, AMX_FLAG, reason is None)
+    return reason
 
 
 def runs_fast_sdpa(model: torch.nn.Module) -> bool:

@@ -38,7 +38,7 @@ import torch
 from transformers.cache_utils import Cache, CacheLayerMixin
 
 from .kv import ModuleKV, SplicedCache
-from .attention import grouped_query_heads, runs_fast_sdpa, use_fast_sdpa
+from .attention import grouped_query_heads, runs_fast_sdpa, use_amx_attention, use_fast_sdpa
 from .malloc import keep_freed_memory
 from .prepack import inductor_with_grouped_linears
 
@@ -403,6 +403,8 @@ class CompiledForwards:
         fast_sdpa = self.device.type == "cpu" and use_fast_sdpa(runner.model)
         self.folded_heads = fast_sdpa and grouped_query_heads(runner.model)
         self.narrow_attention = fast_sdpa and mode is None
+        #: short query blocks of the CPU graphs on the AMX kernel (.amx_attention): None, or why not
+        self.amx_attention = use_amx_attention(runner.model) if fast_sdpa and mode is None else "not the CPU fast path"
         self.mode = mode if mode is not None else ("reduce-overhead" if self.device.type == "cuda" else None)
         self.eager_reason: str | None = None
         if family in ALIBI_FAMILIES or getattr(runner.adapter.text_config, "alibi", False):
@@ -637,6 +639,8 @@ class CompiledForwards:
             "sdpa_gqa": self.sdpa_gqa,
             "folded_query_heads": self.folded_heads,
             "narrow_attention": self.narrow_attention,
+            "amx_attention": self.amx_attention is None,
+            **({"amx_attention_off": self.amx_attention} if self.amx_attention else {}),
             "malloc": self.malloc,
             "suffix_buckets": list(SUFFIX_BUCKETS),
             "cache_buckets": f"{MIN_CACHE_BUCKET} x 2^k x 1, 1.25, 1.5, 1.75 (256, 320, 384, 448, 512, ...)",

@@ -1,5 +1,5 @@
-"""Prepacked linear weights on CPU: oneDNN's blocked weight layout made once per weight, shared by
-the eager forwards and every compiled graph.
+"""Prepacked linear weights on CPU: a packed copy made once per weight (oneDNN's blocked layout, or
+:mod:`.amx`'s where the CPU has AMX-BF16), shared by the eager forwards and every compiled graph.
 
 Why: on CPU a bf16 ``nn.Linear`` already runs through oneDNN (AMX where the CPU has it), but
 ``aten::mm`` reorders the weight into oneDNN's blocked layout on every call. A short forward is
@@ -19,6 +19,10 @@ version counter: a weight changed in place is repacked before use, never served 
 the packed kernel does not cover (another dtype or device, autograd, a weight not packed) runs
 the plain ``F.linear``. Linears that read one input (:data:`LINEAR_GROUPS`) are packed as one
 weight and computed in one call (:class:`_Group`; in compiled graphs :func:`group_packed_linears`).
+
+Kernel: where :func:`default_kernel` finds AMX (bf16 weights whose input width is a multiple of 32),
+:mod:`.amx`'s kernel runs on its own packed layout (faster for short inputs: ``benchmarks/prepack.py``;
+rounds differently from oneDNN, within bf16); other weights and CPUs keep oneDNN's packed linear.
 
 Cost: one packed copy of every linear weight (about the model's size again: ``bytes`` in
 :meth:`PackedLinears.report`), which is why only the fast path turns it on by default

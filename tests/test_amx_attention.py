@@ -1,0 +1,128 @@
+"""Issue 17, the AMX attention kernel (promptcache.runtime.amx_attention) of the fast path's compiled
+short query blocks: as close to exact attention as torch's own bf16 SDPA for every tail it tiles
+(rows, keys, head dims, folded query heads, strided queries, a mask narrower than the buffer), run
+by the compiled graphs (and only there) where the CPU has AMX, and matching the bf16 oracle."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+from promptcache.engine import PromptCache
+from promptcache.runtime import amx_attention
+from promptcache.runtime import compiled as compiled_mod
+from promptcache.runtime.attention import AMX_FLAG, use_amx_attention
+from engine_fixtures import DEFAULT_PATH_PROMPT, DEFAULT_PATH_SCHEMA, FULL_PROMPTS, FULL_SCHEMA
+from tiny_models import tiny_model
+from tiny_tokenizer import tiny_tokenizer
+
+PROBE = torch.zeros((1, 1, 1, 64), dtype=torch.bfloat16)
+REASON = amx_attention.unavailable(PROBE, PROBE, PROBE, PROBE[..., :1])
+needs_amx = pytest.mark.skipif(REASON is not None, reason=str(REASON))
+BF16_TOL = 0.25  # as tests/test_compiled.py
+
+
+def _case(rows: int, keys: int, dim: int, heads: int, kv_heads: int, seed: int):
+    """bf16 inputs in transformers' layouts: queries strided as after q_proj + transpose, a static
+    buffer wider than the keys in use, an additive mask with some keys hidden from each query."""
+    g = torch.Generator().manual_seed(seed)
+    query = torch.randn(1, rows, heads, dim, generator=g).to(torch.bfloat16).transpose(1, 2)
+    key = torch.randn(1, kv_heads, keys + 24, dim, generator=g).to(torch.bfloat16)
+    value = torch.randn(1, kv_heads, keys + 24, dim, generator=g).to(torch.bfloat16)
+    visible = torch.rand(rows, keys, generator=g) > 0.3
+    visible[:, 0] = True
+    mask = torch.where(visible, 0.0, torch.finfo(torch.bfloat16).min).to(torch.bfloat16)[None, None]
+    return query, key, value, mask
+
+
+def _exact(query, key, value, mask, scale):
+    n = mask.shape[-1]
+    out = F.scaled_dot_product_attention(query.float(), key[:, :, :n].float(), value[:, :, :n].float(),
+                                         attn_mask=mask.float(), scale=scale, enable_gqa=True)
+    return out.transpose(1, 2)
+
+
+@needs_amx
+@pytest.mark.parametrize("rows,heads,kv_heads", [(1, 9, 3), (2, 9, 3), (5, 9, 3), (16, 9, 3), (48, 4, 4),
+                                                 (7, 4, 1)])
+@pytest.mark.parametrize("keys", [1, 7, 16, 33, 100, 1118])
+@pytest.mark.parametrize("dim", [32, 64, 128])
+def test_issue17_amx_attention_as_close_as_torch_bf16_sdpa(rows, heads, kv_heads, keys, dim):
+    query, key, value, mask = _case(rows, keys, dim, heads, kv_heads, seed=rows * 7 + keys + dim)
+    assert amx_attention.unsupported(query, key, value, mask) is None
+    scale = dim ** -0.5
+    got = amx_attention.attention(query, key, value, mask, scale)
+    exact = _exact(query, key, value, mask, scale)
+    torch_bf16 = F.scaled_dot_product_attention(query, key[:, :, :keys], value[:, :, :keys], attn_mask=mask,
+                                                scale=scale, enable_gqa=True).transpose(1, 2)
+    assert got.shape == exact.shape == (1, rows, heads, dim) and got.dtype == torch.bfloat16
+    ours, theirs = float((got.float() - exact).abs().max()), float((torch_bf16.float() - exact).abs().max())
+    assert ours <= 2 * theirs + 2e-3, (ours, theirs)
+
+
+@needs_amx
+def test_issue17_amx_attention_row_with_nothing_visible_is_zero():
+    query, key, value, mask = _case(3, 40, 64, 6, 2, seed=5)
+    mask = mask.clone()
+    mask[..., 1, :] = float("-inf")  # query 1 sees nothing
+    got = amx_attention.attention(query, key, value, mask, 0.125)
+    assert torch.equal(got[0, 1], torch.zeros_like(got[0, 1]))
+    exact = _exact(query, key, value, mask, 0.125)
+    assert float((got[0, [0, 2]].float() - exact[0, [0, 2]]).abs().max()) < 0.05
+
+
+def test_issue17_amx_attention_says_what_it_does_not_take():
+    query, key, value, mask = _case(16, 40, 64, 9, 3, seed=1)
+    assert "bf16" in amx_attention.unsupported(query.float(), key, value, mask)
+    assert "48 folded rows" in amx_attention.unsupported(torch.cat([query] * 4, dim=2), key, value,
+                                                         torch.cat([mask] * 4, dim=2))
+    assert "head dim" in amx_attention.unsupported(query[..., :48], key[..., :48], value[..., :48], mask)
+    assert "mask" in amx_attention.unsupported(query, key, value, mask.float())
+    assert "mask" in amx_attention.unsupported(query, key, value, None)
+
+
+def _engine(monkeypatch, amx_on: bool) -> PromptCache:
+    """A bf16 compiled engine over a tiny grouped-query llama with 32-wide heads (what the kernel takes)."""
+    monkeypatch.setattr(compiled_mod, "SUFFIX_BUCKETS", (1, 16))
+    monkeypatch.setattr(compiled_mod, "MIN_CACHE_BUCKET", 512)
+    pc = PromptCache(tiny_model("llama-gqa", head_dim=32), tiny_tokenizer(), progress=False, dtype="bf16",
+                     compile=True)
+    if not amx_on:
+        pc.fast.amx_attention = use_amx_attention(pc.model, on=False)
+    pc.add_schema(FULL_SCHEMA)
+    pc.add_schema(DEFAULT_PATH_SCHEMA)
+    return pc
+
+
+@needs_amx
+def test_issue17_compiled_graphs_run_amx_attention_and_match_the_oracle(monkeypatch):
+    pc = _engine(monkeypatch, amx_on=True)
+    assert pc.compile_report()["amx_attention"] is True
+    before = amx_attention.calls
+    for name, prompt in {**FULL_PROMPTS, "dp": DEFAULT_PATH_PROMPT}.items():
+        got = pc.next_token_logits(prompt)
+        oracle = pc.oracle_logits(prompt)  # one eager forward: torch's SDPA, never the AMX kernel
+        assert float((got.float() - oracle.float()).abs().max()) <= BF16_TOL, name
+        assert int(got.argmax()) == int(oracle.argmax()), name
+    used = amx_attention.calls - before
+    assert used > 0  # the compiled graphs called it (2 layers per forward)
+    report = pc.compile_report()
+    assert report["fallbacks"] == {} and report["compiles"] >= 1
+    # eager forwards (module encoding, the oracle, the baseline) never call it
+    before = amx_attention.calls
+    pc.generate(DEFAULT_PATH_PROMPT, max_new_tokens=2, use_cache=False)
+    pc.oracle_logits(DEFAULT_PATH_PROMPT)
+    assert amx_attention.calls == before
+
+
+@needs_amx
+def test_issue17_amx_attention_turned_off_keeps_torch_sdpa(monkeypatch):
+    pc = _engine(monkeypatch, amx_on=False)
+    report = pc.compile_report()
+    assert report["amx_attention"] is False and report["amx_attention_off"] == "turned off"
+    assert getattr(pc.model.config, AMX_FLAG) is False
+    before = amx_attention.calls
+    got = pc.next_token_logits(DEFAULT_PATH_PROMPT)
+    assert amx_attention.calls == before
+    assert float((got.float() - pc.oracle_logits(DEFAULT_PATH_PROMPT).float()).abs().max()) <= BF16_TOL

@@ -45,6 +45,7 @@ VARIANTS = {"fp32-eager": ("float32", False, False), "bf16-eager": ("bfloat16", 
             "bf16-compiled-wide": ("bfloat16", "wide", True),
             "bf16-compiled-onednn": ("bfloat16", True, "onednn"),
             "bf16-compiled-flash": ("bfloat16", "flash", True),
+            "bf16-compiled-onednn-flash": ("bfloat16", "flash", "onednn"),  # the state before session 7
             "fp32-compiled": ("float32", True, False)}
 DEFAULT_VARIANTS = ["fp32-eager", "bf16-eager", "bf16-compiled-unpacked", "bf16-compiled"]
 

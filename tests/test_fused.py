@@ -1,7 +1,7 @@
-"""Issue 17, compiled norms and MLPs for long eager forwards (promptcache.runtime.fused): the same
-function as the modules' own forwards (fp32 within 1e-5, bf16 within its tolerance and the same top
-token), used only for inputs of LONG_ROWS tokens or more, on by default only on the CPU fast path,
-undone by remove().
+"""Issue 17, compiled norms, MLPs and RoPE for long eager forwards (promptcache.runtime.fused): the
+same function as the modules' own forwards (fp32 within 1e-5, bf16 within its tolerance and the same
+top token), used only for inputs of LONG_ROWS tokens or more, on by default only on the CPU fast
+path, only for the models it was switched on for, undone by remove().
 """
 
 from __future__ import annotations
@@ -52,7 +52,8 @@ def test_issue17_fused_only_on_the_cpu_fast_path_and_reported():
     model = tiny_model("llama")
     fast = PromptCache(model, tiny_tokenizer(), progress=False, compile=True)
     rep = fast.compile_report()["fused_long_forwards"]
-    assert rep["modules"] == 3 * fast.num_layers + 1 and rep["classes"] == ["LlamaMLP", "LlamaRMSNorm"]
+    assert rep["modules"] == 4 * fast.num_layers + 1
+    assert rep["classes"] == ["LlamaDecoderLayer", "LlamaMLP", "LlamaRMSNorm"]
     assert PromptCache(model, tiny_tokenizer(), progress=False, compile=True).fused is fast.fused  # once per model
     alibi = PromptCache(tiny_model("mpt", max_seq_len=512), tiny_tokenizer(), progress=False, compile=True)
     assert alibi.fused is None  # its forwards stay eager (warned at start)
@@ -77,3 +78,20 @@ def test_issue17_fused_compile_failure_runs_eager_warned_and_reported(monkeypatc
         got = _logits(model, ids)
     assert torch.equal(got, plain)
     assert set(patch.report()["failed"]) == {"LlamaMLP", "LlamaRMSNorm"}
+
+
+def test_issue17_fused_rope_only_for_long_inputs_of_fused_models():
+    model, other = tiny_model("llama"), tiny_model("llama", seed=1)
+    long_ids, short_ids = random_ids(fused.LONG_ROWS + 5), random_ids(fused.LONG_ROWS - 1)
+    plain_long, other_long = _logits(model, long_ids), _logits(other, long_ids)
+    patch = fused.FusedLongForwards(model)
+    before = fused.rope_calls
+    got = _logits(model, long_ids)
+    assert fused.rope_calls == before + model.config.num_hidden_layers  # once per layer
+    assert float((got - plain_long).abs().max()) <= 1e-5
+    _logits(model, short_ids)
+    assert torch.equal(_logits(other, long_ids), other_long)  # a model never switched: its own RoPE
+    assert fused.rope_calls == before + model.config.num_hidden_layers
+    patch.remove()
+    assert torch.equal(_logits(model, long_ids), plain_long)
+    assert fused.rope_calls == before + model.config.num_hidden_layers

@@ -12,10 +12,18 @@ inside the fast path's own graphs run the original forward unchanged. The copy i
 inductor's ``emulate_precision_casts`` (rounding to bf16 where eager does); sums still run in
 another order, so bf16 logits move a little (persona case: up to 0.375, same top token; the full
 prefill 505.6 -> 474.8 ms: ``benchmarks/prepack.py``).
+
+RoPE too: transformers applies it with its modeling module's ``apply_rotary_pos_emb`` (four
+multiplies, two negations, two concatenations and two adds, unfused: ~40 ms of the persona case's
+bf16 full prefill, ``torch.profiler``). That function is wrapped, once per modeling module, by one
+that runs a compiled copy while a fused decoder layer of this module's models runs a long input
+(a thread-local flag set by the layer); for any other model or input it is the function itself.
 """
 
 from __future__ import annotations
 
+import sys
+import threading
 import warnings
 
 import torch
@@ -28,11 +36,69 @@ from .prepack import inductor_with_grouped_linears
 LONG_ROWS = 64
 #: Module classes whose forward is fused, by the ending of their class name.
 FUSED_SUFFIXES = ("RMSNorm", "MLP")
+#: Module classes whose long forwards run their modeling module's RoPE compiled (module docstring).
+ROPE_SUFFIXES = ("DecoderLayer",)
+_LONG_LAYER = threading.local()  # .on: a fused decoder layer is running a long input on this thread
 
 _COMPILED: dict[type, object] = {}
 _FUSED_CLASSES: dict[type, type] = {}
 #: Classes whose compiled forward failed, and why: they run their own forward from then on (warned once).
 FAILED: dict[type, str] = {}
+
+
+def _long_input(x: torch.Tensor) -> bool:
+    return x.dim() >= 3 and x.shape[1] >= LONG_ROWS and not torch.is_grad_enabled()  # [batch, tokens, ...]
+
+
+def _wrap_rope(module_name: str) -> None:
+    """Wrap ``apply_rotary_pos_emb`` of the modeling module ``module_name`` (once): compiled while a
+    fused decoder layer runs a long input, the function itself otherwise."""
+    module = sys.modules.get(module_name)
+    plain = getattr(module, "apply_rotary_pos_emb", None)
+    if plain is None or hasattr(plain, "_promptcache_plain"):
+        return
+    compiled = torch.compile(plain, dynamic=True, backend=inductor_with_grouped_linears({"emulate_precision_casts": True}))
+
+    def apply_rotary_pos_emb(q, k, cos, sin, *args, **kwargs):
+        global rope_calls
+        if not torch.compiler.is_compiling() and getattr(_LONG_LAYER, "on", False) and module_name not in FAILED_ROPE:
+            try:
+                out = compiled(q, k, cos, sin, *args, **kwargs)
+                rope_calls += 1
+                return out
+            except Exception as exc:  # noqa: BLE001 - a compile failure: plain RoPE from now on, loudly
+                FAILED_ROPE[module_name] = f"{type(exc).__name__}: {str(exc).splitlines()[0][:200] if str(exc) else ''}"
+                warnings.warn(f"promptcache: the compiled RoPE of {module_name} failed ({FAILED_ROPE[module_name]}); "
+                              "it runs eager from now on", UserWarning, stacklevel=2)
+        return plain(q, k, cos, sin, *args, **kwargs)
+
+    apply_rotary_pos_emb._promptcache_plain = plain
+    apply_rotary_pos_emb.__doc__ = plain.__doc__
+    setattr(module, "apply_rotary_pos_emb", apply_rotary_pos_emb)
+
+
+#: Modeling modules whose compiled RoPE failed, and why (plain RoPE from then on, warned once).
+FAILED_ROPE: dict[str, str] = {}
+#: Compiled RoPE calls in this process (for tests).
+rope_calls = 0
+
+
+def _rope_class(cls: type) -> type:
+    """A subclass of the decoder layer ``cls`` whose long forwards run the compiled RoPE."""
+    if cls not in _FUSED_CLASSES:
+        _wrap_rope(cls.__module__)
+
+        def forward(self, x: torch.Tensor, *args, **kwargs):
+            if torch.compiler.is_compiling() or not _long_input(x):
+                return cls.forward(self, x, *args, **kwargs)
+            _LONG_LAYER.on = True
+            try:
+                return cls.forward(self, x, *args, **kwargs)
+            finally:
+                _LONG_LAYER.on = False
+
+        _FUSED_CLASSES[cls] = type(f"Fused{cls.__name__}", (cls,), {"forward": forward, "_unfused": cls})
+    return _FUSED_CLASSES[cls]
 
 
 def _compiled_forward(cls: type):
@@ -68,9 +134,13 @@ class FusedLongForwards:
         self.modules: list[nn.Module] = []
         for module in model.modules():
             cls = type(module)
-            if cls.__name__.endswith(FUSED_SUFFIXES) and "_unfused" not in cls.__dict__ \
-                    and "forward" not in module.__dict__:
+            if "_unfused" in cls.__dict__ or "forward" in module.__dict__:
+                continue
+            if cls.__name__.endswith(FUSED_SUFFIXES):
                 module.__class__ = _fused_class(cls)
+                self.modules.append(module)
+            elif cls.__name__.endswith(ROPE_SUFFIXES) and hasattr(sys.modules.get(cls.__module__), "apply_rotary_pos_emb"):
+                module.__class__ = _rope_class(cls)
                 self.modules.append(module)
 
     @classmethod
@@ -88,6 +158,8 @@ class FusedLongForwards:
 
     def report(self) -> dict:
         classes = {type(m)._unfused for m in self.modules}
+        modules = {c.__module__ for c in classes if c.__name__.endswith(ROPE_SUFFIXES)}
         return {"modules": len(self.modules), "long_rows": LONG_ROWS,
                 "classes": sorted(c.__name__ for c in classes),
-                "failed": {c.__name__: why for c, why in FAILED.items() if c in classes}}
+                "failed": {c.__name__: why for c, why in FAILED.items() if c in classes}
+                | {f"{name}.apply_rotary_pos_emb": why for name, why in FAILED_ROPE.items() if name in modules}}

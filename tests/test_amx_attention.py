@@ -1,7 +1,8 @@
-"""Issue 17, the AMX attention kernel (promptcache.runtime.amx_attention) of the fast path's compiled
-short query blocks: as close to exact attention as torch's own bf16 SDPA for every tail it tiles
-(rows, keys, head dims, folded query heads, strided queries, a mask narrower than the buffer), run
-by the compiled graphs (and only there) where the CPU has AMX, and matching the bf16 oracle."""
+"""Issue 17, the AMX attention kernel (promptcache.runtime.amx_attention) of the fast path: as close
+to exact attention as torch's own bf16 SDPA for every tail it tiles (rows, keys, head dims, folded
+query heads, query blocks, strided queries, a mask narrower than the buffer, causal without a mask),
+run by the fast path's forwards where the CPU has AMX (never by the oracle, which checks it), under
+store keys of its own, and matching the bf16 oracle."""
 
 from __future__ import annotations
 
@@ -62,6 +63,36 @@ def test_issue17_amx_attention_as_close_as_torch_bf16_sdpa(rows, heads, kv_heads
 
 
 @needs_amx
+@pytest.mark.parametrize("rows,heads,kv_heads", [(17, 9, 3), (100, 9, 3), (300, 4, 2), (65, 4, 4)])
+def test_issue17_amx_attention_long_blocks_with_a_mask(rows, heads, kv_heads):
+    """More queries than one folded block: taken 48 // groups at a time (a prefill chunk)."""
+    query, key, value, mask = _case(rows, rows + 50, 64, heads, kv_heads, seed=rows)
+    got = amx_attention.attention(query, key, value, mask, 0.125)
+    exact = _exact(query, key, value, mask, 0.125)
+    n = mask.shape[-1]
+    theirs = F.scaled_dot_product_attention(query, key[:, :, :n], value[:, :, :n], attn_mask=mask, scale=0.125,
+                                            enable_gqa=True).transpose(1, 2)
+    assert float((got.float() - exact).abs().max()) <= 2 * float((theirs.float() - exact).abs().max()) + 2e-3
+
+
+@needs_amx
+@pytest.mark.parametrize("rows", [1, 16, 70, 257])
+def test_issue17_amx_attention_causal_without_a_mask(rows):
+    """No mask (transformers' causal case, as many keys as queries): query i sees keys 0..i."""
+    g = torch.Generator().manual_seed(rows)
+    query = torch.randn(1, rows, 9, 64, generator=g).to(torch.bfloat16).transpose(1, 2)
+    key = torch.randn(1, 3, rows, 64, generator=g).to(torch.bfloat16)
+    value = torch.randn(1, 3, rows, 64, generator=g).to(torch.bfloat16)
+    assert amx_attention.unsupported(query, key, value, None) is None
+    got = amx_attention.attention(query, key, value, None, 0.125)
+    exact = F.scaled_dot_product_attention(query.float(), key.float(), value.float(), is_causal=True, scale=0.125,
+                                           enable_gqa=True).transpose(1, 2)
+    theirs = F.scaled_dot_product_attention(query, key, value, is_causal=True, scale=0.125,
+                                            enable_gqa=True).transpose(1, 2)
+    assert float((got.float() - exact).abs().max()) <= 2 * float((theirs.float() - exact).abs().max()) + 2e-3
+
+
+@needs_amx
 def test_issue17_amx_attention_row_with_nothing_visible_is_zero():
     query, key, value, mask = _case(3, 40, 64, 6, 2, seed=5)
     mask = mask.clone()
@@ -75,8 +106,9 @@ def test_issue17_amx_attention_row_with_nothing_visible_is_zero():
 def test_issue17_amx_attention_says_what_it_does_not_take():
     query, key, value, mask = _case(16, 40, 64, 9, 3, seed=1)
     assert "bf16" in amx_attention.unsupported(query.float(), key, value, mask)
-    assert "48 folded rows" in amx_attention.unsupported(torch.cat([query] * 4, dim=2), key, value,
-                                                         torch.cat([mask] * 4, dim=2))
+    many_heads = torch.zeros(1, 98, 2, 64, dtype=torch.bfloat16)
+    assert "query heads per K/V head" in amx_attention.unsupported(many_heads, key[:, :1], value[:, :1], mask[..., :2, :])
+    assert "causal" in amx_attention.unsupported(query, key, value, None)  # no mask but past keys
     assert "head dim" in amx_attention.unsupported(query[..., :48], key[..., :48], value[..., :48], mask)
     assert "mask" in amx_attention.unsupported(query, key, value, mask.float())
     assert "mask" in amx_attention.unsupported(query, key, value, None)
@@ -109,11 +141,13 @@ def test_issue17_compiled_graphs_run_amx_attention_and_match_the_oracle(monkeypa
     assert used > 0  # the compiled graphs called it (2 layers per forward)
     report = pc.compile_report()
     assert report["fallbacks"] == {} and report["compiles"] >= 1
-    # eager forwards (module encoding, the oracle, the baseline) never call it
+    # the oracle never calls it (torch's SDPA checks it); the eager baseline does, near the oracle
     before = amx_attention.calls
-    pc.generate(DEFAULT_PATH_PROMPT, max_new_tokens=2, use_cache=False)
-    pc.oracle_logits(DEFAULT_PATH_PROMPT)
+    oracle = pc.oracle_logits(DEFAULT_PATH_PROMPT)
     assert amx_attention.calls == before
+    base = pc.generate(DEFAULT_PATH_PROMPT, max_new_tokens=0, use_cache=False).first_token_logits
+    assert amx_attention.calls > before
+    assert float((base.float() - oracle.float()).abs().max()) <= BF16_TOL
 
 
 @needs_amx
@@ -126,3 +160,17 @@ def test_issue17_amx_attention_turned_off_keeps_torch_sdpa(monkeypatch):
     got = pc.next_token_logits(DEFAULT_PATH_PROMPT)
     assert amx_attention.calls == before
     assert float((got.float() - pc.oracle_logits(DEFAULT_PATH_PROMPT).float()).abs().max()) <= BF16_TOL
+
+
+@needs_amx
+def test_issue17_amx_attention_has_store_keys_of_its_own():
+    from promptcache.runtime.attention import use_fast_sdpa
+    from promptcache.store.keys import config_fingerprint
+
+    model = tiny_model("llama-gqa", head_dim=32)
+    sdpa = config_fingerprint(model)["__attn_implementation"]
+    assert use_fast_sdpa(model) and config_fingerprint(model)["__attn_implementation"] == sdpa
+    assert use_amx_attention(model) is None
+    assert config_fingerprint(model)["__attn_implementation"] == "sdpa+amx" != sdpa
+    use_amx_attention(model, on=False)
+    assert config_fingerprint(model)["__attn_implementation"] == sdpa

@@ -31,7 +31,8 @@ import torch
 
 from . import amx
 
-#: Rows of one folded block (three 16-row tiles of scores, six of outputs).
+#: Rows of one folded block (three 16-row tiles of scores, six of outputs): queries are taken
+#: 48 // (query heads per K/V head) at a time.
 MAX_ROWS = 48
 MAX_HEAD_DIM = 128
 
@@ -105,32 +106,33 @@ PC_TARGET static inline __m512 exp_nonpositive(__m512 x) {
   return _mm512_maskz_mov_ps(keep, _mm512_scalef_ps(p, n));
 }
 
-// Attention of `rows` queries per query head over L keys, the `groups` query heads sharing each K/V
-// head folded into one block of R = groups * rows (<= 48) rows. Q: element (h, i, d) at
-// h * qh + i * qi + d; K, V: (kh, s, d) at kh * kh_stride + s * D + d; mask: additive bf16, (i, s) at
-// i * mi + s, the same for every head; out: (i, h, d) at i * oi + h * D + d. D % 32 == 0.
+// Attention of `rows` queries per query head over L keys. Q: (h, i, d) at h * qh + i * qi + d;
+// K, V: (kh, s, d) at kh * k_stride + s * D + d; with has_mask, an additive bf16 mask, (i, s) at
+// i * mi + s, the same for every head; without, causal: query i sees keys s <= past + i. out:
+// (i, h, d) at i * oi + h * D + d. D % 32 == 0, D <= 128. Per K/V head, K is transposed and V
+// interleaved once; then blocks of qb queries, the `groups` query heads sharing the K/V head folded
+// into R = groups * qb <= 48 rows, each over the keys it can see.
 PC_TARGET void kernel(const uint16_t* Q, const uint16_t* K, const uint16_t* V, const uint16_t* mask,
                       uint16_t* out, int64_t kv_heads, int64_t groups, int64_t rows, int64_t L, int64_t D,
                       int64_t qh, int64_t qi, int64_t kh_stride, int64_t vh_stride, int64_t mi, int64_t oi,
-                      float scale) {
-  const int64_t R = groups * rows, RB = (R + 15) / 16, R16 = RB * 16;
+                      int64_t has_mask, int64_t past, float scale) {
+  const int64_t qb = 48 / groups < rows ? 48 / groups : rows;  // queries per block
   const int64_t L16 = (L + 15) / 16 * 16, L32 = (L + 31) / 32 * 32, DC = D / 32;
-  std::unique_ptr<uint16_t[]> qbuf(new uint16_t[R16 * D]);
-  std::unique_ptr<float[]> S(new float[R16 * L16]);
-  std::unique_ptr<uint16_t[]> P(new uint16_t[R16 * L32]);
+  std::unique_ptr<uint16_t[]> qbuf(new uint16_t[48 * D]);
+  std::unique_ptr<float[]> S(new float[48 * L16]);
+  std::unique_ptr<uint16_t[]> P(new uint16_t[48 * L32]);
+  std::unique_ptr<uint32_t[]> ktbuf(new uint32_t[L16 / 16 * DC * 256]);  // per 16 keys: DC B tiles
   std::unique_ptr<uint16_t[]> vbuf(new uint16_t[L32 * D]);
-  std::unique_ptr<float[]> obuf(new float[R16 * D]);
-  std::unique_ptr<float[]> sums(new float[R16]);
-  alignas(64) uint32_t kt[4 * 16 * 16];  // D <= 128: D/32 chunks of 16 dim pairs x 16 slots
+  alignas(64) float obuf[48 * 128];
+  float sums[48];
+  const __m512i lo = _mm512_set_epi16(47, 15, 46, 14, 45, 13, 44, 12, 43, 11, 42, 10, 41, 9, 40, 8,
+                                      39, 7, 38, 6, 37, 5, 36, 4, 35, 3, 34, 2, 33, 1, 32, 0);
+  const __m512i hi = _mm512_set_epi16(63, 31, 62, 30, 61, 29, 60, 28, 59, 27, 58, 26, 57, 25, 56, 24,
+                                      55, 23, 54, 22, 53, 21, 52, 20, 51, 19, 50, 18, 49, 17, 48, 16);
   configure_all();
   for (int64_t h = 0; h < kv_heads; ++h) {
-    // Q rows of this K/V head's query heads, zero-padded to whole tiles
-    std::memset(qbuf.get(), 0, sizeof(uint16_t) * R16 * D);
-    for (int64_t g = 0; g < groups; ++g)
-      for (int64_t i = 0; i < rows; ++i)
-        std::memcpy(qbuf.get() + (g * rows + i) * D, Q + (h * groups + g) * qh + i * qi, sizeof(uint16_t) * D);
+    // K^T in B tiles (pairs of dims x 16 keys), 16 keys at a time, transposed in registers
     const uint32_t* k32 = reinterpret_cast<const uint32_t*>(K + h * kh_stride);
-    // S = Q K^T, 16 keys at a time: K's block transposed into B tiles (pairs of dims x keys)
     for (int64_t s0 = 0; s0 < L16; s0 += 16) {
       const int64_t n = (L - s0) < 16 ? (L - s0) : 16;
       for (int64_t c = 0; c < DC; ++c) {
@@ -138,60 +140,12 @@ PC_TARGET void kernel(const uint16_t* Q, const uint16_t* K, const uint16_t* V, c
         for (int64_t s = 0; s < 16; ++s)
           block[s] = s < n ? _mm512_loadu_si512(k32 + (s0 + s) * (D / 2) + c * 16) : _mm512_setzero_si512();
         transpose16x16(block);
-        for (int64_t p = 0; p < 16; ++p) _mm512_store_si512(kt + (c * 16 + p) * 16, block[p]);
+        uint32_t* dst = ktbuf.get() + (s0 / 16 * DC + c) * 256;
+        for (int64_t p = 0; p < 16; ++p) _mm512_storeu_si512(dst + p * 16, block[p]);
       }
-      _tile_zero(0);  // C tiles 0..RB-1 (RB <= 3)
-      if (RB > 1) _tile_zero(1);
-      if (RB > 2) _tile_zero(2);
-      for (int64_t c = 0; c < DC; ++c) {
-        _tile_loadd(4, kt + c * 256, 64);
-        _tile_loadd(3, qbuf.get() + c * 32, D * 2);
-        _tile_dpbf16ps(0, 3, 4);
-        if (RB > 1) { _tile_loadd(3, qbuf.get() + 16 * D + c * 32, D * 2); _tile_dpbf16ps(1, 3, 4); }
-        if (RB > 2) { _tile_loadd(3, qbuf.get() + 32 * D + c * 32, D * 2); _tile_dpbf16ps(2, 3, 4); }
-      }
-      _tile_stored(0, S.get() + s0, L16 * 4);
-      if (RB > 1) _tile_stored(1, S.get() + 16 * L16 + s0, L16 * 4);
-      if (RB > 2) _tile_stored(2, S.get() + 32 * L16 + s0, L16 * 4);
     }
-    // softmax rows: scaled scores plus the mask, exp against the row max (unnormalised, bf16)
-    std::memset(P.get() + R * L32, 0, sizeof(uint16_t) * (R16 - R) * L32);  // padded rows
-    for (int64_t r = 0; r < R; ++r) {
-      const uint16_t* m = mask + (r % rows) * mi;
-      float* srow = S.get() + r * L16;
-      __m512 vmax = _mm512_set1_ps(-INFINITY);
-      for (int64_t s = 0; s < L; s += 16) {
-        const __mmask16 live = (L - s) >= 16 ? (__mmask16)0xFFFF : (__mmask16)((1u << (L - s)) - 1u);
-        __m512 v = _mm512_fmadd_ps(_mm512_maskz_loadu_ps(live, srow + s), _mm512_set1_ps(scale),
-                                   bf16x16_to_f32(_mm256_maskz_loadu_epi16(live, m + s)));
-        v = _mm512_mask_blend_ps(live, _mm512_set1_ps(-INFINITY), v);
-        _mm512_storeu_ps(srow + s, v);
-        vmax = _mm512_max_ps(vmax, v);
-      }
-      const float mx = _mm512_reduce_max_ps(vmax);
-      __m512 vsum = _mm512_setzero_ps();
-      uint16_t* prow = P.get() + r * L32;
-      std::memset(prow + (L & ~int64_t(15)), 0, sizeof(uint16_t) * (L32 - (L & ~int64_t(15))));  // tail keys
-      if (mx == -INFINITY) {
-        std::memset(prow, 0, sizeof(uint16_t) * L32);  // nothing visible: zero weights, zero output
-      } else {
-        const __m512 vm = _mm512_set1_ps(mx);
-        for (int64_t s = 0; s < L; s += 16) {
-          const __mmask16 live = (L - s) >= 16 ? (__mmask16)0xFFFF : (__mmask16)((1u << (L - s)) - 1u);
-          const __m512 e = exp_nonpositive(_mm512_sub_ps(_mm512_loadu_ps(srow + s), vm));
-          const __m256i eb = (__m256i)_mm512_cvtneps_pbh(e);
-          _mm256_mask_storeu_epi16(prow + s, live, eb);
-          vsum = _mm512_add_ps(vsum, _mm512_maskz_mov_ps(live, e));
-        }
-      }
-      sums[r] = _mm512_reduce_add_ps(vsum);
-    }
-    // V with pairs of keys interleaved (B tiles of PV): vbuf[p][d][2] = V[2p][d], V[2p+1][d]
+    // V with pairs of keys interleaved (B tiles of P V): vbuf[p][d][2] = V[2p][d], V[2p+1][d]
     const uint16_t* vh = V + h * vh_stride;
-    const __m512i lo = _mm512_set_epi16(47, 15, 46, 14, 45, 13, 44, 12, 43, 11, 42, 10, 41, 9, 40, 8,
-                                        39, 7, 38, 6, 37, 5, 36, 4, 35, 3, 34, 2, 33, 1, 32, 0);
-    const __m512i hi = _mm512_set_epi16(63, 31, 62, 30, 61, 29, 60, 28, 59, 27, 58, 26, 57, 25, 56, 24,
-                                        55, 23, 54, 22, 53, 21, 52, 20, 51, 19, 50, 18, 49, 17, 48, 16);
     for (int64_t p = 0; p < L32 / 2; ++p) {
       for (int64_t d = 0; d < D; d += 32) {
         const __m512i a = 2 * p < L ? _mm512_loadu_si512(vh + 2 * p * D + d) : _mm512_setzero_si512();
@@ -200,44 +154,106 @@ PC_TARGET void kernel(const uint16_t* Q, const uint16_t* K, const uint16_t* V, c
         _mm512_storeu_si512(vbuf.get() + p * 2 * D + 2 * d + 32, _mm512_permutex2var_epi16(a, hi, b));
       }
     }
-    // O = P V, 32 output dims at a time: C tiles (row block j, 16 dims jj) = 2 * j + jj
-    for (int64_t d0 = 0; d0 < D; d0 += 32) {
-      _tile_zero(0); _tile_zero(1);
-      if (RB > 1) { _tile_zero(2); _tile_zero(3); }
-      if (RB > 2) { _tile_zero(4); _tile_zero(5); }
-      for (int64_t s0 = 0; s0 < L32; s0 += 32) {
-        for (int64_t jj = 0; jj < 2; ++jj) {
-          _tile_loadd(7, vbuf.get() + (s0 / 2) * 2 * D + 2 * (d0 + 16 * jj), D * 4);
-          for (int64_t j = 0; j < RB; ++j) {
-            _tile_loadd(6, P.get() + j * 16 * L32 + s0, L32 * 2);
-            if (j == 0 && jj == 0) _tile_dpbf16ps(0, 6, 7);
-            if (j == 0 && jj == 1) _tile_dpbf16ps(1, 6, 7);
-            if (j == 1 && jj == 0) _tile_dpbf16ps(2, 6, 7);
-            if (j == 1 && jj == 1) _tile_dpbf16ps(3, 6, 7);
-            if (j == 2 && jj == 0) _tile_dpbf16ps(4, 6, 7);
-            if (j == 2 && jj == 1) _tile_dpbf16ps(5, 6, 7);
+    for (int64_t i0 = 0; i0 < rows; i0 += qb) {
+      const int64_t nq = (rows - i0) < qb ? (rows - i0) : qb;
+      const int64_t R = groups * nq, RB = (R + 15) / 16;
+      int64_t keys = has_mask ? L : past + i0 + nq;  // the keys any query of the block sees
+      if (keys > L) keys = L;
+      const int64_t K16 = (keys + 15) / 16 * 16, K32 = (keys + 31) / 32 * 32;
+      // Q rows of this block, zero-padded to whole tiles: row g * nq + i is query i0 + i of head g
+      std::memset(qbuf.get(), 0, sizeof(uint16_t) * RB * 16 * D);
+      for (int64_t g = 0; g < groups; ++g)
+        for (int64_t i = 0; i < nq; ++i)
+          std::memcpy(qbuf.get() + (g * nq + i) * D, Q + (h * groups + g) * qh + (i0 + i) * qi, sizeof(uint16_t) * D);
+      // S = Q K^T
+      for (int64_t s0 = 0; s0 < K16; s0 += 16) {
+        _tile_zero(0);
+        if (RB > 1) _tile_zero(1);
+        if (RB > 2) _tile_zero(2);
+        const uint32_t* kt = ktbuf.get() + s0 / 16 * DC * 256;
+        for (int64_t c = 0; c < DC; ++c) {
+          _tile_loadd(4, kt + c * 256, 64);
+          _tile_loadd(3, qbuf.get() + c * 32, D * 2);
+          _tile_dpbf16ps(0, 3, 4);
+          if (RB > 1) { _tile_loadd(3, qbuf.get() + 16 * D + c * 32, D * 2); _tile_dpbf16ps(1, 3, 4); }
+          if (RB > 2) { _tile_loadd(3, qbuf.get() + 32 * D + c * 32, D * 2); _tile_dpbf16ps(2, 3, 4); }
+        }
+        _tile_stored(0, S.get() + s0, L16 * 4);
+        if (RB > 1) _tile_stored(1, S.get() + 16 * L16 + s0, L16 * 4);
+        if (RB > 2) _tile_stored(2, S.get() + 32 * L16 + s0, L16 * 4);
+      }
+      // softmax rows: scaled scores plus the mask (or the causal limit), exp against the row max
+      // (unnormalised, rounded to bf16 as P), the fp32 row sums
+      std::memset(P.get() + R * L32, 0, sizeof(uint16_t) * (RB * 16 - R) * L32);  // padded rows
+      for (int64_t r = 0; r < R; ++r) {
+        const int64_t i = i0 + r % nq;
+        int64_t lim = has_mask ? keys : past + i + 1;  // keys [0, lim) may be visible
+        if (lim > keys) lim = keys;
+        const uint16_t* m = has_mask ? mask + i * mi : nullptr;
+        float* srow = S.get() + r * L16;
+        uint16_t* prow = P.get() + r * L32;
+        std::memset(prow + (lim & ~int64_t(15)), 0, sizeof(uint16_t) * (K32 - (lim & ~int64_t(15))));
+        __m512 vmax = _mm512_set1_ps(-INFINITY);
+        for (int64_t s = 0; s < lim; s += 16) {
+          const __mmask16 live = (lim - s) >= 16 ? (__mmask16)0xFFFF : (__mmask16)((1u << (lim - s)) - 1u);
+          __m512 v = _mm512_mul_ps(_mm512_maskz_loadu_ps(live, srow + s), _mm512_set1_ps(scale));
+          if (m) v = _mm512_add_ps(v, bf16x16_to_f32(_mm256_maskz_loadu_epi16(live, m + s)));
+          v = _mm512_mask_blend_ps(live, _mm512_set1_ps(-INFINITY), v);
+          _mm512_storeu_ps(srow + s, v);
+          vmax = _mm512_max_ps(vmax, v);
+        }
+        const float mx = _mm512_reduce_max_ps(vmax);
+        __m512 vsum = _mm512_setzero_ps();
+        if (mx == -INFINITY) {
+          std::memset(prow, 0, sizeof(uint16_t) * K32);  // nothing visible: zero weights, zero output
+        } else {
+          const __m512 vm = _mm512_set1_ps(mx);
+          for (int64_t s = 0; s < lim; s += 16) {
+            const __mmask16 live = (lim - s) >= 16 ? (__mmask16)0xFFFF : (__mmask16)((1u << (lim - s)) - 1u);
+            const __m512 e = _mm512_maskz_mov_ps(live, exp_nonpositive(_mm512_sub_ps(_mm512_loadu_ps(srow + s), vm)));
+            _mm256_mask_storeu_epi16(prow + s, live, (__m256i)_mm512_cvtneps_pbh(e));
+            vsum = _mm512_add_ps(vsum, e);
           }
         }
+        sums[r] = _mm512_reduce_add_ps(vsum);
       }
-      _tile_stored(0, obuf.get() + d0, D * 4);
-      _tile_stored(1, obuf.get() + d0 + 16, D * 4);
-      if (RB > 1) { _tile_stored(2, obuf.get() + 16 * D + d0, D * 4); _tile_stored(3, obuf.get() + 16 * D + d0 + 16, D * 4); }
-      if (RB > 2) { _tile_stored(4, obuf.get() + 32 * D + d0, D * 4); _tile_stored(5, obuf.get() + 32 * D + d0 + 16, D * 4); }
-    }
-    for (int64_t r = 0; r < R; ++r) {
-      const int64_t g = r / rows, i = r % rows;
-      const __m512 inv = _mm512_set1_ps(sums[r] > 0.f ? 1.0f / sums[r] : 0.f);
-      uint16_t* o = out + i * oi + (h * groups + g) * D;
-      for (int64_t d = 0; d < D; d += 16)
-        _mm256_storeu_si256((__m256i*)(o + d),
-                            (__m256i)_mm512_cvtneps_pbh(_mm512_mul_ps(_mm512_loadu_ps(obuf.get() + r * D + d), inv)));
+      // O = P V, 32 output dims at a time: C tile 2 * j + jj is row block j, dims d0 + 16 jj
+      for (int64_t d0 = 0; d0 < D; d0 += 32) {
+        _tile_zero(0); _tile_zero(1);
+        if (RB > 1) { _tile_zero(2); _tile_zero(3); }
+        if (RB > 2) { _tile_zero(4); _tile_zero(5); }
+        for (int64_t s0 = 0; s0 < K32; s0 += 32) {
+          _tile_loadd(7, vbuf.get() + (s0 / 2) * 2 * D + 2 * d0, D * 4);
+          _tile_loadd(6, P.get() + s0, L32 * 2);
+          _tile_dpbf16ps(0, 6, 7);
+          if (RB > 1) { _tile_loadd(6, P.get() + 16 * L32 + s0, L32 * 2); _tile_dpbf16ps(2, 6, 7); }
+          if (RB > 2) { _tile_loadd(6, P.get() + 32 * L32 + s0, L32 * 2); _tile_dpbf16ps(4, 6, 7); }
+          _tile_loadd(7, vbuf.get() + (s0 / 2) * 2 * D + 2 * (d0 + 16), D * 4);
+          _tile_loadd(6, P.get() + s0, L32 * 2);
+          _tile_dpbf16ps(1, 6, 7);
+          if (RB > 1) { _tile_loadd(6, P.get() + 16 * L32 + s0, L32 * 2); _tile_dpbf16ps(3, 6, 7); }
+          if (RB > 2) { _tile_loadd(6, P.get() + 32 * L32 + s0, L32 * 2); _tile_dpbf16ps(5, 6, 7); }
+        }
+        _tile_stored(0, obuf + d0, D * 4);
+        _tile_stored(1, obuf + d0 + 16, D * 4);
+        if (RB > 1) { _tile_stored(2, obuf + 16 * D + d0, D * 4); _tile_stored(3, obuf + 16 * D + d0 + 16, D * 4); }
+        if (RB > 2) { _tile_stored(4, obuf + 32 * D + d0, D * 4); _tile_stored(5, obuf + 32 * D + d0 + 16, D * 4); }
+      }
+      for (int64_t r = 0; r < R; ++r) {
+        const int64_t g = r / nq, i = i0 + r % nq;
+        const __m512 inv = _mm512_set1_ps(sums[r] > 0.f ? 1.0f / sums[r] : 0.f);
+        uint16_t* o = out + i * oi + (h * groups + g) * D;
+        for (int64_t d = 0; d < D; d += 16)
+          _mm256_storeu_si256((__m256i*)(o + d),
+                              (__m256i)_mm512_cvtneps_pbh(_mm512_mul_ps(_mm512_loadu_ps(obuf + r * D + d), inv)));
+      }
     }
   }
   _tile_release();
 }
 """
 
-_ARGTYPES = ("const uint16_t*",) * 4 + ("uint16_t*",) + ("int64_t",) * 11 + ("float",)
+_ARGTYPES = ("const uint16_t*",) * 4 + ("uint16_t*",) + ("int64_t",) * 13 + ("float",)
 
 
 def unavailable(query: torch.Tensor, key: torch.Tensor, value: torch.Tensor,
@@ -255,12 +271,17 @@ def unsupported(query: torch.Tensor, key: torch.Tensor, value: torch.Tensor,
     kv_heads = key.shape[1]
     if query.device.type != "cpu" or not (query.dtype == key.dtype == value.dtype == torch.bfloat16):
         return "the AMX attention takes bf16 CPU tensors"
-    if b != 1 or mask is None or mask.dim() != 4 or mask.shape[0] != 1 or mask.shape[1] != 1:
-        return "the AMX attention takes one sequence with a 4-D mask shared by the heads"
-    if mask.dtype != torch.bfloat16 or mask.shape[2] != rows or mask.shape[3] > key.shape[2]:
+    if b != 1:
+        return "the AMX attention takes one sequence"
+    if mask is None:
+        if key.shape[2] != rows:
+            return "without a mask the AMX attention is causal over as many keys as queries"
+    elif mask.dim() != 4 or mask.shape[0] != 1 or mask.shape[1] != 1:
+        return "the AMX attention takes a 4-D mask shared by the heads"
+    elif mask.dtype != torch.bfloat16 or mask.shape[2] != rows or mask.shape[3] > key.shape[2]:
         return "the AMX attention takes an additive bf16 mask of the queries' rows, at most as wide as the keys"
-    if heads % kv_heads or (heads // kv_heads) * rows > MAX_ROWS or rows < 1:
-        return f"more than {MAX_ROWS} folded rows"
+    if heads % kv_heads or heads // kv_heads > MAX_ROWS or rows < 1:
+        return f"more than {MAX_ROWS} query heads per K/V head"
     if dim % 32 or dim > MAX_HEAD_DIM:
         return f"head dim {dim} is not a multiple of 32 up to {MAX_HEAD_DIM}"
     if query.stride(-1) != 1 or key.stride(-1) != 1 or value.stride(-1) != 1 or key.stride(2) != dim \
@@ -273,23 +294,27 @@ def unsupported(query: torch.Tensor, key: torch.Tensor, value: torch.Tensor,
 calls = 0
 
 
-def attention(query: torch.Tensor, key: torch.Tensor, value: torch.Tensor, mask: torch.Tensor,
+def attention(query: torch.Tensor, key: torch.Tensor, value: torch.Tensor, mask: Optional[torch.Tensor],
               scale: float) -> torch.Tensor:
-    """softmax(Q K^T * scale + mask) V over the mask's width of keys, ``[b, q, heads, d]`` (as
-    transformers' attention functions return); inputs as :func:`unavailable` accepts them."""
+    """softmax(Q K^T * scale + mask) V over the mask's width of keys (no mask: causal over as many keys
+    as queries), ``[b, q, heads, d]`` as transformers' attention functions return; inputs as
+    :func:`unsupported` accepts them."""
     global calls
     calls += 1
     _, heads, rows, dim = query.shape
     kv_heads = key.shape[1]
-    keys = mask.shape[3]
-    m = mask[0, 0]
-    if m.stride(-1) != 1:
-        m = m.contiguous()
+    if mask is None:  # causal, as many keys as queries
+        keys, m = key.shape[2], query
+    else:
+        keys, m = mask.shape[3], mask[0, 0]
+        if m.stride(-1) != 1:
+            m = m.contiguous()
     out = query.new_empty((1, rows, heads, dim))
     if keys:
         amx.build(SOURCE, _ARGTYPES)[0](
             query, key, value, m, out, kv_heads, heads // kv_heads, rows, keys, dim, query.stride(1),
-            query.stride(2), key.stride(1), value.stride(1), m.stride(0), out.stride(1), float(scale))
+            query.stride(2), key.stride(1), value.stride(1), m.stride(0) if mask is not None else 0, out.stride(1),
+            mask is not None, keys - rows, float(scale))
     else:
         out.zero_()
     return out

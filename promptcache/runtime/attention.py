@@ -13,20 +13,22 @@ of 48 rows) 274 us; 2 queries 208 -> 96 us; 48 queries 756 -> 562 us; but 1 quer
 microbenchmark, bf16, one thread). Both give the same result to the bit: each query row is computed
 alone, against the same keys, mask row and order, and the slots dropped are ones the mask hides.
 
-Where the CPU has AMX, the compiled graphs' bf16 query blocks of up to
-:data:`amx_attention.MAX_ROWS` folded rows (a cached prefill's suffix, a decode step) run on
-:mod:`.amx_attention`'s kernel instead (the op ``promptcache::amx_attention``, opaque to inductor),
-which rounds like torch's bf16 kernel but not to the same bits; eager forwards (module encoding,
-whose K/V the store keeps under sdpa's key) never do. :func:`use_amx_attention` turns it off per
-model (side-by-side benchmarks).
+Where the CPU has AMX, the fast path's bf16 attention (compiled graphs and long eager forwards:
+a cached prefill's suffix, a decode step, a full prefill, a module being encoded; an additive bf16
+mask or none, i.e. causal) runs on :mod:`.amx_attention`'s kernel instead (the op
+``promptcache::amx_attention``, opaque to inductor), which rounds like torch's bf16 kernel but not
+to the same bits: the module store's keys say so (``store/keys.py``), and :func:`torch_sdpa_only`
+keeps the oracle on torch's SDPA. :func:`use_amx_attention` turns it off per model.
 
 How: transformers looks its attention function up by the model's ``_attn_implementation``; the CPU
 fast path switches an ``"sdpa"`` model to :data:`NAME`, registered here, which narrows and folds
 where that applies and otherwise calls transformers' own ``sdpa_attention_forward``. Module store
-keys treat the two as one implementation (same floats in every eager forward).
+keys treat the two as one implementation while the AMX kernel is off (same floats to the bit).
 """
 
 from __future__ import annotations
+
+import contextlib
 
 import torch
 import torch.nn.functional as F
@@ -47,10 +49,9 @@ def fast_sdpa_forward(module: torch.nn.Module, query: torch.Tensor, key: torch.T
     """transformers' attention-function signature: ``query`` ``[b, heads, q, d]``, ``key``/``value``
     ``[b, kv_heads, k, d]``, a 4-D mask; returns ``[b, q, heads, d]``. A mask narrower than the
     keys (the fast path's static buffer) means the slots past it are never visible: they are not read."""
-    if (torch.compiler.is_compiling() and query.shape[2] <= amx_attention.MAX_ROWS and dropout == 0.0
-            and not kwargs.get("softcap")
+    if (getattr(getattr(module, "config", None), AMX_FLAG, False) and dropout == 0.0 and not kwargs.get("softcap")
             and kwargs.get("position_bias") is None and kwargs.get("cache") is None
-            and not kwargs.get("output_attentions") and getattr(getattr(module, "config", None), AMX_FLAG, False)
+            and not kwargs.get("output_attentions") and getattr(module, "is_causal", True)
             and amx_attention.unsupported(query, key, value, attention_mask) is None):  # built: the flag says
         scale = scaling if scaling is not None else query.shape[-1] ** -0.5
         return torch.ops.promptcache.amx_attention.default(query, key, value, attention_mask, scale), None
@@ -76,13 +77,13 @@ def fast_sdpa_forward(module: torch.nn.Module, query: torch.Tensor, key: torch.T
 AMX_FLAG = "_promptcache_amx_attention"
 
 _LIB = torch.library.Library("promptcache", "FRAGMENT")
-_LIB.define("amx_attention(Tensor query, Tensor key, Tensor value, Tensor mask, float scale) -> Tensor")
+_LIB.define("amx_attention(Tensor query, Tensor key, Tensor value, Tensor? mask, float scale) -> Tensor")
 _LIB.impl("amx_attention", amx_attention.attention, "CPU")
 
 
 @torch.library.register_fake("promptcache::amx_attention", lib=_LIB)
-def _amx_attention_fake(query: torch.Tensor, key: torch.Tensor, value: torch.Tensor, mask: torch.Tensor,
-                        scale: float) -> torch.Tensor:
+def _amx_attention_fake(query: torch.Tensor, key: torch.Tensor, value: torch.Tensor,
+                        mask: torch.Tensor | None, scale: float) -> torch.Tensor:
     b, heads, rows, dim = query.shape
     return query.new_empty((b, rows, heads, dim))
 
@@ -108,13 +109,31 @@ def use_fast_sdpa(model: torch.nn.Module) -> bool:
 def use_amx_attention(model: torch.nn.Module, on: bool = True) -> str | None:
     """Let the model's short query blocks run on :mod:`.amx_attention` (``on=False``: never); returns
     ``None`` when they will, else why not (the model is then left on torch's SDPA)."""
-    config = getattr(model, "config", None)
-    text = getattr(config, "text_config", None) or config
     probe = torch.zeros((1, 1, 1, amx_attention.MAX_HEAD_DIM // 2), dtype=torch.bfloat16)
     reason = "turned off" if not on else amx_attention.unavailable(probe, probe, probe, probe[..., :1])
-    for c in {id(c): c for c in (config, text) if c is not None}.values():
+    for c in _configs(model):
         setattr(c, AMX_FLAG, reason is None)
     return reason
+
+
+@contextlib.contextmanager
+def torch_sdpa_only(model: torch.nn.Module):
+    """Run torch's SDPA (not the AMX kernel) inside this block: the oracle's forward, which must not
+    share the code it checks."""
+    configs = [c for c in _configs(model) if getattr(c, AMX_FLAG, False)]
+    for c in configs:
+        setattr(c, AMX_FLAG, False)
+    try:
+        yield
+    finally:
+        for c in configs:
+            setattr(c, AMX_FLAG, True)
+
+
+def _configs(model: torch.nn.Module) -> list:
+    config = getattr(model, "config", None)
+    text = getattr(config, "text_config", None) or config
+    return list({id(c): c for c in (config, text) if c is not None}.values())
 
 
 def runs_fast_sdpa(model: torch.nn.Module) -> bool:

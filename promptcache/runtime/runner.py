@@ -31,6 +31,7 @@ import torch
 
 from ..lora.registry import LoraRegistry
 from ..pml.errors import PromptError
+from .attention import torch_sdpa_only
 from .kv import ModuleKV, SplicedCache
 from .sampling import SamplingOptions, TokenStream
 
@@ -220,7 +221,8 @@ class ModelRunner:
     def oracle_forward(self, plan) -> torch.Tensor:
         """ONE forward over ``plan`` (positions and 4-D mask); see :func:`oracle_forward`."""
         self.lora.activate(self.lora_name)
-        return oracle_forward(self.model, self.adapter, plan, self.device, self.dtype)
+        with torch_sdpa_only(self.model):  # not the fast path's AMX attention: the oracle checks it
+            return oracle_forward(self.model, self.adapter, plan, self.device, self.dtype)
 
     # ------------------------------------------------------------------ decoding
 

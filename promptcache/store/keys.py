@@ -34,7 +34,7 @@ SAMPLE = 1024
 VOLATILE_CONFIG_FIELDS = frozenset({
     "_name_or_path", "transformers_version", "_commit_hash", "name_or_path",
     "dtype", "torch_dtype",  # the load dtype; the actual parameter dtypes are hashed instead
-    "_promptcache_amx_attention",  # compiled graphs only (runtime/attention.py); no stored floats change
+    "_promptcache_amx_attention",  # in "__attn_implementation" below
     "output_attentions", "output_hidden_states", "return_dict", "use_cache",
 })
 _FP_ATTR = "_promptcache_fingerprint"
@@ -64,10 +64,12 @@ def config_fingerprint(model: Any) -> dict:
         data = dict(vars(config))
     data = {k: v for k, v in data.items() if k not in VOLATILE_CONFIG_FIELDS}
     # Not serialised by transformers, but eager vs sdpa attention changes the cached floats.
-    # The fast path's folded SDPA (runtime/attention.py) gives sdpa's floats to the bit in every eager
-    # forward (its AMX kernel runs only inside compiled graphs, which never encode modules): one key.
+    # The fast path's folded SDPA (runtime/attention.py) gives sdpa's floats to the bit: one key; its
+    # AMX kernel (on where the CPU has AMX) rounds otherwise: a key of its own.
     implementation = getattr(config, "_attn_implementation", None)
-    data["__attn_implementation"] = "sdpa" if implementation == "promptcache_sdpa" else implementation
+    if implementation == "promptcache_sdpa":
+        implementation = "sdpa+amx" if getattr(config, "_promptcache_amx_attention", False) else "sdpa"
+    data["__attn_implementation"] = implementation
     data["__class"] = type(model).__qualname__
     return data
 

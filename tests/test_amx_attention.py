@@ -93,6 +93,21 @@ def test_issue17_amx_attention_causal_without_a_mask(rows):
 
 
 @needs_amx
+def test_issue17_amx_attention_threads_split_the_work_to_the_same_values():
+    query, key, value, mask = _case(70, 120, 64, 9, 3, seed=3)
+    causal = [t[..., :70, :] if i else t for i, t in enumerate((query, key, value))]
+    threads = torch.get_num_threads()
+    try:
+        torch.set_num_threads(1)
+        one = [amx_attention.attention(query, key, value, mask, 0.125), amx_attention.attention(*causal, None, 0.125)]
+        torch.set_num_threads(2)
+        two = [amx_attention.attention(query, key, value, mask, 0.125), amx_attention.attention(*causal, None, 0.125)]
+    finally:
+        torch.set_num_threads(threads)
+    assert all(torch.equal(a, b) for a, b in zip(one, two))
+
+
+@needs_amx
 def test_issue17_amx_attention_row_with_nothing_visible_is_zero():
     query, key, value, mask = _case(3, 40, 64, 6, 2, seed=5)
     mask = mask.clone()

@@ -113,22 +113,20 @@ PC_TARGET static inline __m512 exp_nonpositive(__m512 x) {
 PC_TARGET void kernel(const uint16_t* Q, const uint16_t* K, const uint16_t* V, const uint16_t* mask,
                       uint16_t* out, int64_t kv_heads, int64_t groups, int64_t rows, int64_t L, int64_t D,
                       int64_t qh, int64_t qi, int64_t kh_stride, int64_t vh_stride, int64_t mi, int64_t oi,
-                      int64_t has_mask, int64_t past, float scale) {
+                      int64_t has_mask, int64_t past, int64_t threads, float scale) {
   const int64_t qb = 48 / groups < rows ? 48 / groups : rows;  // queries per block
   const int64_t L16 = (L + 15) / 16 * 16, L32 = (L + 31) / 32 * 32, DC = D / 32;
-  std::unique_ptr<uint16_t[]> qbuf(new uint16_t[48 * D]);
-  std::unique_ptr<float[]> S(new float[48 * L16]);
-  std::unique_ptr<uint16_t[]> P(new uint16_t[48 * L32]);
-  std::unique_ptr<uint32_t[]> ktbuf(new uint32_t[L16 / 16 * DC * 256]);  // per 16 keys: DC B tiles
-  std::unique_ptr<uint16_t[]> vbuf(new uint16_t[L32 * D]);
-  alignas(64) float obuf[48 * 128];
-  float sums[48];
+  const int64_t kt_size = L16 / 16 * DC * 256, v_size = L32 * D;  // per K/V head
+  std::unique_ptr<uint32_t[]> kt_all(new uint32_t[kv_heads * kt_size]);  // per 16 keys: DC B tiles
+  std::unique_ptr<uint16_t[]> v_all(new uint16_t[kv_heads * v_size]);
   const __m512i lo = _mm512_set_epi16(47, 15, 46, 14, 45, 13, 44, 12, 43, 11, 42, 10, 41, 9, 40, 8,
                                       39, 7, 38, 6, 37, 5, 36, 4, 35, 3, 34, 2, 33, 1, 32, 0);
   const __m512i hi = _mm512_set_epi16(63, 31, 62, 30, 61, 29, 60, 28, 59, 27, 58, 26, 57, 25, 56, 24,
                                       55, 23, 54, 22, 53, 21, 52, 20, 51, 19, 50, 18, 49, 17, 48, 16);
-  configure_all();
+  #pragma omp parallel for num_threads((int)threads) if (threads > 1 && kv_heads > 1)
   for (int64_t h = 0; h < kv_heads; ++h) {
+    uint32_t* ktbuf = kt_all.get() + h * kt_size;
+    uint16_t* vbuf = v_all.get() + h * v_size;
     // K^T in B tiles (pairs of dims x 16 keys), 16 keys at a time, transposed in registers
     const uint32_t* k32 = reinterpret_cast<const uint32_t*>(K + h * kh_stride);
     for (int64_t s0 = 0; s0 < L16; s0 += 16) {
@@ -138,7 +136,7 @@ PC_TARGET void kernel(const uint16_t* Q, const uint16_t* K, const uint16_t* V, c
         for (int64_t s = 0; s < 16; ++s)
           block[s] = s < n ? _mm512_loadu_si512(k32 + (s0 + s) * (D / 2) + c * 16) : _mm512_setzero_si512();
         transpose16x16(block);
-        uint32_t* dst = ktbuf.get() + (s0 / 16 * DC + c) * 256;
+        uint32_t* dst = ktbuf + (s0 / 16 * DC + c) * 256;
         for (int64_t p = 0; p < 16; ++p) _mm512_storeu_si512(dst + p * 16, block[p]);
       }
     }
@@ -148,11 +146,26 @@ PC_TARGET void kernel(const uint16_t* Q, const uint16_t* K, const uint16_t* V, c
       for (int64_t d = 0; d < D; d += 32) {
         const __m512i a = 2 * p < L ? _mm512_loadu_si512(vh + 2 * p * D + d) : _mm512_setzero_si512();
         const __m512i b = 2 * p + 1 < L ? _mm512_loadu_si512(vh + (2 * p + 1) * D + d) : _mm512_setzero_si512();
-        _mm512_storeu_si512(vbuf.get() + p * 2 * D + 2 * d, _mm512_permutex2var_epi16(a, lo, b));
-        _mm512_storeu_si512(vbuf.get() + p * 2 * D + 2 * d + 32, _mm512_permutex2var_epi16(a, hi, b));
+        _mm512_storeu_si512(vbuf + p * 2 * D + 2 * d, _mm512_permutex2var_epi16(a, lo, b));
+        _mm512_storeu_si512(vbuf + p * 2 * D + 2 * d + 32, _mm512_permutex2var_epi16(a, hi, b));
       }
     }
-    for (int64_t i0 = 0; i0 < rows; i0 += qb) {
+  }
+  // blocks of queries of every K/V head: independent work items (each thread its own tiles and buffers)
+  const int64_t blocks = (rows + qb - 1) / qb;
+  #pragma omp parallel num_threads((int)threads) if (threads > 1 && kv_heads * blocks > 1)
+  {
+    std::unique_ptr<uint16_t[]> qbuf(new uint16_t[48 * D]);
+    std::unique_ptr<float[]> S(new float[48 * L16]);
+    std::unique_ptr<uint16_t[]> P(new uint16_t[48 * L32]);
+    alignas(64) float obuf[48 * 128];
+    float sums[48];
+    configure_all();
+    #pragma omp for schedule(dynamic)
+    for (int64_t item = 0; item < kv_heads * blocks; ++item) {
+      const int64_t h = item / blocks, i0 = item % blocks * qb;
+      const uint32_t* ktbuf = kt_all.get() + h * kt_size;
+      const uint16_t* vbuf = v_all.get() + h * v_size;
       const int64_t nq = (rows - i0) < qb ? (rows - i0) : qb;
       const int64_t R = groups * nq, RB = (R + 15) / 16;
       int64_t keys = has_mask ? L : past + i0 + nq;  // the keys any query of the block sees
@@ -168,7 +181,7 @@ PC_TARGET void kernel(const uint16_t* Q, const uint16_t* K, const uint16_t* V, c
         _tile_zero(0);
         if (RB > 1) _tile_zero(1);
         if (RB > 2) _tile_zero(2);
-        const uint32_t* kt = ktbuf.get() + s0 / 16 * DC * 256;
+        const uint32_t* kt = ktbuf + s0 / 16 * DC * 256;
         for (int64_t c = 0; c < DC; ++c) {
           _tile_loadd(4, kt + c * 256, 64);
           _tile_loadd(3, qbuf.get() + c * 32, D * 2);
@@ -234,12 +247,12 @@ PC_TARGET void kernel(const uint16_t* Q, const uint16_t* K, const uint16_t* V, c
         if (RB > 1) { _tile_zero(2); _tile_zero(3); }
         if (RB > 2) { _tile_zero(4); _tile_zero(5); }
         for (int64_t s0 = 0; s0 < K32; s0 += 32) {
-          _tile_loadd(7, vbuf.get() + (s0 / 2) * 2 * D + 2 * d0, D * 4);
+          _tile_loadd(7, vbuf + (s0 / 2) * 2 * D + 2 * d0, D * 4);
           _tile_loadd(6, P.get() + s0, L32 * 2);
           _tile_dpbf16ps(0, 6, 7);
           if (RB > 1) { _tile_loadd(6, P.get() + 16 * L32 + s0, L32 * 2); _tile_dpbf16ps(2, 6, 7); }
           if (RB > 2) { _tile_loadd(6, P.get() + 32 * L32 + s0, L32 * 2); _tile_dpbf16ps(4, 6, 7); }
-          _tile_loadd(7, vbuf.get() + (s0 / 2) * 2 * D + 2 * (d0 + 16), D * 4);
+          _tile_loadd(7, vbuf + (s0 / 2) * 2 * D + 2 * (d0 + 16), D * 4);
           _tile_loadd(6, P.get() + s0, L32 * 2);
           _tile_dpbf16ps(1, 6, 7);
           if (RB > 1) { _tile_loadd(6, P.get() + 16 * L32 + s0, L32 * 2); _tile_dpbf16ps(3, 6, 7); }
@@ -259,12 +272,12 @@ PC_TARGET void kernel(const uint16_t* Q, const uint16_t* K, const uint16_t* V, c
                               (__m256i)_mm512_cvtneps_pbh(_mm512_mul_ps(_mm512_loadu_ps(obuf + r * D + d), inv)));
       }
     }
+    _tile_release();
   }
-  _tile_release();
 }
 """
 
-_ARGTYPES = ("const uint16_t*",) * 4 + ("uint16_t*",) + ("int64_t",) * 13 + ("float",)
+_ARGTYPES = ("const uint16_t*",) * 4 + ("uint16_t*",) + ("int64_t",) * 14 + ("float",)
 
 
 def unavailable(query: torch.Tensor, key: torch.Tensor, value: torch.Tensor,
@@ -325,7 +338,7 @@ def attention(query: torch.Tensor, key: torch.Tensor, value: torch.Tensor, mask:
         amx.build(SOURCE, _ARGTYPES)[0](
             query, key, value, m, out, kv_heads, heads // kv_heads, rows, keys, dim, query.stride(1),
             query.stride(2), key.stride(1), value.stride(1), m.stride(0) if mask is not None else 0, out.stride(1),
-            mask is not None, keys - rows, float(scale))
+            mask is not None, keys - rows, torch.get_num_threads(), float(scale))
     else:
         out.zero_()
     return out

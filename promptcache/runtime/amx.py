@@ -34,22 +34,27 @@ ROWS, COLUMNS = 32, 32
 #: oneDNN for 150 such weights, 4 blocks: 380 ms; one-off microbenchmark, one thread).
 CHUNK_BLOCKS = 16
 
-KERNEL_SOURCE = r"""
+#: What every AMX kernel source here starts with: headers, the target attribute, the tile configuration.
+KERNEL_PREAMBLE = r"""
 #include <immintrin.h>
+#include <cmath>
 #include <cstdint>
 #include <cstring>
+#include <memory>
 #ifdef _OPENMP
 #include <omp.h>
 #endif
 
-#define PC_TARGET __attribute__((target("amx-tile,amx-bf16,avx512f,avx512bw,avx512vl,avx512bf16")))
+#define PC_TARGET __attribute__((target("amx-tile,amx-bf16,avx512f,avx512bw,avx512vl,avx512bf16,avx512dq")))
 
 struct alignas(64) TileConfig {
   uint8_t palette_id, start_row, reserved[14];
   uint16_t colsb[16];
   uint8_t rows[16];
 };
+"""
 
+KERNEL_SOURCE = KERNEL_PREAMBLE + r"""
 // Tiles 0,1: C of rows 0..15 (columns 0..15, 16..31); 2,3: C of rows 16..31; 4, 5: A of rows
 // 0..15, 16..31; 6, 7: B (16 VNNI pairs of K x 16 columns each).
 PC_TARGET static void configure(int r0, int r1) {

@@ -36,21 +36,7 @@ from . import amx
 MAX_ROWS = 48
 MAX_HEAD_DIM = 128
 
-SOURCE = r"""
-#include <immintrin.h>
-#include <cstdint>
-#include <cstring>
-#include <memory>
-#include <cmath>
-
-#define PC_TARGET __attribute__((target("amx-tile,amx-bf16,avx512f,avx512bw,avx512vl,avx512bf16,avx512dq")))
-
-struct alignas(64) TileConfig {
-  uint8_t palette_id, start_row, reserved[14];
-  uint16_t colsb[16];
-  uint8_t rows[16];
-};
-
+SOURCE = amx.KERNEL_PREAMBLE + r"""
 PC_TARGET static void configure_all() {  // 8 tiles of 16 rows x 64 bytes
   TileConfig cfg;
   std::memset(&cfg, 0, sizeof(cfg));

@@ -107,8 +107,8 @@ def use_fast_sdpa(model: torch.nn.Module) -> bool:
 
 
 def use_amx_attention(model: torch.nn.Module, on: bool = True) -> str | None:
-    """Let the model's short query blocks run on :mod:`.amx_attention` (``on=False``: never); returns
-    ``None`` when they will, else why not (the model is then left on torch's SDPA)."""
+    """Let the model's fast-path attention run on :mod:`.amx_attention` where it takes the inputs
+    (``on=False``: never); returns ``None`` when it will, else why not (torch's SDPA then runs)."""
     probe = torch.zeros((1, 1, 1, amx_attention.MAX_HEAD_DIM // 2), dtype=torch.bfloat16)
     reason = "turned off" if not on else amx_attention.unavailable(probe, probe, probe, probe[..., :1])
     for c in _configs(model):

@@ -48,9 +48,6 @@ from . import amx
 #: 40 / 43 / 76 / 562.
 DEFAULT_BATCH_HINT = 128
 
-#: A weight shape the AMX kernel takes, to ask whether it runs here at all.
-COLUMNS_PROBE = amx.COLUMNS
-
 
 #: Linears of one parent module that read the same input and are packed as ONE weight (vLLM's merged
 #: QKV and gate/up projections): one oneDNN call instead of three or two. A short forward pays a
@@ -208,7 +205,7 @@ def default_kernel() -> str:
     never), else "onednn"."""
     if os.environ.get("PROMPTCACHE_AMX", "1") == "0":
         return "onednn"
-    probe = torch.zeros((COLUMNS_PROBE, COLUMNS_PROBE), dtype=torch.bfloat16)
+    probe = torch.zeros((amx.COLUMNS, amx.COLUMNS), dtype=torch.bfloat16)  # a weight it takes
     return "amx" if amx.unavailable(probe) is None else "onednn"
 
 
@@ -420,12 +417,15 @@ class PackedLinears:
         self.modules, self.bytes, self.groups, self.grouped = [], 0, 0, 0
 
     def report(self) -> dict:
-        amx_weights = {id(e.group) if isinstance(e, _Member) else id(e): isinstance(
-            e.group.packed if isinstance(e, _Member) else e.packed, amx.AmxWeight)
-            for e in (_PACKED.get(m.weight.data_ptr()) for m in self.modules) if e is not None}
+        on_amx: dict[int, bool] = {}  # per packed weight (a group's is one): whether AMX's kernel runs it
+        for module in self.modules:
+            entry = _PACKED.get(module.weight.data_ptr())
+            holder = entry.group if isinstance(entry, _Member) else entry
+            if holder is not None:
+                on_amx[id(holder)] = isinstance(holder.packed, amx.AmxWeight)
         return {"linears": len(self.modules), "groups": self.groups, "grouped_linears": self.grouped,
                 "bytes": self.bytes, "batch_hint": self.batch_hint, "kernel": self.kernel,
-                "amx_weights": sum(amx_weights.values()), "onednn_weights": len(amx_weights) - sum(amx_weights.values())}
+                "amx_weights": sum(on_amx.values()), "onednn_weights": len(on_amx) - sum(on_amx.values())}
 
 
 def linear_groups(model: nn.Module) -> list[list[nn.Linear]]:

@@ -57,11 +57,11 @@ def hints_table(model, sizes: list[int], hints: list[int], reps: int) -> dict:
             model(input_ids=ids[:, :n], logits_to_keep=1)
 
     rows = {"plain": {n: _median_ms(lambda: forward(n), reps) for n in sizes}}
-    from promptcache.runtime.prepack import default_kernel
+    from promptcache.runtime.prepack import DEFAULT_BATCH_HINT, default_kernel
 
     packings = [(f"hint {hint}", hint, "onednn") for hint in hints]
     if default_kernel() == "amx":
-        packings.append(("amx", DEFAULT_HINT, "amx"))
+        packings.append(("amx", DEFAULT_BATCH_HINT, "amx"))  # the hint is not used by the AMX kernel
     for name, hint, kernel in packings:
         before = _rss_mb()
         packed = PackedLinears(model, batch_hint=hint, kernel=kernel)
@@ -69,9 +69,6 @@ def hints_table(model, sizes: list[int], hints: list[int], reps: int) -> dict:
         rows[name]["rss_mb_added"] = _rss_mb() - before
         packed.remove()
     return rows
-
-
-DEFAULT_HINT = 128  # runtime/prepack.py's DEFAULT_BATCH_HINT (not used by the AMX kernel)
 
 
 def grouped_linears(model, rows: list[int], rounds: int) -> dict:

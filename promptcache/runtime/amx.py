@@ -5,7 +5,7 @@ oneDNN's packed bf16 linear streams them at ~10 GB/s on one core of this machine
 plain read runs at 13-17 GB/s. This kernel walks each weight once, 32 output columns at a time,
 in the layout AMX reads directly, and keeps up with inductor's own AMX GEMM template (which
 needs frozen weights: a copy per compiled graph and no on-disk graph cache). Measured by
-``benchmarks/prepack.py`` (``--kernels``).
+``benchmarks/prepack.py`` and ``benchmarks/fastpath.py`` (``bf16-compiled-onednn``).
 
 How: a weight ``[N, K]`` is packed once as ``[ceil(N/32), K/2, 32, 2]`` (32-column blocks, pairs of
 K interleaved: AMX's VNNI layout; N padded with zero rows). For each block of 32 columns and 32
@@ -27,8 +27,8 @@ from typing import Optional
 
 import torch
 
-#: Input rows per block (two 16-row tiles) and output columns per block (two 16-column tiles).
-ROWS, COLUMNS = 32, 32
+#: Output columns per block (two 16-column tiles; input rows go 32 at a time, two 16-row tiles).
+COLUMNS = 32
 #: Column blocks per chunk (what matters for inputs longer than one row block): 16 x 32 columns of a
 #: weight with 576 inputs is 576 KiB, which stays in L2 while every row block passes (1,149 rows
 #: through 150 weights of 1,536 x 576: 259 ms vs oneDNN's 274; 4 blocks: 380 ms; one-off

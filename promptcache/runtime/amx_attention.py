@@ -1,30 +1,35 @@
-"""Attention of a short query block on Intel AMX tiles: the fast path's cached prefills and decode steps.
+"""Attention on Intel AMX tiles: the fast path's cached prefills, decode steps and long eager forwards.
 
-Why: a cached prefill computes a few new tokens against a long cache, and torch's CPU flash kernel
-runs that in fp32 vector code with one oneDNN GEMM call per 32-row x 512-key block (two per block,
-for Q K^T and P V): 274 us per SmolLM2 layer for 16 queries over 1,120 keys, folded; this kernel
-takes 130 us, and a decode step's 64 us take 45 (one-off microbenchmark, one thread, hot caches).
-Measured end to end by ``benchmarks/fastpath.py`` (``--variants bf16-compiled-flash,bf16-compiled``).
+Why: torch's CPU flash kernel runs attention in fp32 vector code with one oneDNN GEMM call per
+32-row x 512-key block (two per block, for Q K^T and P V): 274 us per SmolLM2 layer for 16 queries
+over 1,120 keys, folded; this kernel takes 130 us, a decode step's 64 us take 45, a causal
+1,118-token layer's 5.7 ms take 4.2 (one-off microbenchmarks, one thread, hot caches). Measured
+end to end by ``benchmarks/fastpath.py`` (``--variants bf16-compiled-flash,bf16-compiled``).
 
-How, per K/V head, with the query heads sharing it folded into one block of R = groups x rows <= 48
-rows (as :mod:`.attention` folds them for torch's kernel):
+How, per K/V head: K transposed in registers (16 x 16 32-bit words: pairs of dims) into the B tiles
+AMX multiplies by, and V with pairs of keys interleaved (AMX's VNNI layout), once; then blocks of
+48 // groups queries, the query heads sharing the K/V head folded into one block of <= 48 rows (as
+:mod:`.attention` folds them for torch's kernel), each block over the keys it can see:
 
-1. scores S = Q K^T on AMX tiles, 16 keys at a time: each 16-key block of K is transposed in
-   registers (16 x 16 32-bit words: pairs of dims) into the B tile AMX multiplies by;
+1. scores S = Q K^T on AMX tiles, 16 keys at a time;
 2. softmax rows in fp32 vector code: scale, the additive mask, the row max, exp (a degree-5
    polynomial after range reduction, within 2.4e-6; exactly 0 far below the max), the row sum; the weights rounded
    to bf16 (as torch's kernel rounds them before its P V GEMM);
-3. V with pairs of keys interleaved (AMX's VNNI layout), then O = P V on tiles, 32 dims at a time,
-   divided by the row sums and written in transformers' ``[b, q, heads, d]`` layout.
+3. O = P V on tiles, 32 dims at a time, divided by the row sums and written in transformers'
+   ``[b, q, heads, d]`` layout.
+
+Work items (K/V heads, then query blocks) are split between OpenMP threads, to the same values.
 
 Same math as the flash kernel (fp32 scores and sums, bf16 weights and values, fp32 accumulation);
 ``tests/test_amx_attention.py`` checks it against fp32 attention within the error of torch's own
 bf16 SDPA. Applies to bf16 on a CPU with AMX, one sequence, head dims a multiple of 32 up to 128,
-an additive bf16 mask; :func:`unavailable` says why not otherwise (torch's SDPA then runs).
+an additive bf16 mask or none (causal); :func:`unavailable` says why not otherwise (torch's SDPA
+then runs).
 """
 
 from __future__ import annotations
 
+import functools
 from typing import Optional
 
 import torch
@@ -269,7 +274,7 @@ _ARGTYPES = ("const uint16_t*",) * 4 + ("uint16_t*",) + ("int64_t",) * 14 + ("fl
 def unavailable(query: torch.Tensor, key: torch.Tensor, value: torch.Tensor,
                 mask: Optional[torch.Tensor]) -> str | None:
     """``None`` when :func:`attention` takes these and runs here (AMX, a compiler), else why not."""
-    return unsupported(query, key, value, mask) or amx.build(SOURCE, _ARGTYPES)[1]
+    return unsupported(query, key, value, mask) or _build()[1]
 
 
 def unsupported(query: torch.Tensor, key: torch.Tensor, value: torch.Tensor,
@@ -290,7 +295,9 @@ def unsupported(query: torch.Tensor, key: torch.Tensor, value: torch.Tensor,
         return "the AMX attention takes a 4-D mask shared by the heads"
     elif mask.dtype != torch.bfloat16 or mask.shape[2] != rows or mask.shape[3] > key.shape[2]:
         return "the AMX attention takes an additive bf16 mask of the queries' rows, at most as wide as the keys"
-    if heads % kv_heads or heads // kv_heads > MAX_ROWS or rows < 1:
+    if rows < 1:
+        return "the AMX attention takes at least one query"
+    if heads % kv_heads or heads // kv_heads > MAX_ROWS:
         return f"more than {MAX_ROWS} query heads per K/V head"
     if dim % 32 or dim > MAX_HEAD_DIM:
         return f"head dim {dim} is not a multiple of 32 up to {MAX_HEAD_DIM}"
@@ -302,6 +309,11 @@ def unsupported(query: torch.Tensor, key: torch.Tensor, value: torch.Tensor,
 
 #: Kernel calls in this process (not an aten op: the profiler does not count it); for tests.
 calls = 0
+
+
+@functools.lru_cache(maxsize=None)
+def _build() -> tuple[object | None, str | None]:  # once per process, without hashing the source per call
+    return amx.build(SOURCE, _ARGTYPES)
 
 
 def attention(query: torch.Tensor, key: torch.Tensor, value: torch.Tensor, mask: Optional[torch.Tensor],
@@ -321,7 +333,7 @@ def attention(query: torch.Tensor, key: torch.Tensor, value: torch.Tensor, mask:
             m = m.contiguous()
     out = query.new_empty((1, rows, heads, dim))
     if keys:
-        amx.build(SOURCE, _ARGTYPES)[0](
+        _build()[0](
             query, key, value, m, out, kv_heads, heads // kv_heads, rows, keys, dim, query.stride(1),
             query.stride(2), key.stride(1), value.stride(1), m.stride(0) if mask is not None else 0, out.stride(1),
             mask is not None, keys - rows, torch.get_num_threads(), float(scale))

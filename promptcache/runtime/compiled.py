@@ -403,7 +403,7 @@ class CompiledForwards:
         fast_sdpa = self.device.type == "cpu" and use_fast_sdpa(runner.model)
         self.folded_heads = fast_sdpa and grouped_query_heads(runner.model)
         self.narrow_attention = fast_sdpa and mode is None
-        #: short query blocks of the CPU graphs on the AMX kernel (.amx_attention): None, or why not
+        #: the CPU fast path's attention on the AMX kernel (.amx_attention): None, or why not
         self.amx_attention = use_amx_attention(runner.model) if fast_sdpa and mode is None else "not the CPU fast path"
         self.mode = mode if mode is not None else ("reduce-overhead" if self.device.type == "cuda" else None)
         self.eager_reason: str | None = None
